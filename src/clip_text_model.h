@@ -1,0 +1,109 @@
+// CLIPTextModel (transformers), the text encoder of Stable Diffusion 1.x/2.x.
+//
+// Token + position embeddings, a pre-LayerNorm transformer with a causal mask,
+// and a final LayerNorm. Module names equal the transformers checkpoint keys
+// (text_model.encoder.layers.0.self_attn.q_proj.weight, ...).
+#pragma once
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/embedding.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/normalization.h>
+
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+namespace fairdiff {
+
+struct CLIPTextConfig {  // defaults: transformers' CLIPTextConfig
+  int64_t vocab_size = 49408;
+  int64_t hidden_size = 512;
+  int64_t intermediate_size = 2048;
+  int64_t num_hidden_layers = 12;
+  int64_t num_attention_heads = 8;
+  int64_t max_position_embeddings = 77;
+  std::string hidden_act = "quick_gelu";  // SD 1.x; SD 2.x (OpenCLIP) uses "gelu"
+  double layer_norm_eps = 1e-5;
+  int64_t eos_token_id = 2;  // 2 is the legacy value of SD configs: pool at argmax(input_ids)
+
+  static CLIPTextConfig from_json(const nlohmann::json& config, const std::string& where);
+};
+
+struct CLIPAttentionImpl : torch::nn::Module {
+  CLIPAttentionImpl(const CLIPTextConfig& config);
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& causal_mask);
+  int64_t heads, head_dim;
+  double scale;
+  torch::nn::Linear k_proj_{nullptr}, v_proj_{nullptr}, q_proj_{nullptr}, out_proj_{nullptr};
+};
+TORCH_MODULE(CLIPAttention);
+
+struct CLIPMLPImpl : torch::nn::Module {
+  CLIPMLPImpl(const CLIPTextConfig& config);
+  at::Tensor forward(const at::Tensor& x);
+  bool quick_gelu;
+  torch::nn::Linear fc1_{nullptr}, fc2_{nullptr};
+};
+TORCH_MODULE(CLIPMLP);
+
+struct CLIPEncoderLayerImpl : torch::nn::Module {
+  CLIPEncoderLayerImpl(const CLIPTextConfig& config);
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& causal_mask);
+  CLIPAttention self_attn_{nullptr};
+  torch::nn::LayerNorm layer_norm1_{nullptr}, layer_norm2_{nullptr};
+  CLIPMLP mlp_{nullptr};
+};
+TORCH_MODULE(CLIPEncoderLayer);
+
+struct CLIPTextEmbeddingsImpl : torch::nn::Module {
+  CLIPTextEmbeddingsImpl(const CLIPTextConfig& config);
+  at::Tensor forward(const at::Tensor& input_ids);
+  torch::nn::Embedding token_embedding_{nullptr}, position_embedding_{nullptr};
+};
+TORCH_MODULE(CLIPTextEmbeddings);
+
+struct CLIPEncoderImpl : torch::nn::Module {
+  CLIPEncoderImpl(const CLIPTextConfig& config);
+  std::vector<CLIPEncoderLayer> layer_list;  // typed view of `layers`
+  torch::nn::ModuleList layers_;
+};
+TORCH_MODULE(CLIPEncoder);
+
+struct CLIPTextTransformerImpl : torch::nn::Module {
+  CLIPTextTransformerImpl(const CLIPTextConfig& config);
+  CLIPTextEmbeddings embeddings_{nullptr};
+  CLIPEncoder encoder_{nullptr};
+  torch::nn::LayerNorm final_layer_norm_{nullptr};
+};
+TORCH_MODULE(CLIPTextTransformer);
+
+struct CLIPTextOutput {
+  at::Tensor last_hidden_state;           // [B, L, D] after final_layer_norm
+  at::Tensor pooler_output;               // [B, D] at the end-of-text token
+  std::vector<at::Tensor> hidden_states;  // [embeddings, layer 1, ..., layer N], before final_layer_norm
+};
+
+class CLIPTextModelImpl : public torch::nn::Module {
+ public:
+  explicit CLIPTextModelImpl(const CLIPTextConfig& config);
+
+  // input_ids [B, L] int64, L <= max_position_embeddings; causal mask only, as
+  // Stable Diffusion pipelines call it (no padding mask).
+  CLIPTextOutput forward(const at::Tensor& input_ids);
+
+  // Prompt embeddings as diffusers computes them: clip_skip 0 is the last hidden
+  // state; clip_skip k is final_layer_norm(hidden_states[-(k + 1)]).
+  at::Tensor prompt_embeds(const at::Tensor& input_ids, int64_t clip_skip = 0);
+
+  at::Tensor final_layer_norm(const at::Tensor& x) { return text_model_->final_layer_norm_(x); }
+  const CLIPTextConfig& config() const { return config_; }
+
+ private:
+  CLIPTextConfig config_;
+  CLIPTextTransformer text_model_{nullptr};
+};
+TORCH_MODULE(CLIPTextModel);
+
+}  // namespace fairdiff

@@ -1,0 +1,44 @@
+#include "fairdiff/inspect.h"
+
+#include "model_folder.h"
+
+namespace fairdiff {
+namespace {
+
+ComponentSummary summarize(const ModelIndex& index, const std::string& name, torch::nn::Module& module,
+                           const std::string& weights) {
+  ComponentSummary s;
+  s.name = name;
+  s.class_name = index.components.at(name).second;
+  s.weights = weights;
+  s.tensors = static_cast<int64_t>(module.named_parameters().size() + module.named_buffers().size());
+  s.parameters = parameter_count(module);
+  return s;
+}
+
+}  // namespace
+
+ModelSummary inspect_model(const std::string& model_dir) {
+  const StableDiffusionModel m = load_model_folder(model_dir, LoadOptions{});
+  ModelSummary s;
+  s.dir = model_dir;
+  s.class_name = m.index.class_name;
+  ComponentSummary tok;
+  tok.name = "tokenizer";
+  tok.class_name = m.index.components.at("tokenizer").second;
+  tok.detail = "max length " + std::to_string(m.tokenizer->model_max_length());
+  s.components.push_back(tok);
+  s.components.push_back(summarize(m.index, "text_encoder", *m.text_encoder,
+                                   component_weights(model_dir + "/text_encoder", "model")));
+  s.components.push_back(summarize(m.index, "unet", *m.unet,
+                                   component_weights(model_dir + "/unet", "diffusion_pytorch_model")));
+  s.components.push_back(summarize(m.index, "vae", *m.vae,
+                                   component_weights(model_dir + "/vae", "diffusion_pytorch_model")));
+  ComponentSummary sched;
+  sched.name = "scheduler";
+  sched.class_name = m.index.components.at("scheduler").second;
+  s.components.push_back(sched);
+  return s;
+}
+
+}  // namespace fairdiff

@@ -1,0 +1,120 @@
+#include "model_folder.h"
+
+#include "config_json.h"
+#include "fs_util.h"
+#include "tensor_io.h"
+
+namespace fairdiff {
+namespace {
+
+const std::string kFolderHint = "expected a Stable Diffusion model folder in the diffusers layout";
+
+// The components a text-to-image SD 1.x/2.x pipeline needs, with the classes we implement.
+const std::map<std::string, std::vector<std::string>> kRequired = {
+    {"text_encoder", {"CLIPTextModel"}},
+    {"tokenizer", {"CLIPTokenizer", "CLIPTokenizerFast"}},
+    {"unet", {"UNet2DConditionModel"}},
+    {"vae", {"AutoencoderKL"}},
+    {"scheduler", {}},  // any class name: the scheduler is chosen from its config later
+};
+
+std::string join(const std::vector<std::string>& v) {
+  std::string s;
+  for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
+  return s;
+}
+
+template <typename Holder, typename Config>
+Holder load_component(const std::string& dir, const std::string& component, const std::string& weights_name,
+                      const LoadOptions& options) {
+  if (!is_directory(dir))
+    throw_bad_input(dir, "component folder " + component + "/ is missing", kFolderHint);
+  const std::string config_path = dir + "/config.json";
+  const Config config = Config::from_json(read_json_file(config_path), config_path);
+  Holder module(config);
+  const SafeTensors weights(component_weights(dir, weights_name));
+  load_state_dict(*module, weights, component, options.dtype, options.device);
+  module->eval();
+  return module;
+}
+
+}  // namespace
+
+ModelIndex read_model_index(const std::string& model_dir) {
+  if (!is_directory(model_dir)) throw_bad_input(model_dir, "model folder not found", kFolderHint);
+  const std::string path = model_dir + "/model_index.json";
+  if (!is_regular_file(path)) throw_bad_input(model_dir, "has no model_index.json", kFolderHint);
+  const nlohmann::json j = read_json_file(path);
+  ModelIndex index;
+  index.class_name = config_value<std::string>(j, "_class_name", "", path);
+  if (index.class_name.find("XL") != std::string::npos)
+    throw_unsupported(path, "_class_name = " + index.class_name + ": SDXL is not supported yet",
+                      "use a Stable Diffusion 1.x or 2.x model");
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    if (it.key().empty() || it.key()[0] == '_' || !it.value().is_array() || it.value().size() != 2) continue;
+    if (it.value()[0].is_null() || it.value()[1].is_null()) continue;  // e.g. safety_checker [null, null]
+    if (!it.value()[0].is_string() || !it.value()[1].is_string())
+      throw_bad_input(path, "component " + it.key() + " = " + it.value().dump() + " is not [library, class]");
+    index.components[it.key()] = {it.value()[0].get<std::string>(), it.value()[1].get<std::string>()};
+  }
+  for (const auto& [name, classes] : kRequired) {
+    auto it = index.components.find(name);
+    if (it == index.components.end())
+      throw_bad_input(path, "lists no " + name + " component", kFolderHint);
+    const std::string& cls = it->second.second;
+    if (!classes.empty() && std::find(classes.begin(), classes.end(), cls) == classes.end())
+      throw_unsupported(path, name + " class " + cls + " is not supported (supported: " + join(classes) + ")",
+                        "use a Stable Diffusion 1.x or 2.x model");
+  }
+  if (index.components.count("text_encoder_2"))
+    throw_unsupported(path, "has a second text encoder (SDXL): not supported yet",
+                      "use a Stable Diffusion 1.x or 2.x model");
+  return index;
+}
+
+std::string component_weights(const std::string& dir, const std::string& name) {
+  for (const std::string candidate : {dir + "/" + name + ".safetensors", dir + "/" + name + ".fp16.safetensors"})
+    if (is_regular_file(candidate)) return candidate;
+  for (const std::string pickle : {dir + "/" + name + ".bin", dir + "/" + name + ".fp16.bin"})
+    if (is_regular_file(pickle))
+      throw_unsupported(pickle, "PyTorch pickle weights are not loaded: unpickling can execute code",
+                        "convert the folder to safetensors (diffusers: save_pretrained(safe_serialization=True))");
+  throw_bad_input(dir, "has no " + name + ".safetensors", kFolderHint);
+}
+
+CLIPTextModel load_text_encoder(const std::string& dir, const LoadOptions& options) {
+  return load_component<CLIPTextModel, CLIPTextConfig>(dir, "text_encoder", "model", options);
+}
+
+UNet2DConditionModel load_unet(const std::string& dir, const LoadOptions& options) {
+  return load_component<UNet2DConditionModel, UNet2DConditionConfig>(dir, "unet", "diffusion_pytorch_model", options);
+}
+
+AutoencoderKL load_vae(const std::string& dir, const LoadOptions& options) {
+  return load_component<AutoencoderKL, AutoencoderKLConfig>(dir, "vae", "diffusion_pytorch_model", options);
+}
+
+StableDiffusionModel load_model_folder(const std::string& model_dir, const LoadOptions& options) {
+  StableDiffusionModel m;
+  m.dir = model_dir;
+  m.index = read_model_index(model_dir);
+  const std::string scheduler_config = model_dir + "/scheduler/scheduler_config.json";
+  if (!is_regular_file(scheduler_config))
+    throw_bad_input(model_dir, "has no scheduler/scheduler_config.json", kFolderHint);
+  m.scheduler_config = read_json_file(scheduler_config);
+  if (!is_directory(model_dir + "/tokenizer"))
+    throw_bad_input(model_dir, "component folder tokenizer/ is missing", kFolderHint);
+  m.tokenizer = load_tokenizer(model_dir + "/tokenizer");
+  m.text_encoder = load_text_encoder(model_dir + "/text_encoder", options);
+  m.unet = load_unet(model_dir + "/unet", options);
+  m.vae = load_vae(model_dir + "/vae", options);
+  return m;
+}
+
+int64_t parameter_count(torch::nn::Module& module) {
+  int64_t n = 0;
+  for (const auto& p : module.parameters()) n += p.numel();
+  return n;
+}
+
+}  // namespace fairdiff

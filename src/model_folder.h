@@ -1,0 +1,63 @@
+// Stable Diffusion model folders in the Hugging Face diffusers layout:
+//
+//   model_index.json
+//   text_encoder/{config.json, model.safetensors}
+//   tokenizer/{vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json}
+//   unet/{config.json, diffusion_pytorch_model.safetensors}
+//   vae/{config.json, diffusion_pytorch_model.safetensors}
+//   scheduler/scheduler_config.json
+//
+// Each component is built from its own config.json and loaded strictly by name.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "autoencoder_kl.h"
+#include "clip_text_model.h"
+#include "fairdiff/tokenizer.h"
+#include "unet_2d_condition.h"
+
+namespace fairdiff {
+
+struct LoadOptions {
+  at::ScalarType dtype = at::kFloat;  // weights are converted on load (an F16 file loads as F32 and back)
+  at::Device device = at::kCPU;
+};
+
+struct ModelIndex {
+  std::string class_name;  // "StableDiffusionPipeline"
+  // component name -> (library, class), e.g. "unet" -> ("diffusers", "UNet2DConditionModel")
+  std::map<std::string, std::pair<std::string, std::string>> components;
+};
+
+// Reads and validates model_index.json; rejects pipelines we cannot run (SDXL, ...).
+ModelIndex read_model_index(const std::string& model_dir);
+
+// The weights file of a component folder: `<name>.safetensors`, else the
+// `<name>.fp16.safetensors` variant; a pickle (.bin/.ckpt) only is an error.
+std::string component_weights(const std::string& component_dir, const std::string& name);
+
+CLIPTextModel load_text_encoder(const std::string& component_dir, const LoadOptions& options);
+UNet2DConditionModel load_unet(const std::string& component_dir, const LoadOptions& options);
+AutoencoderKL load_vae(const std::string& component_dir, const LoadOptions& options);
+
+struct StableDiffusionModel {
+  std::string dir;
+  ModelIndex index;
+  std::unique_ptr<Tokenizer> tokenizer;
+  CLIPTextModel text_encoder{nullptr};
+  UNet2DConditionModel unet{nullptr};
+  AutoencoderKL vae{nullptr};
+  nlohmann::json scheduler_config;
+};
+
+StableDiffusionModel load_model_folder(const std::string& model_dir, const LoadOptions& options);
+
+// Number of scalar parameters of a module (for reports).
+int64_t parameter_count(torch::nn::Module& module);
+
+}  // namespace fairdiff

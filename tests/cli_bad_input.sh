@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Each bad input: `fairdiff` exits non-zero with exactly one line on stderr that
+# names the file and the problem.
+set -u
+fairdiff=$1 source_dir=$2
+fixtures=${FAIRDIFF_FIXTURES:-$source_dir/../shared/fixtures}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+failures=0 passes=0
+
+# expect NAME EXIT_CODE NEEDLE -- COMMAND...
+expect() {
+  local name=$1 code=$2 needle=$3
+  shift 4
+  "$@" >"$tmp/out" 2>"$tmp/err"
+  local rc=$? lines
+  lines=$(wc -l <"$tmp/err")
+  if [ "$rc" -eq "$code" ] && [ "$lines" -eq 1 ] && grep -qF -- "$needle" "$tmp/err"; then
+    passes=$((passes + 1)); echo "ok   $name: $(cat "$tmp/err")"
+  else
+    failures=$((failures + 1)); echo "FAIL $name: exit $rc (want $code), $lines stderr lines, want '$needle':"; cat "$tmp/err"
+  fi
+}
+
+# header length (8 bytes little-endian) followed by a header and data
+raw() { python3 - "$@" <<'PY'
+import sys, struct
+path, header, data_len = sys.argv[1], sys.argv[2], int(sys.argv[3])
+length = int(sys.argv[4]) if len(sys.argv) > 4 else len(header)
+open(path, "wb").write(struct.pack("<Q", length) + header.encode() + b"\0" * data_len)
+PY
+}
+
+printf 'abc' >"$tmp/truncated.safetensors"
+expect truncated 2 "truncated.safetensors: file has 3 bytes" -- "$fairdiff" inspect "$tmp/truncated.safetensors"
+raw "$tmp/hlen.safetensors" '{}' 0 999
+expect header_past_eof 2 "header length 999 runs past the end" -- "$fairdiff" inspect "$tmp/hlen.safetensors"
+raw "$tmp/range.safetensors" '{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}' 8
+expect offsets_out_of_range 2 "lie outside the 8-byte data section" -- "$fairdiff" inspect "$tmp/range.safetensors"
+raw "$tmp/overlap.safetensors" '{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}' 12
+expect offsets_overlap 2 "overlaps" -- "$fairdiff" inspect "$tmp/overlap.safetensors"
+raw "$tmp/dtype.safetensors" '{"w":{"dtype":"C64","shape":[1],"data_offsets":[0,8]}}' 8
+expect unknown_dtype 2 'dtype "C64"' -- "$fairdiff" inspect "$tmp/dtype.safetensors"
+raw "$tmp/json.safetensors" '{"w": nope}' 0
+expect invalid_header_json 2 "not a well-formed JSON" -- "$fairdiff" inspect "$tmp/json.safetensors"
+printf 'x' >"$tmp/model.ckpt"
+expect pickle 2 "can execute code" -- "$fairdiff" inspect "$tmp/model.ckpt"
+expect missing_model 2 "model folder not found" -- "$fairdiff" inspect "$tmp/no-such-model"
+
+if [ -d "$fixtures/models/tiny-sd1" ]; then
+  # A model folder of symlinks, with one part broken at a time.
+  model() {
+    rm -rf "$tmp/m"; mkdir "$tmp/m"
+    for c in "$fixtures"/models/tiny-sd1/*; do
+      if [ -d "$c" ]; then mkdir "$tmp/m/$(basename "$c")"; ln -s "$c"/* "$tmp/m/$(basename "$c")/"; else ln -s "$c" "$tmp/m/"; fi
+    done
+  }
+  model; rm -rf "$tmp/m/vae"
+  expect missing_component 2 "component folder vae/ is missing" -- "$fairdiff" inspect "$tmp/m"
+  model; rm "$tmp/m/unet/config.json"; printf '{"in_channels": 4,' >"$tmp/m/unet/config.json"
+  expect invalid_config_json 2 "unet/config.json: is not valid JSON" -- "$fairdiff" inspect "$tmp/m"
+  model; rm "$tmp/m/unet/config.json"; sed 's/"resnet_time_scale_shift": "default"/"resnet_time_scale_shift": "scale_shift"/' \
+    "$fixtures/models/tiny-sd1/unet/config.json" >"$tmp/m/unet/config.json"
+  expect unsupported_config 2 "resnet_time_scale_shift" -- "$fairdiff" inspect "$tmp/m"
+  model; rm "$tmp/m/model_index.json"; sed 's/"StableDiffusionPipeline"/"StableDiffusionXLPipeline"/' \
+    "$fixtures/models/tiny-sd1/model_index.json" >"$tmp/m/model_index.json"
+  expect sdxl_rejected 2 "SDXL is not supported yet" -- "$fairdiff" inspect "$tmp/m"
+  model
+  if "$fairdiff" inspect "$tmp/m" >"$tmp/out" 2>&1 && grep -q "UNet2DConditionModel" "$tmp/out"; then
+    passes=$((passes + 1)); echo "ok   inspect tiny-sd1"
+  else
+    failures=$((failures + 1)); echo "FAIL inspect tiny-sd1:"; cat "$tmp/out"
+  fi
+else
+  echo "note: fixtures not found at $fixtures; model-folder cases skipped"
+fi
+echo "$passes passed, $failures failed"
+[ "$failures" -eq 0 ]

@@ -1,0 +1,169 @@
+// Model folders: strict loading, clear errors for every bad input, dtype conversion.
+#include <c10/core/InferenceMode.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "config_json.h"
+#include "model_folder.h"
+#include "tensor_io.h"
+#include "test_util.h"
+
+namespace fs = std::filesystem;
+
+namespace fairdiff {
+namespace {
+
+// A copy of fixtures/models/tiny-sd1 made of symlinks, so one component can be
+// replaced by a broken one without copying the weights.
+struct ModelCopy {
+  test::TempDir tmp;
+  std::string dir;
+  explicit ModelCopy(const std::string& fixtures) {
+    const fs::path src = fs::path(fixtures) / "models" / "tiny-sd1";
+    dir = tmp / "model";
+    fs::create_directory(dir);
+    for (const auto& component : fs::directory_iterator(src)) {
+      const fs::path dst = fs::path(dir) / component.path().filename();
+      if (component.is_directory()) {
+        fs::create_directory(dst);
+        for (const auto& f : fs::directory_iterator(component.path())) fs::create_symlink(f.path(), dst / f.path().filename());
+      } else {
+        fs::create_symlink(component.path(), dst);
+      }
+    }
+  }
+  std::string path(const std::string& rel) const { return dir + "/" + rel; }
+  // Replaces a JSON file with `edit` applied to its contents.
+  void edit_json(const std::string& rel, const std::function<void(nlohmann::json&)>& edit) const {
+    nlohmann::json j = read_json_file(path(rel));
+    edit(j);
+    fs::remove(path(rel));
+    std::ofstream(path(rel)) << j.dump(1);
+  }
+  void write(const std::string& rel, const std::string& text) const {
+    fs::remove(path(rel));
+    std::ofstream(path(rel)) << text;
+  }
+};
+
+TEST(ModelFolder, LoadsTinySd1) {
+  FAIRDIFF_REQUIRE_FIXTURES(fixtures);
+  c10::InferenceMode guard;
+  const StableDiffusionModel m = load_model_folder(fixtures + "/models/tiny-sd1", LoadOptions{});
+  EXPECT_EQ(m.index.class_name, "StableDiffusionPipeline");
+  EXPECT_EQ(m.unet->config().cross_attention_dim, 32);
+  EXPECT_GT(parameter_count(*m.unet), 0);
+  EXPECT_EQ(m.scheduler_config.value("_class_name", ""), "PNDMScheduler");
+}
+
+TEST(ModelFolder, MissingFolderAndComponent) {
+  FAIRDIFF_REQUIRE_FIXTURES(fixtures);
+  test::expect_error([] { load_model_folder("/nonexistent/model", {}); }, ErrorKind::BadInput,
+                     {"/nonexistent/model", "model folder not found"});
+  ModelCopy copy(fixtures);
+  fs::remove_all(copy.path("unet"));
+  test::expect_error([&] { load_model_folder(copy.dir, {}); }, ErrorKind::BadInput, {"unet", "is missing"});
+}
+
+TEST(ModelFolder, InvalidJsonConfig) {
+  FAIRDIFF_REQUIRE_FIXTURES(fixtures);
+  ModelCopy copy(fixtures);
+  copy.write("unet/config.json", "{\"block_out_channels\": [32, 64,");
+  test::expect_error([&] { load_model_folder(copy.dir, {}); }, ErrorKind::BadInput,
+                     {"unet/config.json", "not valid JSON"});
+  copy.write("model_index.json", "[1, 2]");
+  test::expect_error([&] { load_model_folder(copy.dir, {}); }, ErrorKind::BadInput,
+                     {"model_index.json", "not a JSON object"});
+}
+
+TEST(ModelFolder, WrongTypeInConfig) {
+  FAIRDIFF_REQUIRE_FIXTURES(fixtures);
+  ModelCopy copy(fixtures);
+  copy.edit_json("text_encoder/config.json", [](nlohmann::json& j) { j["hidden_size"] = "wide"; });
+  test::expect_error([&] { load_text_encoder(copy.path("text_encoder"), {}); }, ErrorKind::BadInput,
+                     {"text_encoder/config.json", "hidden_size", "wrong type"});
+}
+
+TEST(ModelFolder, UnsupportedConfigValues) {
+  FAIRDIFF_REQUIRE_FIXTURES(fixtures);
+  ModelCopy copy(fixtures);
+  copy.edit_json("text_encoder/config.json", [](nlohmann::json& j) { j["hidden_act"] = "relu"; });
+  test::expect_error([&] { load_text_encoder(copy.path("text_encoder"), {}); }, ErrorKind::Unsupported,
+                     {"text_encoder/config.json", "hidden_act = \"relu\"", "quick_gelu"});
+  copy.edit_json("unet/config.json", [](nlohmann::json& j) { j["addition_embed_type"] = "text_time"; });
+  test::expect_error([&] { load_unet(copy.path("unet"), {}); }, ErrorKind::Unsupported,
+                     {"unet/config.json", "addition_embed_type"});
+  copy.edit_json("model_index.json", [](nlohmann::json& j) { j["_class_name"] = "StableDiffusionXLPipeline"; });
+  test::expect_error([&] { read_model_index(copy.dir); }, ErrorKind::Unsupported, {"model_index.json", "SDXL"});
+}
+
+TEST(ModelFolder, StrictKeys) {
+  FAIRDIFF_REQUIRE_FIXTURES(fixtures);
+  c10::InferenceMode guard;
+  test::TempDir tmp;
+  const SafeTensors good(fixtures + "/models/tiny-sd1/text_encoder/model.safetensors");
+  const std::string cfg_path = fixtures + "/models/tiny-sd1/text_encoder/config.json";
+  const CLIPTextConfig cfg = CLIPTextConfig::from_json(read_json_file(cfg_path), cfg_path);
+  // Rewrite the file without one tensor, with one extra, and with one reshaped.
+  auto rewrite = [&](const std::string& name, auto&& change) {
+    std::vector<TensorData> out;
+    for (const auto& t : good.tensors()) {
+      TensorData d{t.name, t.dtype, t.shape, std::vector<uint8_t>(t.data, t.data + t.nbytes)};
+      if (change(d)) out.push_back(std::move(d));
+    }
+    write_safetensors(tmp / name, out);
+    return tmp / name;
+  };
+  const auto missing = rewrite("missing.safetensors", [](TensorData& d) { return d.name != "text_model.final_layer_norm.bias"; });
+  const auto extra = rewrite("extra.safetensors", [](TensorData& d) {
+    if (d.name == "text_model.final_layer_norm.bias") d.name = "text_model.final_layer_norm.bias_extra";
+    return true;
+  });
+  const auto reshaped = rewrite("reshaped.safetensors", [](TensorData& d) {
+    if (d.name == "text_model.embeddings.position_embedding.weight") d.shape = {d.shape[1], d.shape[0]};
+    return true;
+  });
+  CLIPTextModel model(cfg);
+  test::expect_error([&] { load_state_dict(*model, SafeTensors(missing), "text_encoder"); }, ErrorKind::BadInput,
+                     {"missing.safetensors", "1 text_encoder tensors are missing", "final_layer_norm.bias"});
+  test::expect_error([&] { load_state_dict(*model, SafeTensors(extra), "text_encoder"); }, ErrorKind::BadInput,
+                     {"extra.safetensors", "final_layer_norm.bias"});
+  test::expect_error([&] { load_state_dict(*model, SafeTensors(reshaped), "text_encoder"); }, ErrorKind::BadInput,
+                     {"reshaped.safetensors", "wrong shape", "position_embedding.weight (file [32,77], model [77,32])"});
+}
+
+TEST(ModelFolder, HalfCheckpointLoadsIntoRequestedDtype) {
+  FAIRDIFF_REQUIRE_FIXTURES(fixtures);
+  c10::InferenceMode guard;
+  ModelCopy copy(fixtures);
+  // Write the text encoder as an F16 file, then load it as float32 and as float16.
+  const SafeTensors f32(fixtures + "/models/tiny-sd1/text_encoder/model.safetensors");
+  std::vector<TensorData> half;
+  for (const auto& t : f32.tensors()) {
+    const at::Tensor h = tensor_view(t).to(at::kHalf).contiguous();
+    const auto* p = static_cast<const uint8_t*>(h.data_ptr());
+    half.push_back({t.name, DType::F16, t.shape, std::vector<uint8_t>(p, p + h.nbytes())});
+  }
+  fs::remove(copy.path("text_encoder/model.safetensors"));
+  write_safetensors(copy.path("text_encoder/model.fp16.safetensors"), half);
+  const CLIPTextModel as_f32 = load_text_encoder(copy.path("text_encoder"), {at::kFloat, at::kCPU});
+  const CLIPTextModel as_f16 = load_text_encoder(copy.path("text_encoder"), {at::kHalf, at::kCPU});
+  const at::Tensor w = as_f32->named_parameters()["text_model.final_layer_norm.weight"];
+  EXPECT_EQ(w.scalar_type(), at::kFloat);
+  EXPECT_EQ(as_f16->named_parameters()["text_model.final_layer_norm.weight"].scalar_type(), at::kHalf);
+  const at::Tensor ref = tensor_view(f32.at("text_model.final_layer_norm.weight"));
+  EXPECT_TRUE(at::allclose(w, ref, 0, 1e-3));
+}
+
+TEST(ModelFolder, PickleWeightsAreRefused) {
+  FAIRDIFF_REQUIRE_FIXTURES(fixtures);
+  ModelCopy copy(fixtures);
+  fs::remove(copy.path("vae/diffusion_pytorch_model.safetensors"));
+  std::ofstream(copy.path("vae/diffusion_pytorch_model.bin")) << "pickle";
+  test::expect_error([&] { load_vae(copy.path("vae"), {}); }, ErrorKind::Unsupported,
+                     {"diffusion_pytorch_model.bin", "can execute code"});
+}
+
+}  // namespace
+}  // namespace fairdiff

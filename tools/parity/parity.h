@@ -1,0 +1,94 @@
+// fairdiff-parity: runs the golden cases of ../shared/fixtures against our code.
+//
+// Each manifest.json lists cases {name, op, model, file, inputs, params, outputs};
+// an op handler computes the outputs from the inputs and hands them to
+// `ParityCase::check`, which compares them with the reference element-wise:
+// |actual - expected| <= atol + rtol * |expected|, or bit-exactly for outputs
+// marked "exact".
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "fairdiff/safetensors.h"
+
+namespace fairdiff::parity {
+
+struct RunOptions {
+  at::Device device = at::kCPU;
+  at::ScalarType dtype = at::kFloat;  // model dtype; tolerances scale for half precision
+  bool strict_ftfy = false;
+  bool verbose = false;
+};
+
+struct OutputResult {
+  std::string output;
+  double max_abs_err = 0;   // max |actual - expected|
+  double worst_ratio = 0;   // max |actual - expected| / (atol + rtol |expected|); <= 1 passes
+  double atol = 0, rtol = 0;
+  bool exact = false;
+  bool pass = false;
+  std::string detail;       // where the worst element is and the first values, when failing
+};
+
+class ParityCase {
+ public:
+  ParityCase(std::string fixtures_root, std::string group_dir, nlohmann::json spec, const RunOptions& options);
+
+  const std::string& name() const { return name_; }
+  const std::string& op() const { return op_; }
+  const nlohmann::json& spec() const { return spec_; }
+  const nlohmann::json& params() const { return params_; }
+  const RunOptions& options() const { return options_; }
+  std::string model_dir() const;                 // fixtures_root / spec.model
+  std::string fixtures_path(const std::string& relative) const;
+
+  bool has_input(const std::string& input) const;
+  at::Tensor input(const std::string& input) const;      // spec.inputs[input] -> tensor key (CPU)
+  bool has_output(const std::string& output) const;
+  at::Tensor expected(const std::string& output) const;  // spec.outputs[output].key (CPU)
+  std::vector<std::string> output_names() const;
+
+  // Compares `actual` (any device/dtype) with the expected output and records it.
+  void check(const std::string& output, const at::Tensor& actual);
+  // Records a failure that is not a tensor comparison (wrong count, exception).
+  void fail(const std::string& output, const std::string& why);
+  // Records an informational line (e.g. "140/152 ftfy prompts match").
+  void note(const std::string& text) { notes_.push_back(text); }
+
+  const std::vector<OutputResult>& results() const { return results_; }
+  const std::vector<std::string>& notes() const { return notes_; }
+  // A case that checks nothing is a failure, so a handler cannot pass by omission.
+  bool passed() const;
+  // Marks failures as informational (counted as passed) for non-strict ftfy cases.
+  void set_informational(bool on) { informational_ = on; }
+  bool informational() const { return informational_; }
+
+ private:
+  std::string root_, group_dir_, name_, op_;
+  nlohmann::json spec_, params_;
+  RunOptions options_;
+  std::unique_ptr<SafeTensors> file_;
+  std::vector<OutputResult> results_;
+  std::vector<std::string> notes_;
+  bool informational_ = false;
+};
+
+using OpHandler = std::function<void(ParityCase&)>;
+using OpRegistry = std::map<std::string, OpHandler>;
+
+// Each file of handlers adds its ops (ops not registered are reported as "not supported yet").
+void register_model_ops(OpRegistry& registry);      // text_encoder_forward, unet_forward, vae_*
+void register_tokenizer_ops(OpRegistry& registry);  // tokenize
+
+// Builds our modules from the real SD configs in fixtures/keysets and compares
+// every parameter name and shape; returns false on any mismatch.
+bool run_keysets(const std::string& keysets_dir, bool verbose);
+
+}  // namespace fairdiff::parity
