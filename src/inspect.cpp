@@ -19,7 +19,7 @@ ComponentSummary summarize(const ModelIndex& index, const std::string& name, tor
 }  // namespace
 
 ModelSummary inspect_model(const std::string& model_dir) {
-  const StableDiffusionModel m = load_model_folder(model_dir, LoadOptions{});
+  StableDiffusionModel m = load_model_folder(model_dir, LoadOptions{});
   ModelSummary s;
   s.dir = model_dir;
   s.class_name = m.index.class_name;

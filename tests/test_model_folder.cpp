@@ -50,9 +50,9 @@ struct ModelCopy {
 TEST(ModelFolder, LoadsTinySd1) {
   FAIRDIFF_REQUIRE_FIXTURES(fixtures);
   c10::InferenceMode guard;
-  const StableDiffusionModel m = load_model_folder(fixtures + "/models/tiny-sd1", LoadOptions{});
+  StableDiffusionModel m = load_model_folder(fixtures + "/models/tiny-sd1", LoadOptions{});
   EXPECT_EQ(m.index.class_name, "StableDiffusionPipeline");
-  EXPECT_EQ(m.unet->config().cross_attention_dim, 32);
+  EXPECT_EQ(m.unet->config().cross_attention_dim, (std::vector<int64_t>{32, 32, 32, 32}));
   EXPECT_GT(parameter_count(*m.unet), 0);
   EXPECT_EQ(m.scheduler_config.value("_class_name", ""), "PNDMScheduler");
 }

@@ -84,8 +84,10 @@ using OpHandler = std::function<void(ParityCase&)>;
 using OpRegistry = std::map<std::string, OpHandler>;
 
 // Each file of handlers adds its ops (ops not registered are reported as "not supported yet").
-void register_model_ops(OpRegistry& registry);      // text_encoder_forward, unet_forward, vae_*
+void register_model_ops(OpRegistry& registry);      // text_encoder_forward (+ the two below)
+void register_unet_vae_ops(OpRegistry& registry);   // unet_forward, vae_decode, vae_encode
 void register_tokenizer_ops(OpRegistry& registry);  // tokenize
+void register_pipeline_ops(OpRegistry& registry);   // sd_pipeline, cpu_randn
 
 // Builds our modules from the real SD configs in fixtures/keysets and compares
 // every parameter name and shape; returns false on any mismatch.

@@ -9,12 +9,11 @@
 #include "config_json.h"
 #include "model_folder.h"
 #include "parity.h"
+#include "single_file.h"
 
 namespace fs = std::filesystem;
 
 namespace fairdiff::parity {
-
-void register_unet_vae_ops(OpRegistry& registry);
 
 namespace {
 
@@ -88,6 +87,36 @@ bool check_component(const fs::path& model_dir, const std::string& component, bo
   }
 }
 
+// The LDM single-file names of a real checkpoint must map completely onto the
+// diffusers names and shapes of its three components.
+bool check_single_file(const fs::path& model_dir, bool verbose) {
+  const std::string path = (model_dir / "single_file.keys.json").string();
+  const nlohmann::json keys = read_json_file(path);
+  TensorShapes shapes;
+  for (auto it = keys.begin(); it != keys.end(); ++it) shapes.emplace_back(it.key(), it.value().get<std::vector<int64_t>>());
+  const std::string label = model_dir.filename().string() + "/single_file";
+  const SingleFilePlan plan = plan_single_file(shapes, path);
+  std::map<std::string, nlohmann::json> targets;
+  for (const std::string component : {"text_encoder", "unet", "vae"})
+    targets[component] = read_json_file((model_dir / (component + ".keys.json")).string());
+  size_t wrong = 0, filled = 0;
+  for (const auto& t : plan.tensors) {
+    const auto& component_keys = targets.at(t.component);
+    if (!component_keys.contains(t.target) || component_keys[t.target].get<std::vector<int64_t>>() != t.shape) {
+      if (verbose || wrong < 5) std::printf("      unmatched: %s %s <- %s\n", t.component.c_str(), t.target.c_str(), t.source.c_str());
+      ++wrong;
+    } else {
+      ++filled;
+    }
+  }
+  size_t expected = 0;
+  for (const auto& [component, k] : targets) expected += k.size();
+  const bool ok = wrong == 0 && filled == expected;
+  std::printf("%s  keyset %-28s %4zu tensors mapped to %zu of %zu targets (%s), %zu ignored\n", ok ? "PASS" : "FAIL",
+              label.c_str(), shapes.size(), filled, expected, family_name(plan.family), plan.ignored.size());
+  return ok;
+}
+
 }  // namespace
 
 void register_model_ops(OpRegistry& registry) {
@@ -110,9 +139,7 @@ bool run_keysets(const std::string& keysets_dir, bool verbose) {
       ok &= check_component<UNet2DConditionModel, UNet2DConditionConfig>(model, "unet", verbose);
     if (fs::exists(model / "vae.keys.json"))
       ok &= check_component<AutoencoderKL, AutoencoderKLConfig>(model, "vae", verbose);
-    if (fs::exists(model / "single_file.keys.json"))
-      std::printf("SKIP  keyset %-28s single-file checkpoints come with the generate issue\n",
-                  (model.filename().string() + "/single_file").c_str());
+    if (fs::exists(model / "single_file.keys.json")) ok &= check_single_file(model, verbose);
   }
   return ok;
 }

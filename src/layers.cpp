@@ -1,0 +1,501 @@
+#include "layers.h"
+
+#include <spdlog/spdlog.h>
+#include <torch/nn/functional/upsampling.h>
+#include <torch/version.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "fairdiff/error.h"
+
+namespace fairdiff {
+
+namespace nn = torch::nn;
+
+namespace {
+
+leaf::GroupNorm make_group_norm(int64_t groups, int64_t channels, double eps) {
+  return leaf::GroupNorm(groups, channels, eps);
+}
+
+leaf::Conv2d make_conv(int64_t in, int64_t out, int64_t kernel, int64_t stride = 1, int64_t padding = 0) {
+  return leaf::Conv2d(in, out, kernel, stride, padding);
+}
+
+leaf::Linear make_linear(int64_t in, int64_t out, bool bias = true) { return leaf::Linear(in, out, bias); }
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// Parameter leaves
+
+namespace leaf {
+
+LinearImpl::LinearImpl(int64_t in_features, int64_t out_features, bool bias) {
+  weight_ = register_parameter("weight", at::empty({out_features, in_features}));
+  if (bias) bias_ = register_parameter("bias", at::empty({out_features}));
+}
+
+Conv2dImpl::Conv2dImpl(int64_t in_channels, int64_t out_channels, int64_t kernel, int64_t stride, int64_t padding)
+    : stride_(stride), padding_(padding) {
+  weight_ = register_parameter("weight", at::empty({out_channels, in_channels, kernel, kernel}));
+  bias_ = register_parameter("bias", at::empty({out_channels}));
+}
+
+at::Tensor Conv2dImpl::forward(const at::Tensor& x) const {
+  // x [B,C_in,H,W] -> [B,C_out,H',W']
+  return at::conv2d(x, weight_, bias_, {stride_, stride_}, {padding_, padding_});
+}
+
+GroupNormImpl::GroupNormImpl(int64_t groups, int64_t channels, double eps) : groups_(groups), eps_(eps) {
+  weight_ = register_parameter("weight", at::ones({channels}));
+  bias_ = register_parameter("bias", at::zeros({channels}));
+}
+
+LayerNormImpl::LayerNormImpl(int64_t dim, double eps) : dim_(dim), eps_(eps) {
+  weight_ = register_parameter("weight", at::ones({dim}));
+  bias_ = register_parameter("bias", at::zeros({dim}));
+}
+
+}  // namespace leaf
+
+// ---------------------------------------------------------------------------
+// ResnetBlock2D
+
+ResnetBlock2DImpl::ResnetBlock2DImpl(const ResnetBlock2DOptions& options) : options_(options) {
+  if (options_.out_channels == 0) options_.out_channels = options_.in_channels;
+  const int64_t in = options_.in_channels, out = options_.out_channels;
+  norm1_ = register_module("norm1", make_group_norm(options_.groups, in, options_.eps));
+  conv1_ = register_module("conv1", make_conv(in, out, 3, 1, 1));
+  if (options_.temb_channels > 0)
+    time_emb_proj_ = register_module("time_emb_proj", make_linear(options_.temb_channels, out));
+  norm2_ = register_module("norm2", make_group_norm(options_.groups, out, options_.eps));
+  // (dropout sits here in the reference: parameter-free, inactive at inference)
+  conv2_ = register_module("conv2", make_conv(out, out, 3, 1, 1));
+  // The reference adds a 1x1 shortcut exactly when the channel count changes.
+  if (in != out) conv_shortcut_ = register_module("conv_shortcut", make_conv(in, out, 1));
+}
+
+at::Tensor ResnetBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& temb) {
+  // x [B,C_in,H,W], temb [B,T] -> [B,C_out,H,W]
+  at::Tensor h = conv1_(at::silu(norm1_(x)));  // [B,C_out,H,W]
+  if (time_emb_proj_ && temb.defined()) {
+    at::Tensor t = time_emb_proj_(at::silu(temb));  // [B,C_out]
+    h = h + t.unsqueeze(-1).unsqueeze(-1);          // [B,C_out,1,1] broadcast
+  }
+  h = conv2_(at::silu(norm2_(h)));
+  at::Tensor out = (conv_shortcut_ ? conv_shortcut_(x) : x) + h;
+  if (options_.output_scale_factor != 1.0) out = out / options_.output_scale_factor;
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// Attention
+
+AttentionImpl::AttentionImpl(const AttentionOptions& options) : options_(options) {
+  const int64_t inner = options_.heads * options_.dim_head;
+  const int64_t context_dim = options_.cross_attention_dim > 0 ? options_.cross_attention_dim : options_.query_dim;
+  scale_ = 1.0 / std::sqrt(static_cast<double>(options_.dim_head));
+  if (options_.norm_num_groups > 0)
+    group_norm_ =
+        register_module("group_norm", make_group_norm(options_.norm_num_groups, options_.query_dim, options_.eps));
+  to_q_ = register_module("to_q", make_linear(options_.query_dim, inner, options_.bias));
+  to_k_ = register_module("to_k", make_linear(context_dim, inner, options_.bias));
+  to_v_ = register_module("to_v", make_linear(context_dim, inner, options_.bias));
+  auto to_out = nn::ModuleList();
+  to_out_0_ = make_linear(inner, options_.query_dim, options_.out_bias);
+  to_out->push_back(to_out_0_);
+  to_out->push_back(nn::Dropout(0.0));  // to_out.1: keeps the index of the reference's dropout
+  register_module("to_out", to_out);
+}
+
+at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& context) {
+  // x [B,N,C] or [B,C,H,W]; context [B,L,D] -> same shape as x
+  const bool spatial = x.dim() == 4;
+  at::Tensor h = x;
+  if (group_norm_) {
+    // GroupNorm over channels: [B,C,H,W] as is, [B,N,C] through [B,C,N].
+    h = spatial ? group_norm_(h) : group_norm_(h.transpose(1, 2)).transpose(1, 2);
+  }
+  const int64_t B = x.size(0);
+  int64_t C = 0, H = 0, W = 0;
+  if (spatial) {
+    C = x.size(1), H = x.size(2), W = x.size(3);
+    h = h.reshape({B, C, H * W}).transpose(1, 2);  // [B,N,C]
+  }
+  const at::Tensor& kv_input = context.defined() ? context : h;
+  at::Tensor q = to_q_(h);         // [B,N,h*d]
+  at::Tensor k = to_k_(kv_input);  // [B,L,h*d]
+  at::Tensor v = to_v_(kv_input);  // [B,L,h*d]
+  at::Tensor out = multi_head_attention(q, k, v, options_.heads, scale_, options_.upcast_attention,
+                                        options_.upcast_softmax);  // [B,N,h*d]
+  out = to_out_0_(out);                                            // [B,N,C]
+  if (spatial) out = out.transpose(1, 2).reshape({B, C, H, W});    // [B,C,H,W]
+  if (options_.residual_connection) out = out + x;
+  if (options_.rescale_output_factor != 1.0) out = out / options_.rescale_output_factor;
+  return out;
+}
+
+at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t heads,
+                                double scale, bool upcast_attention, bool upcast_softmax, int64_t max_score_elements) {
+  // q [B,N,h*d], k/v [B,L,h*d] -> [B,N,h*d]
+  const int64_t B = q.size(0), N = q.size(1), L = k.size(1), inner = q.size(2);
+  const int64_t d = inner / heads;
+  const at::ScalarType dtype = q.scalar_type();
+  [[maybe_unused]] const bool upcast =
+      (upcast_attention || upcast_softmax) && dtype != at::kFloat && dtype != at::kDouble;
+
+#if TORCH_VERSION_MAJOR >= 2
+  // The fused kernel (flash / memory-efficient on CUDA) when it computes the same thing:
+  // its default scale is 1/sqrt(d), and it has no float32 upcast for half inputs.
+  if (!upcast && std::abs(scale - 1.0 / std::sqrt(static_cast<double>(d))) < 1e-12) {
+    at::Tensor qh = q.reshape({B, N, heads, d}).transpose(1, 2);  // [B,h,N,d]
+    at::Tensor kh = k.reshape({B, L, heads, d}).transpose(1, 2);  // [B,h,L,d]
+    at::Tensor vh = v.reshape({B, L, heads, d}).transpose(1, 2);  // [B,h,L,d]
+    at::Tensor o = at::scaled_dot_product_attention(qh, kh, vh, /*attn_mask=*/{}, /*dropout_p=*/0.0,
+                                                    /*is_causal=*/false);  // [B,h,N,d]
+    return o.transpose(1, 2).reshape({B, N, inner});                       // [B,N,h*d]
+  }
+#endif
+
+  // Batched matmuls over B*h, as the reference's classic processor does.
+  at::Tensor qh = q.reshape({B, N, heads, d}).permute({0, 2, 1, 3}).reshape({B * heads, N, d});  // [Bh,N,d]
+  at::Tensor kh = k.reshape({B, L, heads, d}).permute({0, 2, 1, 3}).reshape({B * heads, L, d});  // [Bh,L,d]
+  at::Tensor vh = v.reshape({B, L, heads, d}).permute({0, 2, 1, 3}).reshape({B * heads, L, d});  // [Bh,L,d]
+  if (upcast_attention) {
+    qh = qh.to(at::kFloat);
+    kh = kh.to(at::kFloat);
+  }
+  at::Tensor kt = kh.transpose(1, 2);  // [Bh,d,L]
+
+  // Scores are [Bh,N,L]; at 64x64 latents that is 4096^2 per head, so large problems are
+  // done a slice of heads at a time (the heads are independent: same numbers).
+  const int64_t per_slice = std::max<int64_t>(1, max_score_elements / std::max<int64_t>(1, N * L));
+  const int64_t total = B * heads;
+  auto attend = [&](const at::Tensor& qs, const at::Tensor& ks, const at::Tensor& vs) {
+    // Not baddbmm on an uninitialised input with beta = 0 (the reference's form): LibTorch
+    // 1.13's small-matrix CPU kernel multiplies that input by beta, so stale NaNs in reused
+    // memory leak into the scores. bmm then scale is the same product up to rounding.
+    at::Tensor scores = at::bmm(qs, ks).mul_(scale);  // [b,N,L]
+    if (upcast_softmax) scores = scores.to(at::kFloat);
+    at::Tensor probs = scores.softmax(-1).to(dtype);  // [b,N,L]
+    return at::bmm(probs, vs);                        // [b,N,d]
+  };
+  at::Tensor out;  // [Bh,N,d]
+  if (per_slice >= total) {
+    out = attend(qh, kt, vh);
+  } else {
+    out = at::empty({total, N, d}, v.options());
+    for (int64_t s = 0; s < total; s += per_slice) {
+      const int64_t e = std::min(total, s + per_slice);
+      out.slice(0, s, e).copy_(attend(qh.slice(0, s, e), kt.slice(0, s, e), vh.slice(0, s, e)));
+    }
+  }
+  return out.view({B, heads, N, d}).permute({0, 2, 1, 3}).reshape({B, N, inner});  // [B,N,h*d]
+}
+
+// ---------------------------------------------------------------------------
+// GEGLU, FeedForward
+
+GEGLUImpl::GEGLUImpl(int64_t dim_in, int64_t dim_out, bool bias) {
+  proj_ = register_module("proj", make_linear(dim_in, dim_out * 2, bias));
+}
+
+at::Tensor GEGLUImpl::forward(const at::Tensor& x) {
+  // x [B,N,C] -> [B,N,F]
+  std::vector<at::Tensor> parts = proj_(x).chunk(2, -1);  // 2 x [B,N,F]: value, gate
+  return parts[0] * at::gelu(parts[1]);
+}
+
+FeedForwardImpl::FeedForwardImpl(int64_t dim, int64_t mult, bool bias) {
+  const int64_t inner = dim * mult;
+  geglu_ = GEGLU(dim, inner, bias);
+  out_ = make_linear(inner, dim, bias);
+  auto net = nn::ModuleList();
+  net->push_back(geglu_);            // net.0
+  net->push_back(nn::Dropout(0.0));  // net.1 (placeholder)
+  net->push_back(out_);              // net.2
+  register_module("net", net);
+}
+
+at::Tensor FeedForwardImpl::forward(const at::Tensor& x) {
+  // x [B,N,C] -> [B,N,C]
+  return out_(geglu_(x));
+}
+
+// ---------------------------------------------------------------------------
+// BasicTransformerBlock
+
+BasicTransformerBlockImpl::BasicTransformerBlockImpl(const BasicTransformerBlockOptions& o) {
+  auto layer_norm = [&] { return leaf::LayerNorm(o.dim, o.norm_eps); };
+  AttentionOptions self_attention;
+  self_attention.query_dim = o.dim;
+  self_attention.heads = o.heads;
+  self_attention.dim_head = o.dim_head;
+  self_attention.bias = o.attention_bias;
+  self_attention.upcast_attention = o.upcast_attention;
+  AttentionOptions cross_attention = self_attention;
+  cross_attention.cross_attention_dim = o.cross_attention_dim;
+
+  norm1_ = register_module("norm1", layer_norm());
+  attn1_ = register_module("attn1", Attention(self_attention));
+  norm2_ = register_module("norm2", layer_norm());
+  attn2_ = register_module("attn2", Attention(cross_attention));
+  norm3_ = register_module("norm3", layer_norm());
+  ff_ = register_module("ff", FeedForward(o.dim));
+}
+
+at::Tensor BasicTransformerBlockImpl::forward(const at::Tensor& x, const at::Tensor& context) {
+  // x [B,N,C], context [B,L,D] -> [B,N,C]
+  at::Tensor h = attn1_(norm1_(x)) + x;
+  h = attn2_(norm2_(h), context) + h;
+  return ff_(norm3_(h)) + h;
+}
+
+// ---------------------------------------------------------------------------
+// Transformer2DModel
+
+Transformer2DModelImpl::Transformer2DModelImpl(const Transformer2DModelOptions& o) : options_(o) {
+  inner_dim_ = o.num_attention_heads * o.attention_head_dim;
+  norm_ = register_module("norm", make_group_norm(o.norm_num_groups, o.in_channels, 1e-6));
+  if (o.use_linear_projection)
+    proj_in_linear_ = register_module("proj_in", make_linear(o.in_channels, inner_dim_));
+  else
+    proj_in_conv_ = register_module("proj_in", make_conv(o.in_channels, inner_dim_, 1));
+
+  auto blocks = nn::ModuleList();
+  BasicTransformerBlockOptions block;
+  block.dim = inner_dim_;
+  block.heads = o.num_attention_heads;
+  block.dim_head = o.attention_head_dim;
+  block.cross_attention_dim = o.cross_attention_dim;
+  block.upcast_attention = o.upcast_attention;
+  for (int64_t i = 0; i < o.num_layers; ++i) {
+    blocks_.push_back(BasicTransformerBlock(block));
+    blocks->push_back(blocks_.back());
+  }
+  register_module("transformer_blocks", blocks);
+
+  if (o.use_linear_projection)
+    proj_out_linear_ = register_module("proj_out", make_linear(inner_dim_, o.in_channels));
+  else
+    proj_out_conv_ = register_module("proj_out", make_conv(inner_dim_, o.in_channels, 1));
+}
+
+at::Tensor Transformer2DModelImpl::forward(const at::Tensor& x, const at::Tensor& context) {
+  // x [B,C,H,W], context [B,L,D] -> [B,C,H,W]
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  at::Tensor h = norm_(x);
+  if (proj_in_conv_) {
+    h = proj_in_conv_(h);                                         // [B,I,H,W]
+    h = h.permute({0, 2, 3, 1}).reshape({B, H * W, inner_dim_});  // [B,N,I]
+  } else {
+    h = h.permute({0, 2, 3, 1}).reshape({B, H * W, C});  // [B,N,C]
+    h = proj_in_linear_(h);                              // [B,N,I]
+  }
+  for (auto& block : blocks_) h = block(h, context);  // [B,N,I]
+  if (proj_out_conv_) {
+    h = h.reshape({B, H, W, inner_dim_}).permute({0, 3, 1, 2}).contiguous();  // [B,I,H,W]
+    h = proj_out_conv_(h);                                                    // [B,C,H,W]
+  } else {
+    h = proj_out_linear_(h);                                         // [B,N,C]
+    h = h.reshape({B, H, W, C}).permute({0, 3, 1, 2}).contiguous();  // [B,C,H,W]
+  }
+  return h + x;
+}
+
+// ---------------------------------------------------------------------------
+// Downsample2D, Upsample2D
+
+Downsample2DImpl::Downsample2DImpl(int64_t channels, int64_t out_channels, int64_t padding) : padding_(padding) {
+  conv_ = register_module("conv", make_conv(channels, out_channels, 3, 2, padding));
+}
+
+at::Tensor Downsample2DImpl::forward(const at::Tensor& x) {
+  // x [B,C,H,W] -> [B,C_out,H',W']
+  if (padding_ == 0) return conv_(at::constant_pad_nd(x, {0, 1, 0, 1}, 0));  // [B,C,H+1,W+1] first
+  return conv_(x);
+}
+
+Upsample2DImpl::Upsample2DImpl(int64_t channels, int64_t out_channels) {
+  conv_ = register_module("conv", make_conv(channels, out_channels, 3, 1, 1));
+}
+
+at::Tensor Upsample2DImpl::forward(const at::Tensor& x, std::optional<std::vector<int64_t>> output_size) {
+  // x [B,C,H,W] -> [B,C_out,2H,2W] (or output_size)
+  namespace F = torch::nn::functional;
+  // The reference interpolates bfloat16 in float32 (nearest has no bfloat16 kernel everywhere).
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  at::Tensor h = bf16 ? x.to(at::kFloat) : x;
+  auto options = F::InterpolateFuncOptions().mode(torch::kNearest);
+  if (output_size)
+    options.size(*output_size);
+  else
+    options.scale_factor(std::vector<double>{2.0, 2.0});
+  h = F::interpolate(h, options);  // [B,C,2H,2W]
+  if (bf16) h = h.to(at::kBFloat16);
+  return conv_(h);
+}
+
+// ---------------------------------------------------------------------------
+// Timestep embeddings
+
+at::Tensor get_timestep_embedding(const at::Tensor& timesteps, int64_t embedding_dim, bool flip_sin_to_cos,
+                                  double downscale_freq_shift, double scale, double max_period) {
+  // timesteps [B] -> [B,dim]
+  TORCH_CHECK(timesteps.dim() == 1, "get_timestep_embedding: timesteps must be 1-D, got ", timesteps.sizes());
+  const int64_t half = embedding_dim / 2;
+  // Same operation order as the reference, in float32: the arguments reach 1000 radians,
+  // so the rounding of the frequencies matters at the tolerance we test.
+  at::Tensor exponent = at::arange(0, half, timesteps.options().dtype(at::kFloat)) * (-std::log(max_period));
+  exponent = exponent / (static_cast<double>(half) - downscale_freq_shift);
+  at::Tensor freqs = at::exp(exponent);                                          // [half]
+  at::Tensor args = timesteps.unsqueeze(1).to(at::kFloat) * freqs.unsqueeze(0);  // [B,half]
+  if (scale != 1.0) args = args * scale;
+  at::Tensor emb = flip_sin_to_cos ? at::cat({at::cos(args), at::sin(args)}, -1)
+                                   : at::cat({at::sin(args), at::cos(args)}, -1);  // [B,2 half]
+  if (embedding_dim % 2 == 1) emb = at::constant_pad_nd(emb, {0, 1}, 0);           // [B,dim]
+  return emb;
+}
+
+TimestepsImpl::TimestepsImpl(int64_t num_channels, bool flip_sin_to_cos, double downscale_freq_shift)
+    : num_channels_(num_channels), flip_sin_to_cos_(flip_sin_to_cos), downscale_freq_shift_(downscale_freq_shift) {}
+
+at::Tensor TimestepsImpl::forward(const at::Tensor& timesteps) const {
+  // timesteps [B] -> [B,num_channels]
+  return get_timestep_embedding(timesteps, num_channels_, flip_sin_to_cos_, downscale_freq_shift_);
+}
+
+TimestepEmbeddingImpl::TimestepEmbeddingImpl(int64_t in_channels, int64_t time_embed_dim) {
+  linear_1_ = register_module("linear_1", make_linear(in_channels, time_embed_dim));
+  linear_2_ = register_module("linear_2", make_linear(time_embed_dim, time_embed_dim));
+}
+
+at::Tensor TimestepEmbeddingImpl::forward(const at::Tensor& x) {
+  // x [B,in] -> [B,T]
+  return linear_2_(at::silu(linear_1_(x)));
+}
+
+// ---------------------------------------------------------------------------
+// config.json helpers
+
+namespace config_json {
+
+namespace {
+
+[[noreturn]] void wrong_type(const std::string& where, const std::string& key, const std::string& expected,
+                             const nlohmann::json& found) {
+  throw_bad_input(where, key + " must be " + expected + ", found " + found.dump(),
+                  "fix config.json or re-save the model with diffusers");
+}
+
+int64_t as_int(const nlohmann::json& value, const std::string& key, const std::string& where) {
+  if (value.is_number_integer()) return value.get<int64_t>();
+  // Some writers store integral values as floats (1.0).
+  if (value.is_number_float()) {
+    const double d = value.get<double>();
+    if (std::floor(d) == d) return static_cast<int64_t>(d);
+  }
+  wrong_type(where, key, "an integer", value);
+}
+
+}  // namespace
+
+bool has_value(const nlohmann::json& config, const std::string& key) {
+  auto it = config.find(key);
+  return it != config.end() && !it->is_null();
+}
+
+int64_t get_int(const nlohmann::json& config, const std::string& key, int64_t fallback, const std::string& where) {
+  if (!has_value(config, key)) return fallback;
+  return as_int(config.at(key), key, where);
+}
+
+double get_number(const nlohmann::json& config, const std::string& key, double fallback, const std::string& where) {
+  if (!has_value(config, key)) return fallback;
+  const auto& value = config.at(key);
+  if (!value.is_number()) wrong_type(where, key, "a number", value);
+  return value.get<double>();
+}
+
+bool get_bool(const nlohmann::json& config, const std::string& key, bool fallback, const std::string& where) {
+  if (!has_value(config, key)) return fallback;
+  const auto& value = config.at(key);
+  if (!value.is_boolean()) wrong_type(where, key, "true or false", value);
+  return value.get<bool>();
+}
+
+std::string get_string(const nlohmann::json& config, const std::string& key, const std::string& fallback,
+                       const std::string& where) {
+  if (!has_value(config, key)) return fallback;
+  const auto& value = config.at(key);
+  if (!value.is_string()) wrong_type(where, key, "a string", value);
+  return value.get<std::string>();
+}
+
+std::vector<std::string> get_string_list(const nlohmann::json& config, const std::string& key,
+                                         const std::vector<std::string>& fallback, const std::string& where) {
+  if (!has_value(config, key)) return fallback;
+  const auto& value = config.at(key);
+  if (!value.is_array()) wrong_type(where, key, "a list of strings", value);
+  std::vector<std::string> out;
+  for (const auto& item : value) {
+    if (!item.is_string()) wrong_type(where, key, "a list of strings", value);
+    out.push_back(item.get<std::string>());
+  }
+  return out;
+}
+
+std::vector<int64_t> get_int_or_list(const nlohmann::json& config, const std::string& key,
+                                     const std::vector<int64_t>& fallback, const std::string& where) {
+  if (!has_value(config, key)) return fallback;
+  const auto& value = config.at(key);
+  if (!value.is_array()) return {as_int(value, key, where)};
+  std::vector<int64_t> out;
+  for (const auto& item : value) {
+    if (item.is_array())
+      throw_unsupported(where, key + " = " + value.dump() + " (nested lists) is not supported",
+                        "give one integer per block");
+    out.push_back(as_int(item, key, where));
+  }
+  if (out.empty()) wrong_type(where, key, "an integer or a non-empty list of integers", value);
+  return out;
+}
+
+void require_null(const nlohmann::json& config, const std::string& key, const std::string& where,
+                  const std::string& hint) {
+  if (!has_value(config, key)) return;
+  throw_unsupported(where, key + " = " + config.at(key).dump() + " is not supported (supported: null)", hint);
+}
+
+void warn_unknown_keys(const nlohmann::json& config, const std::vector<std::string>& known, const std::string& where) {
+  std::vector<std::string> unknown;
+  for (auto it = config.begin(); it != config.end(); ++it) {
+    if (!it.key().empty() && it.key()[0] == '_') continue;
+    if (std::find(known.begin(), known.end(), it.key()) == known.end()) unknown.push_back(it.key());
+  }
+  if (!unknown.empty())
+    spdlog::warn("{}: ignoring unknown config keys: {} (the reference ignores them too)", where, join(unknown));
+}
+
+std::vector<int64_t> per_block(const std::vector<int64_t>& values, size_t n, const std::string& key,
+                               const std::string& where) {
+  if (values.size() == 1) return std::vector<int64_t>(n, values[0]);
+  if (values.size() != n)
+    throw_bad_input(
+        where,
+        key + " has " + std::to_string(values.size()) + " entries, expected one per block (" + std::to_string(n) + ")",
+        "give one value, or one per entry of down_block_types");
+  return values;
+}
+
+std::string join(const std::vector<std::string>& items, const std::string& separator) {
+  std::string s;
+  for (size_t i = 0; i < items.size(); ++i) s += (i ? separator : "") + items[i];
+  return s;
+}
+
+}  // namespace config_json
+
+}  // namespace fairdiff

@@ -1,0 +1,327 @@
+// Leaf layers shared by the UNet and the VAE, each named after its diffusers class
+// (resnet.py, attention_processor.py, attention.py, transformers/transformer_2d.py,
+// embeddings.py, downsampling.py, upsampling.py).
+//
+// Member names equal the checkpoint keys (`norm1`, `to_out.0`, `ff.net.2`, ...); layers
+// without parameters that hold a list index in the reference (dropouts) are kept as
+// placeholders so the indices stay equal. Inference only: dropouts are never applied.
+//
+// Shape letters: B batch, C channels, H/W height/width, N = H*W (query tokens),
+// L context tokens, D context width, h heads, d head width.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/dropout.h>
+#include <torch/nn/pimpl.h>
+
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace fairdiff {
+
+// ---------------------------------------------------------------------------
+// Parameter leaves: Linear, Conv2d, GroupNorm, LayerNorm with the parameter names and the
+// ATen calls of torch.nn (at::linear, at::conv2d, at::group_norm, at::layer_norm), but
+// without initialisation: LibTorch's kaiming init of the 860M SD UNet parameters took 41 s
+// here (zero-filling still 14 s), and load_state_dict replaces every tensor anyway. Linear
+// and conv weights are UNINITIALISED until loaded (norms start at scale 1, shift 0).
+namespace leaf {
+
+class LinearImpl : public torch::nn::Module {
+ public:
+  LinearImpl(int64_t in_features, int64_t out_features, bool bias = true);
+  // x [...,in] -> [...,out]
+  at::Tensor forward(const at::Tensor& x) const { return at::linear(x, weight_, bias_); }
+
+ private:
+  at::Tensor weight_, bias_;  // [out,in], [out]
+};
+TORCH_MODULE(Linear);
+
+class Conv2dImpl : public torch::nn::Module {
+ public:
+  Conv2dImpl(int64_t in_channels, int64_t out_channels, int64_t kernel, int64_t stride = 1, int64_t padding = 0);
+  // x [B,C_in,H,W] -> [B,C_out,H',W']
+  at::Tensor forward(const at::Tensor& x) const;
+
+ private:
+  int64_t stride_, padding_;
+  at::Tensor weight_, bias_;  // [out,in,k,k], [out]
+};
+TORCH_MODULE(Conv2d);
+
+class GroupNormImpl : public torch::nn::Module {
+ public:
+  GroupNormImpl(int64_t groups, int64_t channels, double eps);
+  // x [B,C,...] -> same
+  at::Tensor forward(const at::Tensor& x) const { return at::group_norm(x, groups_, weight_, bias_, eps_); }
+
+ private:
+  int64_t groups_;
+  double eps_;
+  at::Tensor weight_, bias_;  // [C], [C]
+};
+TORCH_MODULE(GroupNorm);
+
+class LayerNormImpl : public torch::nn::Module {
+ public:
+  LayerNormImpl(int64_t dim, double eps);
+  // x [...,dim] -> same
+  at::Tensor forward(const at::Tensor& x) const { return at::layer_norm(x, {dim_}, weight_, bias_, eps_); }
+
+ private:
+  int64_t dim_;
+  double eps_;
+  at::Tensor weight_, bias_;  // [dim], [dim]
+};
+TORCH_MODULE(LayerNorm);
+
+}  // namespace leaf
+
+// ---------------------------------------------------------------------------
+// ResnetBlock2D (time_embedding_norm "default", pre-norm, SiLU):
+//   out = (shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))) + proj(silu(temb)))))) / scale
+struct ResnetBlock2DOptions {
+  int64_t in_channels = 0;
+  int64_t out_channels = 0;     // 0: same as in_channels
+  int64_t temb_channels = 512;  // 0: no time embedding (the VAE)
+  int64_t groups = 32;
+  double eps = 1e-6;
+  double output_scale_factor = 1.0;
+};
+
+class ResnetBlock2DImpl : public torch::nn::Module {
+ public:
+  explicit ResnetBlock2DImpl(const ResnetBlock2DOptions& options);
+  // x [B,C_in,H,W], temb [B,T] or undefined -> [B,C_out,H,W]
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& temb = {});
+
+ private:
+  ResnetBlock2DOptions options_;
+  leaf::GroupNorm norm1_{nullptr}, norm2_{nullptr};
+  leaf::Conv2d conv1_{nullptr}, conv2_{nullptr}, conv_shortcut_{nullptr};
+  leaf::Linear time_emb_proj_{nullptr};
+};
+TORCH_MODULE(ResnetBlock2D);
+
+// ---------------------------------------------------------------------------
+// Attention with the semantics of diffusers' AttnProcessor2_0: softmax(q k^T / sqrt(d)) v
+// per head. `upcast_attention` computes q k^T and the softmax in float32,
+// `upcast_softmax` the softmax only (both matter for half precision only). The VAE's
+// variant adds a GroupNorm on the input, a residual connection and an output rescale,
+// and takes [B,C,H,W] input.
+struct AttentionOptions {
+  int64_t query_dim = 0;
+  int64_t cross_attention_dim = 0;  // 0: self-attention (keys/values from the query input)
+  int64_t heads = 8;
+  int64_t dim_head = 64;
+  bool bias = false;     // on to_q / to_k / to_v
+  bool out_bias = true;  // on to_out.0
+  bool upcast_attention = false;
+  bool upcast_softmax = false;
+  int64_t norm_num_groups = 0;  // > 0: group_norm on the input (VAE)
+  double eps = 1e-5;            // of group_norm
+  bool residual_connection = false;
+  double rescale_output_factor = 1.0;
+};
+
+class AttentionImpl : public torch::nn::Module {
+ public:
+  explicit AttentionImpl(const AttentionOptions& options);
+  // x [B,N,C] or [B,C,H,W]; context [B,L,D] or undefined (self-attention) -> same shape as x
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& context = {});
+
+ private:
+  AttentionOptions options_;
+  double scale_;
+  leaf::GroupNorm group_norm_{nullptr};
+  leaf::Linear to_q_{nullptr}, to_k_{nullptr}, to_v_{nullptr}, to_out_0_{nullptr};
+};
+TORCH_MODULE(Attention);
+
+// Multi-head attention core on already projected tensors, shared by every attention here.
+// q [B,N,h*d], k/v [B,L,h*d] -> [B,N,h*d]; `scale` multiplies q k^T. Without a fused
+// kernel, score matrices above `max_score_elements` are computed a slice of heads at a time.
+at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t heads,
+                                double scale, bool upcast_attention, bool upcast_softmax,
+                                int64_t max_score_elements = int64_t(1) << 27);
+
+// ---------------------------------------------------------------------------
+// GEGLU: proj to 2x width, split in (value, gate), value * gelu(gate) (exact erf GELU).
+class GEGLUImpl : public torch::nn::Module {
+ public:
+  GEGLUImpl(int64_t dim_in, int64_t dim_out, bool bias = true);
+  // x [B,N,dim_in] -> [B,N,dim_out]
+  at::Tensor forward(const at::Tensor& x);
+
+ private:
+  leaf::Linear proj_{nullptr};
+};
+TORCH_MODULE(GEGLU);
+
+// FeedForward with activation_fn "geglu": net = [GEGLU(dim, 4 dim), Dropout, Linear(4 dim, dim)].
+class FeedForwardImpl : public torch::nn::Module {
+ public:
+  FeedForwardImpl(int64_t dim, int64_t mult = 4, bool bias = true);
+  // x [B,N,C] -> [B,N,C]
+  at::Tensor forward(const at::Tensor& x);
+
+ private:
+  GEGLU geglu_{nullptr};       // net.0
+  leaf::Linear out_{nullptr};  // net.2
+};
+TORCH_MODULE(FeedForward);
+
+// ---------------------------------------------------------------------------
+// BasicTransformerBlock (norm_type "layer_norm"): self-attention, cross-attention, GEGLU
+// feed-forward, each pre-LayerNorm with a residual.
+struct BasicTransformerBlockOptions {
+  int64_t dim = 0;
+  int64_t heads = 8;
+  int64_t dim_head = 64;
+  int64_t cross_attention_dim = 0;  // 0: attn2 attends to the block's own input
+  bool attention_bias = false;
+  bool upcast_attention = false;
+  double norm_eps = 1e-5;
+};
+
+class BasicTransformerBlockImpl : public torch::nn::Module {
+ public:
+  explicit BasicTransformerBlockImpl(const BasicTransformerBlockOptions& options);
+  // x [B,N,C], context [B,L,D] -> [B,N,C]
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& context);
+
+ private:
+  leaf::LayerNorm norm1_{nullptr}, norm2_{nullptr}, norm3_{nullptr};
+  Attention attn1_{nullptr}, attn2_{nullptr};
+  FeedForward ff_{nullptr};
+};
+TORCH_MODULE(BasicTransformerBlock);
+
+// ---------------------------------------------------------------------------
+// Transformer2DModel for continuous (latent image) input: GroupNorm (eps 1e-6), proj_in
+// (1x1 conv, or linear with use_linear_projection), transformer blocks on the N = H*W
+// tokens, proj_out, residual.
+struct Transformer2DModelOptions {
+  int64_t num_attention_heads = 16;
+  int64_t attention_head_dim = 88;
+  int64_t in_channels = 0;
+  int64_t num_layers = 1;
+  int64_t cross_attention_dim = 0;
+  int64_t norm_num_groups = 32;
+  bool use_linear_projection = false;
+  bool upcast_attention = false;
+};
+
+class Transformer2DModelImpl : public torch::nn::Module {
+ public:
+  explicit Transformer2DModelImpl(const Transformer2DModelOptions& options);
+  // x [B,C,H,W], context [B,L,D] -> [B,C,H,W]
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& context);
+
+ private:
+  Transformer2DModelOptions options_;
+  int64_t inner_dim_;
+  leaf::GroupNorm norm_{nullptr};
+  // proj_in / proj_out are either 1x1 convolutions or linear layers; one of each pair is set.
+  leaf::Conv2d proj_in_conv_{nullptr}, proj_out_conv_{nullptr};
+  leaf::Linear proj_in_linear_{nullptr}, proj_out_linear_{nullptr};
+  std::vector<BasicTransformerBlock> blocks_;  // transformer_blocks.*
+};
+TORCH_MODULE(Transformer2DModel);
+
+// ---------------------------------------------------------------------------
+// Downsample2D with use_conv: 3x3 stride-2 conv. padding 0 means an asymmetric zero pad
+// (right and bottom by one) before the conv, as the VAE encoder uses.
+class Downsample2DImpl : public torch::nn::Module {
+ public:
+  Downsample2DImpl(int64_t channels, int64_t out_channels, int64_t padding);
+  // x [B,C,H,W] -> [B,C_out,ceil(H/2),ceil(W/2)] (padding 1) or [B,C_out,H/2,W/2] (padding 0)
+  at::Tensor forward(const at::Tensor& x);
+
+ private:
+  int64_t padding_;
+  leaf::Conv2d conv_{nullptr};
+};
+TORCH_MODULE(Downsample2D);
+
+// Upsample2D with use_conv: nearest-neighbour x2 (or to `output_size`), then a 3x3 conv.
+class Upsample2DImpl : public torch::nn::Module {
+ public:
+  Upsample2DImpl(int64_t channels, int64_t out_channels);
+  // x [B,C,H,W] -> [B,C_out,2H,2W], or [B,C_out,output_size] when given
+  at::Tensor forward(const at::Tensor& x, std::optional<std::vector<int64_t>> output_size = std::nullopt);
+
+ private:
+  leaf::Conv2d conv_{nullptr};
+};
+TORCH_MODULE(Upsample2D);
+
+// ---------------------------------------------------------------------------
+// Sinusoidal timestep embedding (embeddings.py get_timestep_embedding):
+//   freq_i = exp(-ln(max_period) * i / (half - downscale_freq_shift)), i < half = dim/2,
+//   emb = [sin(t freq), cos(t freq)], or [cos, sin] with flip_sin_to_cos; odd dim zero-padded.
+// timesteps [B] (any numeric dtype) -> [B,dim] float32
+at::Tensor get_timestep_embedding(const at::Tensor& timesteps, int64_t embedding_dim, bool flip_sin_to_cos,
+                                  double downscale_freq_shift, double scale = 1.0, double max_period = 10000.0);
+
+// Timesteps: the parameter-free module around get_timestep_embedding.
+class TimestepsImpl : public torch::nn::Module {
+ public:
+  TimestepsImpl(int64_t num_channels, bool flip_sin_to_cos, double downscale_freq_shift);
+  // timesteps [B] -> [B,num_channels] float32
+  at::Tensor forward(const at::Tensor& timesteps) const;
+
+ private:
+  int64_t num_channels_;
+  bool flip_sin_to_cos_;
+  double downscale_freq_shift_;
+};
+TORCH_MODULE(Timesteps);
+
+// TimestepEmbedding: linear_1, SiLU, linear_2.
+class TimestepEmbeddingImpl : public torch::nn::Module {
+ public:
+  TimestepEmbeddingImpl(int64_t in_channels, int64_t time_embed_dim);
+  // x [B,in] -> [B,time_embed_dim]
+  at::Tensor forward(const at::Tensor& x);
+
+ private:
+  leaf::Linear linear_1_{nullptr}, linear_2_{nullptr};
+};
+TORCH_MODULE(TimestepEmbedding);
+
+// ---------------------------------------------------------------------------
+// Reading network configs (config.json). Absent keys take the given default; a present
+// key of the wrong type is a BadInput error naming `where` and the key.
+namespace config_json {
+
+bool has_value(const nlohmann::json& config, const std::string& key);  // present and not null
+int64_t get_int(const nlohmann::json& config, const std::string& key, int64_t fallback, const std::string& where);
+double get_number(const nlohmann::json& config, const std::string& key, double fallback, const std::string& where);
+bool get_bool(const nlohmann::json& config, const std::string& key, bool fallback, const std::string& where);
+std::string get_string(const nlohmann::json& config, const std::string& key, const std::string& fallback,
+                       const std::string& where);
+std::vector<std::string> get_string_list(const nlohmann::json& config, const std::string& key,
+                                         const std::vector<std::string>& fallback, const std::string& where);
+// An int or a list of ints; an int is returned as a one-element list.
+std::vector<int64_t> get_int_or_list(const nlohmann::json& config, const std::string& key,
+                                     const std::vector<int64_t>& fallback, const std::string& where);
+// Throws Unsupported unless the key is absent or null.
+void require_null(const nlohmann::json& config, const std::string& key, const std::string& where,
+                  const std::string& hint = {});
+// Logs one warning listing keys that are not in `known` and do not start with '_'
+// (the reference ignores unknown keys with a warning too).
+void warn_unknown_keys(const nlohmann::json& config, const std::vector<std::string>& known, const std::string& where);
+// Broadcasts a one-element list to `n` entries; checks the length otherwise.
+std::vector<int64_t> per_block(const std::vector<int64_t>& values, size_t n, const std::string& key,
+                               const std::string& where);
+std::string join(const std::vector<std::string>& items, const std::string& separator = ", ");
+
+}  // namespace config_json
+
+}  // namespace fairdiff

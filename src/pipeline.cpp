@@ -1,0 +1,146 @@
+// The sampling loop. Shape letters: B images, C latent channels, h/w latent size,
+// L tokens (77), D text hidden size, E extra conditioning rows.
+#include "pipeline.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cstring>
+
+namespace fairdiff {
+
+StableDiffusionPipeline::StableDiffusionPipeline(StableDiffusionModel& model) : model_(model) {}
+
+at::Device StableDiffusionPipeline::device() const { return model_.unet->parameters().front().device(); }
+
+at::ScalarType StableDiffusionPipeline::dtype() const { return model_.unet->parameters().front().scalar_type(); }
+
+int64_t StableDiffusionPipeline::vae_scale_factor() const {
+  return int64_t{1} << (model_.vae->config().block_out_channels.size() - 1);
+}
+
+int64_t StableDiffusionPipeline::latent_channels() const { return model_.unet->config().in_channels; }
+
+at::Tensor StableDiffusionPipeline::token_ids(const std::vector<std::string>& prompts, bool truncate,
+                                              std::vector<bool>* truncated) const {
+  const Tokenizer& tok = *model_.tokenizer;
+  const int64_t L = tok.model_max_length();
+  at::Tensor ids = at::empty({static_cast<int64_t>(prompts.size()), L}, at::kLong);  // [N, L]
+  if (truncated) truncated->clear();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    TokenizedText t;
+    if (truncate) {
+      t = tok.tokenize(prompts[i], L);
+    } else {
+      // BOS + every token + EOS, padded, then the first L ids: a long prompt loses its EOS.
+      t = tok.tokenize(prompts[i], std::max<int64_t>(L, static_cast<int64_t>(tok.encode_ids(prompts[i]).size()) + 2));
+      t.input_ids.resize(static_cast<size_t>(L));
+    }
+    std::memcpy(ids[static_cast<int64_t>(i)].data_ptr<int64_t>(), t.input_ids.data(), L * sizeof(int64_t));
+    if (truncated) truncated->push_back(t.truncated());
+  }
+  return ids;
+}
+
+PromptEmbeddings StableDiffusionPipeline::encode_prompts(const std::vector<std::string>& prompts,
+                                                         const std::vector<std::string>& negatives,
+                                                         int64_t clip_skip, bool classifier_free_guidance) {
+  PromptEmbeddings out;
+  const int64_t B = static_cast<int64_t>(prompts.size());
+  at::Tensor ids = token_ids(prompts, /*truncate=*/true, &out.truncated);  // [B, L]
+  if (classifier_free_guidance) {
+    TORCH_CHECK(negatives.size() == prompts.size(), "one negative prompt per prompt");
+    ids = at::cat({token_ids(negatives, /*truncate=*/true, nullptr), ids});  // [2B, L]: negatives first
+  }
+  // One text-encoder call for prompts and negatives together.
+  const CLIPTextOutput enc = model_.text_encoder->forward(ids.to(device()));
+  at::Tensor cond = enc.last_hidden_state;
+  if (clip_skip > 0) {
+    const auto& hs = enc.hidden_states;
+    TORCH_CHECK(clip_skip < static_cast<int64_t>(hs.size()) - 1, "clip skip ", clip_skip, " exceeds the ",
+                hs.size() - 1, " text encoder layers");
+    cond = model_.text_encoder->final_layer_norm(hs[hs.size() - 1 - static_cast<size_t>(clip_skip)]);
+  }
+  if (classifier_free_guidance) {
+    out.uncond = enc.last_hidden_state.narrow(0, 0, B);  // the reference skips no layer here
+    out.cond = cond.narrow(0, B, B);
+  } else {
+    out.cond = cond;
+  }
+  return out;
+}
+
+at::Tensor StableDiffusionPipeline::initial_noise(const std::vector<int64_t>& seeds, int64_t height, int64_t width,
+                                                  std::vector<at::Generator>* generators) const {
+  const int64_t f = vae_scale_factor();
+  std::vector<at::Tensor> noise;
+  if (generators) generators->clear();
+  for (int64_t seed : seeds) {
+    at::Generator gen = at::detail::createCPUGenerator(static_cast<uint64_t>(seed));
+    noise.push_back(at::randn({1, latent_channels(), height / f, width / f}, gen, at::TensorOptions(at::kFloat)));
+    if (generators) generators->push_back(gen);
+  }
+  return at::cat(noise).to(device(), dtype());  // [B, C, h, w]
+}
+
+at::Tensor StableDiffusionPipeline::denoise(Scheduler& scheduler, const at::Tensor& noise,
+                                            const PromptEmbeddings& embeddings, double guidance_scale,
+                                            std::vector<at::Generator>* generators, const StepCallback& on_step,
+                                            GuidanceExtension* extension) {
+  const bool cfg = guidance_scale > 1.0;
+  TORCH_CHECK(!cfg || embeddings.uncond.defined(), "classifier-free guidance needs negative prompt embeddings");
+  const int64_t B = noise.size(0);
+  at::Tensor latents = noise * scheduler.init_noise_sigma();  // [B, C, h, w]
+  const at::Tensor base_cond = cfg ? at::cat({embeddings.uncond, embeddings.cond}) : embeddings.cond;  // [2B|B, L, D]
+  const auto& timesteps = scheduler.timesteps();
+  for (size_t i = 0; i < timesteps.size(); ++i) {
+    // The UNet sees [x; x] (+ the extension's rows) for CFG: one batched call per step.
+    at::Tensor x = cfg ? at::cat({latents, latents}) : latents;  // [2B|B, C, h, w]
+    at::Tensor cond = base_cond;
+    std::vector<int64_t> extra_rows;
+    at::Tensor extra;
+    if (cfg && extension) {
+      extra = extension->embeddings(i, &extra_rows);
+      if (extra.defined() && extra.size(0) > 0) {
+        const at::Tensor rows = at::tensor(extra_rows, at::kLong).to(latents.device());
+        x = at::cat({x, latents.index_select(0, rows)});  // [2B + E, C, h, w]
+        cond = at::cat({cond, extra});
+      }
+    }
+    x = scheduler.scale_model_input(x, i);
+    // diffusers keeps timesteps as float32 (or int64) tensors; the UNet embeds t as float32.
+    const at::Tensor t = at::scalar_tensor(timesteps[i], at::TensorOptions(at::kFloat).device(latents.device()));
+    const at::Tensor eps = model_.unet->forward(x, t, cond);  // [2B + E, C, h, w]
+    at::Tensor noise_pred;
+    if (cfg) {
+      const at::Tensor eps_u = eps.narrow(0, 0, B), eps_t = eps.narrow(0, B, B);
+      at::Tensor g = (eps_t - eps_u) * guidance_scale;
+      if (extension) {
+        const at::Tensor eps_extra = eps.size(0) > 2 * B ? eps.narrow(0, 2 * B, eps.size(0) - 2 * B) : at::Tensor();
+        g = extension->apply(i, eps_u, eps_t, eps_extra, g);
+      }
+      noise_pred = eps_u + g;
+    } else {
+      noise_pred = eps;
+    }
+    latents = scheduler.step(noise_pred, i, latents, generators);
+    if (on_step) on_step(i, timesteps.size(), latents);
+  }
+  return latents;
+}
+
+at::Tensor StableDiffusionPipeline::decode(const at::Tensor& latents) {
+  const at::Tensor vae_param = model_.vae->parameters().front();
+  const at::Tensor z = latents.to(vae_param.device(), vae_param.scalar_type()) / model_.vae->config().scaling_factor;
+  return model_.vae->decode(z);
+}
+
+at::Tensor StableDiffusionPipeline::to_image(const at::Tensor& decoded) {
+  return (decoded.to(at::kFloat) / 2 + 0.5).clamp(0, 1);
+}
+
+at::Tensor StableDiffusionPipeline::to_uint8(const at::Tensor& image) {
+  // numpy_to_pil: (image * 255).round().astype(uint8), round half to even.
+  return (image.to(at::kCPU, at::kFloat).permute({0, 2, 3, 1}) * 255).round().to(at::kByte).contiguous();
+}
+
+}  // namespace fairdiff

@@ -1,0 +1,91 @@
+// Text-to-image sampling as diffusers' StableDiffusionPipeline computes it:
+// encode prompts, draw per-image noise, denoise with classifier-free guidance
+// (one batched UNet call per step), decode with the VAE.
+//
+//   fairdiff::StableDiffusionPipeline pipe(model);
+//   auto emb = pipe.encode_prompts({"a photo of a cat"}, {""}, /*clip_skip=*/0, /*cfg=*/true);
+//   std::vector<at::Generator> gens;
+//   at::Tensor x = pipe.initial_noise({42}, 512, 512, &gens);
+//   auto sched = fairdiff::make_scheduler(model.scheduler_config, "", "scheduler_config.json");
+//   sched->set_timesteps(50);
+//   at::Tensor latents = pipe.denoise(*sched, x, emb, 7.5, &gens);
+//   at::Tensor image = fairdiff::StableDiffusionPipeline::to_image(pipe.decode(latents));  // [B,3,H,W] in [0,1]
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "model_folder.h"
+#include "scheduler.h"
+
+namespace fairdiff {
+
+struct PromptEmbeddings {
+  at::Tensor cond;                // [B, 77, D] prompt embeddings (clip skip applied)
+  at::Tensor uncond;              // [B, 77, D] negative prompt embeddings; undefined without CFG
+  std::vector<bool> truncated;    // per prompt: longer than the tokenizer's max length
+};
+
+// Extra conditioning evaluated in the same batched UNet call as CFG, and a rule
+// that turns all the estimates into the guidance term (semantic guidance).
+class GuidanceExtension {
+ public:
+  virtual ~GuidanceExtension() = default;
+  // Rows of extra conditioning [E, 77, D] to evaluate at `step` (E may be 0), and
+  // for each row the batch item whose latents it is evaluated on.
+  virtual at::Tensor embeddings(size_t step, std::vector<int64_t>* latent_rows) = 0;
+  // g: the CFG term s_g (eps_t - eps_u) [B,C,h,w]; returns g plus this extension's term.
+  virtual at::Tensor apply(size_t step, const at::Tensor& eps_uncond, const at::Tensor& eps_text,
+                           const at::Tensor& eps_extra, const at::Tensor& g) = 0;
+};
+
+using StepCallback = std::function<void(size_t step, size_t steps, const at::Tensor& latents)>;
+
+class StableDiffusionPipeline {
+ public:
+  explicit StableDiffusionPipeline(StableDiffusionModel& model);
+
+  at::Device device() const;
+  at::ScalarType dtype() const;       // of the UNet and text encoder
+  int64_t vae_scale_factor() const;   // 2^(len(vae block_out_channels) - 1): 8 for SD
+  int64_t latent_channels() const;    // the UNet's in_channels
+
+  // Token ids [N, 77] padded with the tokenizer's pad token; `truncate`: keep BOS +
+  // 75 tokens + EOS (StableDiffusionPipeline), else cut after 77 ids (the semantic
+  // pipeline's quirk: the EOS of a long prompt is lost).
+  at::Tensor token_ids(const std::vector<std::string>& prompts, bool truncate, std::vector<bool>* truncated) const;
+
+  // Prompt and negative prompt embeddings as encode_prompt computes them: clip skip
+  // applies to the prompts only (the reference encodes negatives without it).
+  PromptEmbeddings encode_prompts(const std::vector<std::string>& prompts, const std::vector<std::string>& negatives,
+                                  int64_t clip_skip, bool classifier_free_guidance);
+
+  // Initial noise [B, C, H/f, W/f]: image b drawn from its own CPU generator seeded
+  // seeds[b], in float32 (equal to torch.randn with torch.Generator("cpu").manual_seed),
+  // then moved to the pipeline's device and dtype. The generators are returned for
+  // stochastic schedulers.
+  at::Tensor initial_noise(const std::vector<int64_t>& seeds, int64_t height, int64_t width,
+                           std::vector<at::Generator>* generators) const;
+
+  // The sampling loop. `noise` is N(0,1) (multiplied by init_noise_sigma here).
+  // With guidance_scale > 1 each step is one UNet call on [uncond; cond; extra].
+  at::Tensor denoise(Scheduler& scheduler, const at::Tensor& noise, const PromptEmbeddings& embeddings,
+                     double guidance_scale, std::vector<at::Generator>* generators,
+                     const StepCallback& on_step = nullptr, GuidanceExtension* extension = nullptr);
+
+  // vae.decode(latents / scaling_factor): raw decoded images [B, 3, H, W], about [-1, 1].
+  at::Tensor decode(const at::Tensor& latents);
+
+  // clamp(decoded / 2 + 0.5, 0, 1) in float32.
+  static at::Tensor to_image(const at::Tensor& decoded);
+  // [B,3,H,W] in [0,1] -> [B,H,W,3] uint8 on the CPU, rounded as diffusers' numpy_to_pil.
+  static at::Tensor to_uint8(const at::Tensor& image);
+
+ private:
+  StableDiffusionModel& model_;
+};
+
+}  // namespace fairdiff

@@ -1,0 +1,99 @@
+#include "schedulers/euler.h"
+
+#include <cmath>
+#include <nlohmann/json.hpp>
+
+#include "config_json.h"
+#include "fairdiff/error.h"
+
+namespace fairdiff {
+
+EulerDiscreteScheduler::Config EulerDiscreteScheduler::Config::from_json(const nlohmann::json& config,
+                                                                         const std::string& where) {
+  Config c;
+  NoiseScheduleConfig defaults;
+  defaults.timestep_spacing = TimestepSpacing::Linspace;
+  c.schedule = sched::read_noise_schedule(config, defaults, /*with_rescale=*/true, where);
+  sched::read_choice(config, "interpolation_type", "linear", {"linear"}, where);
+  c.use_karras_sigmas = config_value<bool>(config, "use_karras_sigmas", false, where);
+  if (config.contains("sigma_min") && !config["sigma_min"].is_null())
+    c.sigma_min = config_value<double>(config, "sigma_min", 0.0, where);
+  if (config.contains("sigma_max") && !config["sigma_max"].is_null())
+    c.sigma_max = config_value<double>(config, "sigma_max", 0.0, where);
+  c.continuous_timesteps =
+      sched::read_choice(config, "timestep_type", "discrete", {"discrete", "continuous"}, where) == 1;
+  c.final_sigma_zero = sched::read_choice(config, "final_sigmas_type", "zero", {"zero", "sigma_min"}, where) == 0;
+  return c;
+}
+
+EulerDiscreteScheduler::EulerDiscreteScheduler(Config config) : config_(std::move(config)) {
+  alphas_cumprod_ = sched::make_alphas_cumprod(config_.schedule, /*tiny_terminal_alpha=*/true);
+}
+
+void EulerDiscreteScheduler::set_timesteps(int64_t n) {
+  if (n < 1) throw_bad_input(name(), "num_inference_steps = " + std::to_string(n) + " must be at least 1");
+  const NoiseScheduleConfig& s = config_.schedule;
+  // 1. Timesteps (float32), and their sigmas interpolated linearly in t over the training table.
+  std::vector<double> t = sched::spaced_timesteps(s.timestep_spacing, s.num_train_timesteps, n, s.steps_offset,
+                                                  /*integer=*/false);
+  const std::vector<float> table = sched::train_sigmas(alphas_cumprod_);
+  std::vector<double> sigmas;
+  for (double v : t) sigmas.push_back(sched::np_interp_index(v, table));
+  // 2. Karras sigmas between the ends of that schedule, mapped back to (fractional) timesteps.
+  if (config_.use_karras_sigmas) {
+    std::vector<float> log_sigmas;
+    for (float v : table) log_sigmas.push_back(std::log(v));
+    sigmas =
+        sched::karras_sigmas(config_.sigma_min.value_or(sigmas.back()), config_.sigma_max.value_or(sigmas.front()), n);
+    t.clear();
+    for (double sigma : sigmas) t.push_back(static_cast<float>(sched::sigma_to_t(sigma, log_sigmas)));
+  }
+  // 3. The final sigma: 0, or the smallest training sigma.
+  const double last =
+      config_.final_sigma_zero ? 0.0 : ((1 - alphas_cumprod_[0]) / alphas_cumprod_[0]).pow(0.5).item<double>();
+  sigmas.push_back(last);
+  sigmas_ = sched::float_tensor(sigmas);
+  timesteps_.clear();
+  if (config_.continuous_timesteps && s.prediction_type == PredictionType::VPrediction) {
+    for (int64_t i = 0; i + 1 < sigmas_.size(0); ++i) timesteps_.push_back((0.25 * sigmas_[i].log()).item<double>());
+  } else {
+    for (double v : t) timesteps_.push_back(static_cast<float>(v));
+  }
+}
+
+double EulerDiscreteScheduler::init_noise_sigma() const {
+  return sched::k_init_noise_sigma(sigmas_, config_.schedule.timestep_spacing);
+}
+
+at::Tensor EulerDiscreteScheduler::scale_model_input(const at::Tensor& sample, size_t step) const {
+  return sched::k_scale_model_input(sample, sigmas_[static_cast<int64_t>(step)]);
+}
+
+at::Tensor EulerDiscreteScheduler::step(const at::Tensor& model_output, size_t step, const at::Tensor& sample_in,
+                                        std::vector<at::Generator>* /*generators*/) {
+  // model_output, sample: [B, C, H, W]; computed in float32, returned in the model output's dtype.
+  sched::check_step(name(), step, step, timesteps_.size());
+  const at::Tensor sample = sample_in.to(at::kFloat);
+  const at::Tensor sigma = sigmas_[static_cast<int64_t>(step)];
+  // (No churn: diffusers' s_churn defaults to 0, so sigma_hat = sigma and its noise draw is unused.)
+  // 1. Predicted x_0 (the denoiser D(x; sigma) of the paper).
+  at::Tensor pred_original_sample;
+  switch (config_.schedule.prediction_type) {
+    case PredictionType::Epsilon:
+      pred_original_sample = sample - sigma * model_output;
+      break;
+    case PredictionType::Sample:
+      pred_original_sample = model_output;
+      break;
+    case PredictionType::VPrediction:  // c_out * v + c_skip * x
+      pred_original_sample = model_output * (-sigma / (sigma.pow(2) + 1).pow(0.5)) + sample / (sigma.pow(2) + 1);
+      break;
+  }
+  // 2. The ODE derivative dx/dsigma = (x - D(x)) / sigma, and one Euler step to the next sigma.
+  const at::Tensor derivative = (sample - pred_original_sample) / sigma;
+  const at::Tensor dt = sigmas_[static_cast<int64_t>(step) + 1] - sigma;
+  const at::Tensor prev_sample = sample + derivative * dt;
+  return prev_sample.to(model_output.scalar_type());
+}
+
+}  // namespace fairdiff

@@ -1,0 +1,297 @@
+// UNet / VAE building blocks without weights: timestep embedding values, attention
+// against a plain formula, config parsing and rejection, checkpoint names and shapes.
+#include <c10/core/InferenceMode.h>
+
+#include <cmath>
+#include <set>
+
+#include "autoencoder_kl.h"
+#include "layers.h"
+#include "test_util.h"
+#include "unet_2d_condition.h"
+
+namespace fairdiff {
+namespace {
+
+std::set<std::string> parameter_names(torch::nn::Module& module) {
+  std::set<std::string> names;
+  for (const auto& p : module.named_parameters()) names.insert(p.key());
+  return names;
+}
+
+// Linear / conv weights are uninitialised until loaded: give every parameter small values.
+void randomize(torch::nn::Module& module, uint64_t seed = 0) {
+  at::NoGradGuard no_grad;
+  at::manual_seed(seed);
+  for (auto& p : module.parameters()) p.uniform_(-0.2, 0.2);
+}
+
+std::vector<int64_t> shape_of(torch::nn::Module& module, const std::string& name) {
+  for (const auto& p : module.named_parameters())
+    if (p.key() == name) return p.value().sizes().vec();
+  return {};
+}
+
+// The tiny-sd1 UNet layout (fixtures/models/tiny-sd1/unet/config.json, trimmed).
+nlohmann::json tiny_unet_json() {
+  return nlohmann::json::parse(R"({
+    "_class_name": "UNet2DConditionModel",
+    "block_out_channels": [32, 32, 64, 64], "layers_per_block": 2, "attention_head_dim": 8,
+    "cross_attention_dim": 32, "sample_size": 8
+  })");
+}
+
+nlohmann::json tiny_vae_json() {
+  return nlohmann::json::parse(R"({
+    "block_out_channels": [32, 64], "layers_per_block": 1,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"], "sample_size": 16
+  })");
+}
+
+// ---------------------------------------------------------------------------
+// Timestep embedding
+
+TEST(TimestepEmbedding, MatchesTheFormula) {
+  // dim 4: half 2, freqs exp(-ln(1e4) * i / 2) = [1, 0.01]
+  const at::Tensor t = at::tensor({0.0, 1.0, 10.0, 999.0}, at::kDouble);
+  const at::Tensor emb = get_timestep_embedding(t, 4, /*flip_sin_to_cos=*/false, /*shift=*/0);
+  ASSERT_EQ(emb.sizes(), (at::IntArrayRef{4, 4}));
+  EXPECT_EQ(emb.scalar_type(), at::kFloat);
+  const double ts[] = {0, 1, 10, 999};
+  for (int i = 0; i < 4; ++i) {
+    const double expected[] = {std::sin(ts[i]), std::sin(0.01 * ts[i]), std::cos(ts[i]), std::cos(0.01 * ts[i])};
+    for (int j = 0; j < 4; ++j) EXPECT_NEAR(emb[i][j].item<double>(), expected[j], 2e-4) << "t " << ts[i] << " j " << j;
+  }
+}
+
+TEST(TimestepEmbedding, FlipShiftAndOddWidth) {
+  const at::Tensor t = at::tensor({3}, at::kLong);
+  const at::Tensor plain = get_timestep_embedding(t, 6, false, 1);
+  const at::Tensor flipped = get_timestep_embedding(t, 6, true, 1);
+  // flip_sin_to_cos swaps the halves: [cos, sin]
+  EXPECT_TRUE(at::equal(flipped.slice(1, 0, 3), plain.slice(1, 3, 6)));
+  EXPECT_TRUE(at::equal(flipped.slice(1, 3, 6), plain.slice(1, 0, 3)));
+  // downscale_freq_shift 1: freqs exp(-ln(1e4) * i / (3 - 1)) = [1, 0.01, 1e-4]
+  EXPECT_NEAR(plain[0][2].item<double>(), std::sin(3e-4), 1e-6);
+  // odd width: one zero column at the end
+  const at::Tensor odd = get_timestep_embedding(t, 5, true, 0);
+  ASSERT_EQ(odd.size(1), 5);
+  EXPECT_EQ(odd[0][4].item<float>(), 0.0f);
+}
+
+// ---------------------------------------------------------------------------
+// Attention
+
+at::Tensor naive_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t heads) {
+  const int64_t B = q.size(0), N = q.size(1), L = k.size(1), d = q.size(2) / heads;
+  auto split = [&](const at::Tensor& x, int64_t n) { return x.view({B, n, heads, d}).permute({0, 2, 1, 3}); };
+  const at::Tensor w = at::softmax(at::matmul(split(q, N), split(k, L).transpose(-1, -2)) / std::sqrt(double(d)), -1);
+  return at::matmul(w, split(v, L)).permute({0, 2, 1, 3}).reshape({B, N, heads * d});
+}
+
+TEST(Attention, MatchesPlainSoftmaxAndSlicesGiveTheSameNumbers) {
+  at::manual_seed(0);
+  const at::Tensor q = at::randn({2, 12, 16}), k = at::randn({2, 7, 16}), v = at::randn({2, 7, 16});
+  const at::Tensor expected = naive_attention(q, k, v, 4);
+  const double scale = 1.0 / std::sqrt(4.0);
+  const at::Tensor whole = multi_head_attention(q, k, v, 4, scale, false, false);
+  EXPECT_LT((whole - expected).abs().max().item<double>(), 1e-5);
+  // one head at a time (max 12*7 score elements)
+  const at::Tensor sliced = multi_head_attention(q, k, v, 4, scale, false, false, 12 * 7);
+  EXPECT_TRUE(at::allclose(sliced, whole, 1e-6, 1e-6));
+  // upcast flags change nothing in float32
+  EXPECT_TRUE(at::allclose(multi_head_attention(q, k, v, 4, scale, true, true), whole, 1e-6, 1e-6));
+}
+
+TEST(Attention, UpcastInBfloat16StaysCloseToFloat) {
+  at::manual_seed(1);
+  const at::Tensor q = at::randn({1, 9, 8}) * 4, k = at::randn({1, 9, 8}) * 4, v = at::randn({1, 9, 8});
+  const double scale = 1.0 / std::sqrt(4.0);
+  const at::Tensor ref = multi_head_attention(q, k, v, 2, scale, false, false);
+  const at::Tensor bf =
+      multi_head_attention(q.to(at::kBFloat16), k.to(at::kBFloat16), v.to(at::kBFloat16), 2, scale, true, true);
+  EXPECT_EQ(bf.scalar_type(), at::kBFloat16);
+  EXPECT_LT((bf.to(at::kFloat) - ref).abs().max().item<double>(), 0.1);
+}
+
+TEST(Attention, VaeVariantIsResidualOverChannels) {
+  AttentionOptions o;
+  o.query_dim = 32;
+  o.heads = 1;
+  o.dim_head = 32;
+  o.bias = true;
+  o.norm_num_groups = 8;
+  o.eps = 1e-6;
+  o.residual_connection = true;
+  o.upcast_softmax = true;
+  Attention attention(o);
+  randomize(*attention);
+  EXPECT_EQ(parameter_names(*attention),
+            (std::set<std::string>{"group_norm.weight", "group_norm.bias", "to_q.weight", "to_q.bias", "to_k.weight",
+                                   "to_k.bias", "to_v.weight", "to_v.bias", "to_out.0.weight", "to_out.0.bias"}));
+  c10::InferenceMode guard;
+  // With a zero output projection, the block is the identity (residual only).
+  for (auto& p : attention->named_parameters())
+    if (p.key().rfind("to_out", 0) == 0) p.value().zero_();
+  const at::Tensor x = at::randn({2, 32, 3, 5});
+  EXPECT_TRUE(at::equal(attention->forward(x), x));
+}
+
+// ---------------------------------------------------------------------------
+// UNet config
+
+TEST(UNetConfig, DefaultsAndLegacyHeadCount) {
+  const auto c = UNet2DConditionConfig::from_json(nlohmann::json::object(), "config.json");
+  EXPECT_EQ(c.block_out_channels, (std::vector<int64_t>{320, 640, 1280, 1280}));
+  EXPECT_EQ(c.layers_per_block, (std::vector<int64_t>{2, 2, 2, 2}));
+  EXPECT_EQ(c.cross_attention_dim, (std::vector<int64_t>{1280, 1280, 1280, 1280}));
+  EXPECT_EQ(c.num_heads(), (std::vector<int64_t>{8, 8, 8, 8}));
+  EXPECT_DOUBLE_EQ(c.norm_eps, 1e-5);
+  EXPECT_TRUE(c.sample_size.empty());
+
+  nlohmann::json j = tiny_unet_json();
+  j["attention_head_dim"] = {2, 4, 4, 8};
+  j["down_block_types"] = {"DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"};
+  const auto sd2 = UNet2DConditionConfig::from_json(j, "config.json");
+  EXPECT_EQ(sd2.num_heads(), (std::vector<int64_t>{2, 4, 4, 8}));
+  EXPECT_EQ(sd2.cross_attention_dim, (std::vector<int64_t>{32, 32, 32, 32}));
+}
+
+TEST(UNetConfig, RejectsWhatWeDoNotImplement) {
+  using test::expect_error;
+  auto with = [](const std::string& key, const nlohmann::json& value) {
+    nlohmann::json j = tiny_unet_json();
+    j[key] = value;
+    return [j] { UNet2DConditionConfig::from_json(j, "unet/config.json"); };
+  };
+  expect_error(with("addition_embed_type", "text_time"), ErrorKind::Unsupported,
+               {"unet/config.json", "addition_embed_type", "SDXL is not supported yet"});
+  expect_error(with("class_embed_type", "timestep"), ErrorKind::Unsupported, {"class_embed_type", "null"});
+  expect_error(with("dual_cross_attention", true), ErrorKind::Unsupported, {"dual_cross_attention"});
+  expect_error(with("attention_type", "gated"), ErrorKind::Unsupported, {"attention_type", "\"gated\"", "default"});
+  expect_error(with("resnet_time_scale_shift", "scale_shift"), ErrorKind::Unsupported, {"resnet_time_scale_shift"});
+  expect_error(with("time_embedding_type", "fourier"), ErrorKind::Unsupported, {"time_embedding_type"});
+  expect_error(with("only_cross_attention", {false, true, false, false}), ErrorKind::Unsupported,
+               {"only_cross_attention"});
+  expect_error(with("time_cond_proj_dim", 256), ErrorKind::Unsupported, {"time_cond_proj_dim"});
+  expect_error(with("num_attention_heads", 8), ErrorKind::Unsupported, {"num_attention_heads"});
+  expect_error(with("act_fn", "gelu"), ErrorKind::Unsupported, {"act_fn", "silu"});
+  expect_error(with("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"), ErrorKind::Unsupported, {"mid_block_type"});
+  expect_error(with("up_block_types", {"UpBlock2D", "AttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"}),
+               ErrorKind::Unsupported, {"AttnUpBlock2D"});
+  expect_error(with("transformer_layers_per_block", nlohmann::json::parse("[[1],[2],[3],[4]]")), ErrorKind::Unsupported,
+               {"transformer_layers_per_block"});
+  // malformed values are bad input
+  expect_error(with("block_out_channels", {32, 64}), ErrorKind::BadInput, {"block_out_channels", "2"});
+  expect_error(with("layers_per_block", "two"), ErrorKind::BadInput, {"layers_per_block"});
+  expect_error(with("attention_head_dim", {8, 8}), ErrorKind::BadInput, {"attention_head_dim"});
+  expect_error(with("attention_head_dim", 5), ErrorKind::BadInput, {"divisible"});
+}
+
+// ---------------------------------------------------------------------------
+// UNet module
+
+TEST(UNet, NamesShapesAndOddSizes) {
+  UNet2DConditionModel unet(UNet2DConditionConfig::from_json(tiny_unet_json(), "config.json"));
+  const auto names = parameter_names(*unet);
+  for (const char* key : {"conv_in.weight", "time_embedding.linear_2.bias",
+                          "down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_out.0.weight",
+                          "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj.weight",
+                          "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2.bias",
+                          "down_blocks.2.downsamplers.0.conv.weight", "down_blocks.3.resnets.1.conv2.weight",
+                          "mid_block.attentions.0.proj_in.weight", "mid_block.resnets.1.conv2.bias",
+                          "up_blocks.0.resnets.2.conv_shortcut.weight", "up_blocks.2.upsamplers.0.conv.weight",
+                          "up_blocks.3.attentions.2.norm.weight", "conv_norm_out.weight", "conv_out.bias"})
+    EXPECT_TRUE(names.count(key)) << key;
+  for (const char* key :
+       {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.bias", "down_blocks.3.downsamplers.0.conv.weight",
+        "up_blocks.3.upsamplers.0.conv.weight", "down_blocks.0.resnets.0.conv_shortcut.weight"})
+    EXPECT_FALSE(names.count(key)) << key;
+  // conv projections (use_linear_projection false) and GEGLU's doubled width
+  EXPECT_EQ(shape_of(*unet, "mid_block.attentions.0.proj_in.weight"), (std::vector<int64_t>{64, 64, 1, 1}));
+  EXPECT_EQ(shape_of(*unet, "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj.weight"),
+            (std::vector<int64_t>{256, 32}));
+  EXPECT_EQ(shape_of(*unet, "up_blocks.1.resnets.0.conv1.weight"), (std::vector<int64_t>{64, 128, 3, 3}));
+
+  randomize(*unet);
+  c10::InferenceMode guard;
+  // 9x13 is not a multiple of 8: the upsamplers follow the skips' sizes.
+  const at::Tensor out =
+      unet->forward(at::randn({2, 4, 9, 13}), at::scalar_tensor(10, at::kLong), at::randn({2, 5, 32}));
+  EXPECT_EQ(out.sizes(), (at::IntArrayRef{2, 4, 9, 13}));
+  const at::Tensor per_sample = unet->forward(at::randn({2, 4, 8, 8}), at::tensor({1.5, 700.0}), at::randn({2, 5, 32}));
+  EXPECT_EQ(per_sample.sizes(), (at::IntArrayRef{2, 4, 8, 8}));
+  EXPECT_TRUE(at::isfinite(out).all().item<bool>() && at::isfinite(per_sample).all().item<bool>());
+}
+
+TEST(UNet, LinearProjectionAndPerBlockTransformerDepth) {
+  nlohmann::json j = tiny_unet_json();
+  j["use_linear_projection"] = true;
+  j["transformer_layers_per_block"] = {1, 2, 1, 3};
+  UNet2DConditionModel unet(UNet2DConditionConfig::from_json(j, "config.json"));
+  const auto names = parameter_names(*unet);
+  EXPECT_EQ(shape_of(*unet, "down_blocks.0.attentions.0.proj_in.weight"), (std::vector<int64_t>{32, 32}));
+  EXPECT_TRUE(names.count("down_blocks.1.attentions.0.transformer_blocks.1.norm3.weight"));
+  EXPECT_FALSE(names.count("down_blocks.0.attentions.0.transformer_blocks.1.norm3.weight"));
+  // up block i mirrors down block n-1-i; the mid block takes the last entry
+  EXPECT_TRUE(names.count("up_blocks.2.attentions.2.transformer_blocks.1.norm1.weight"));
+  EXPECT_TRUE(names.count("mid_block.attentions.0.transformer_blocks.2.attn2.to_k.weight"));
+}
+
+// ---------------------------------------------------------------------------
+// VAE
+
+TEST(VAEConfig, DefaultsAndRejections) {
+  const auto d = AutoencoderKLConfig::from_json(nlohmann::json::object(), "vae/config.json");
+  EXPECT_EQ(d.block_out_channels, (std::vector<int64_t>{64}));
+  EXPECT_DOUBLE_EQ(d.scaling_factor, 0.18215);
+  EXPECT_TRUE(d.use_quant_conv && d.use_post_quant_conv && d.mid_block_add_attention && d.force_upcast);
+  using test::expect_error;
+  auto with = [](const std::string& key, const nlohmann::json& value) {
+    nlohmann::json j = tiny_vae_json();
+    j[key] = value;
+    return [j] { AutoencoderKLConfig::from_json(j, "vae/config.json"); };
+  };
+  expect_error(with("shift_factor", 0.0609), ErrorKind::Unsupported, {"vae/config.json", "shift_factor"});
+  expect_error(with("latents_mean", {0.1, 0.2, 0.3, 0.4}), ErrorKind::Unsupported, {"latents_mean"});
+  expect_error(with("down_block_types", {"DownEncoderBlock2D", "AttnDownEncoderBlock2D"}), ErrorKind::Unsupported,
+               {"AttnDownEncoderBlock2D"});
+  expect_error(with("block_out_channels", {32, 64, 64}), ErrorKind::BadInput, {"block_out_channels"});
+}
+
+TEST(VAE, NamesShapesAndRoundTripSizes) {
+  AutoencoderKL vae(AutoencoderKLConfig::from_json(tiny_vae_json(), "config.json"));
+  const auto names = parameter_names(*vae);
+  for (const char* key :
+       {"encoder.mid_block.attentions.0.to_q.weight", "encoder.mid_block.attentions.0.group_norm.weight",
+        "encoder.down_blocks.0.downsamplers.0.conv.weight", "encoder.conv_out.bias",
+        "decoder.up_blocks.0.upsamplers.0.conv.weight", "decoder.up_blocks.1.resnets.0.conv_shortcut.weight",
+        "decoder.mid_block.resnets.1.norm2.bias", "quant_conv.weight", "post_quant_conv.bias"})
+    EXPECT_TRUE(names.count(key)) << key;
+  for (const char* key :
+       {"encoder.down_blocks.1.downsamplers.0.conv.weight", "decoder.up_blocks.1.upsamplers.0.conv.weight",
+        "decoder.mid_block.resnets.0.time_emb_proj.weight"})
+    EXPECT_FALSE(names.count(key)) << key;
+  EXPECT_EQ(shape_of(*vae, "encoder.conv_out.weight"), (std::vector<int64_t>{8, 64, 3, 3}));
+
+  randomize(*vae);
+  c10::InferenceMode guard;
+  const LatentDistribution d = vae->encode(at::rand({2, 3, 16, 12}) * 2 - 1);
+  EXPECT_EQ(d.mean.sizes(), (at::IntArrayRef{2, 4, 8, 6}));
+  EXPECT_EQ(d.moments.sizes(), (at::IntArrayRef{2, 8, 8, 6}));
+  EXPECT_TRUE(at::allclose(d.std, at::exp(0.5 * d.logvar)));
+  EXPECT_EQ(vae->decode(d.mean).sizes(), (at::IntArrayRef{2, 3, 16, 12}));
+
+  nlohmann::json j = tiny_vae_json();
+  j["use_quant_conv"] = false;
+  j["mid_block_add_attention"] = false;
+  AutoencoderKL lean(AutoencoderKLConfig::from_json(j, "config.json"));
+  const auto lean_names = parameter_names(*lean);
+  EXPECT_FALSE(lean_names.count("quant_conv.weight"));
+  EXPECT_FALSE(lean_names.count("encoder.mid_block.attentions.0.to_q.weight"));
+  EXPECT_TRUE(lean_names.count("encoder.mid_block.resnets.1.conv1.weight"));
+}
+
+}  // namespace
+}  // namespace fairdiff
