@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -41,6 +42,26 @@ void write_file_atomic(const std::string& path, const std::string& contents) {
     ::unlink(tmp.c_str());
     throw Error(ErrorKind::Runtime, path, "rename failed: " + why);
   }
+}
+
+void append_line_durable(const std::string& path, const std::string& line) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  if (fd < 0) throw Error(ErrorKind::Runtime, path, std::string("cannot open for appending: ") + std::strerror(errno));
+  const std::string text = line + "\n";
+  const ssize_t w = ::write(fd, text.data(), text.size());
+  const int saved = errno;
+  const bool ok = w == static_cast<ssize_t>(text.size()) && ::fsync(fd) == 0;
+  ::close(fd);
+  if (!ok) throw Error(ErrorKind::Runtime, path, std::string("append failed: ") + std::strerror(saved), "check free disk space");
+}
+
+int remove_stale_temporaries(const std::string& dir) {
+  int removed = 0;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec))
+    if (e.is_regular_file() && e.path().filename().string().find(".tmp.") != std::string::npos)
+      removed += std::filesystem::remove(e.path(), ec) ? 1 : 0;
+  return removed;
 }
 
 std::string read_text_file(const std::string& path, const std::string& hint) {

@@ -92,6 +92,7 @@ at::Tensor StableDiffusionPipeline::denoise(Scheduler& scheduler, const at::Tens
   at::Tensor latents = noise * scheduler.init_noise_sigma();  // [B, C, h, w]
   const at::Tensor base_cond = cfg ? at::cat({embeddings.uncond, embeddings.cond}) : embeddings.cond;  // [2B|B, L, D]
   const auto& timesteps = scheduler.timesteps();
+  if (cfg && extension) extension->begin(timesteps.size(), B);
   for (size_t i = 0; i < timesteps.size(); ++i) {
     // The UNet sees [x; x] (+ the extension's rows) for CFG: one batched call per step.
     at::Tensor x = cfg ? at::cat({latents, latents}) : latents;  // [2B|B, C, h, w]

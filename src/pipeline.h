@@ -34,6 +34,9 @@ struct PromptEmbeddings {
 class GuidanceExtension {
  public:
   virtual ~GuidanceExtension() = default;
+  // Called by denoise once before the first step: the number of steps (loop indices
+  // 0 .. steps-1) and of images. A run starts here: reset per-run state.
+  virtual void begin(size_t /*steps*/, int64_t /*batch_size*/) {}
   // Rows of extra conditioning [E, 77, D] to evaluate at `step` (E may be 0), and
   // for each row the batch item whose latents it is evaluated on.
   virtual at::Tensor embeddings(size_t step, std::vector<int64_t>* latent_rows) = 0;

@@ -71,6 +71,45 @@ if [ -d "$fixtures/models/tiny-sd1" ]; then
   else
     failures=$((failures + 1)); echo "FAIL inspect tiny-sd1:"; cat "$tmp/out"
   fi
+
+  # generate: each bad input is one line, exit 2, and nothing written (no output folder).
+  gen() { "$fairdiff" generate -m "$fixtures/models/tiny-sd1" -p "a cat" --device cpu -q "$@"; }
+  nothing_written() {
+    local name=$1
+    expect "$@"
+    if [ -e "$tmp/never" ]; then failures=$((failures + 1)); echo "FAIL $name: wrote $tmp/never"; rm -rf "$tmp/never"; fi
+  }
+  nothing_written gen_sampler 2 'unknown sampler "heun2"' -- gen --sampling-method heun2 -o "$tmp/never"
+  nothing_written gen_karras 2 "karras sigmas are available" -- gen --sampling-method euler --scheduler karras -o "$tmp/never"
+  nothing_written gen_size 2 "width 100 is not a positive multiple of 8" -- gen -W 100 -o "$tmp/never"
+  nothing_written gen_steps 2 "--steps: 0 is less than 1" -- gen --steps 0 -o "$tmp/never"
+  nothing_written gen_missing_model 2 "model not found" -- "$fairdiff" generate -m "$tmp/nomodel" -p x -o "$tmp/never"
+  model; rm "$tmp/m/unet/config.json"; printf '{"in_channels": 4,' >"$tmp/m/unet/config.json"
+  nothing_written gen_corrupt_model 2 "unet/config.json: is not valid JSON" -- "$fairdiff" generate -m "$tmp/m" -p x --device cpu -o "$tmp/never"
+  nothing_written gen_prompts_file 2 "prompts file not found" -- "$fairdiff" generate -m "$fixtures/models/tiny-sd1" --prompts "$tmp/none.txt" -o "$tmp/never"
+  printf 'a cat\n{"prompt": "a dog", "count": "two"}\n' >"$tmp/bad.jsonl"
+  nothing_written gen_jsonl 2 "bad.jsonl:2: a value has the wrong type" -- "$fairdiff" generate -m "$fixtures/models/tiny-sd1" --prompts "$tmp/bad.jsonl" -o "$tmp/never"
+  nothing_written gen_shard 2 "shard index 2 is not in [0, 2)" -- gen --shard-index 2 --num-shards 2 -o "$tmp/never"
+  printf 'x' >"$tmp/afile"
+  expect gen_out_not_dir 2 "output folder is not a writable folder" -- gen -o "$tmp/afile"
+  nothing_written gen_usage 2 "run fairdiff --help" -- gen --no-such-flag -o "$tmp/never"
+  nothing_written gen_fp16_cpu 2 "fp16 needs a CUDA device" -- gen --dtype fp16 -o "$tmp/never"
+
+  # Resume after a kill: kill -9 while image 1 of 6 is being made, then rerun.
+  "$fairdiff" generate -m "$fixtures/models/tiny-sd1" -p "a cat" -N 6 --steps 30 --device cpu -q -o "$tmp/full" >/dev/null 2>&1
+  "$fairdiff" generate -m "$fixtures/models/tiny-sd1" -p "a cat" -N 6 --steps 30 --device cpu -q -o "$tmp/killed" >/dev/null 2>&1 &
+  pid=$!
+  for _ in $(seq 1 600); do [ -f "$tmp/killed/manifest.jsonl" ] && break; sleep 0.05; done
+  kill -9 "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+  done_before=$(cat "$tmp/killed/manifest.jsonl" 2>/dev/null | wc -l)
+  "$fairdiff" generate -m "$fixtures/models/tiny-sd1" -p "a cat" -N 6 --steps 30 --device cpu -q -o "$tmp/killed" >/dev/null 2>&1
+  if [ "$(wc -l <"$tmp/killed/manifest.jsonl")" -eq 6 ] && [ "$done_before" -ge 1 ] && [ "$done_before" -lt 6 ] &&
+     diff <(cd "$tmp/full" && md5sum *.png) <(cd "$tmp/killed" && md5sum *.png) >/dev/null &&
+     [ -z "$(ls "$tmp/killed" | grep '\.tmp\.')" ]; then
+    passes=$((passes + 1)); echo "ok   resume after kill -9 ($done_before of 6 done before the kill)"
+  else
+    failures=$((failures + 1)); echo "FAIL resume after kill -9 ($done_before done before the kill)"; ls -la "$tmp/killed"
+  fi
 else
   echo "note: fixtures not found at $fixtures; model-folder cases skipped"
 fi

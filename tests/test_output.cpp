@@ -4,6 +4,7 @@
 
 #include "infotext.h"
 #include "png_io.h"
+#include "sha256.h"
 #include "test_util.h"
 
 namespace fairdiff {
@@ -91,6 +92,12 @@ TEST(Png, IncompleteFilesAreDetected) {
   EXPECT_FALSE(png_is_complete(dir / "crc.png"));
   EXPECT_FALSE(png_is_complete(dir / "absent.png"));
   test::expect_error([&] { read_png_text(dir / "cut.png"); }, ErrorKind::BadInput, {"cut.png", "not a complete PNG"});
+}
+
+TEST(Sha256, KnownDigests) {
+  EXPECT_EQ(sha256_hex(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  EXPECT_EQ(sha256_hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  EXPECT_EQ(sha256_hex(std::string(1000000, 'a')), "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // fairdiff: the command line. Thin by design: flags -> library call -> exit code.
 //
-// Exit codes: 0 success, 1 runtime failure, 2 bad input (usage, files, values).
+// Exit codes: 0 success, 1 failure during the run, 2 bad usage or input
+// (checked before any model is loaded or any file is written).
 #include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
@@ -8,6 +9,7 @@
 #include <string>
 
 #include "fairdiff/error.h"
+#include "fairdiff/generate.h"
 #include "fairdiff/inspect.h"
 #include "fairdiff/safetensors.h"
 
@@ -45,23 +47,71 @@ int inspect(const std::string& path) {
   return 0;
 }
 
+void add_generate_flags(CLI::App* cmd, fairdiff::GenerateOptions& o) {
+  // Spellings follow stable-diffusion.cpp where the meaning is the same.
+  cmd->add_option("-m,--model", o.model, "diffusers model folder or single-file .safetensors checkpoint")->required();
+  cmd->add_option("--tokenizer", o.tokenizer_dir, "tokenizer/ folder for a single-file checkpoint");
+  cmd->add_option("--prediction-type", o.prediction_type, "single-file SD 2.x: epsilon (512-base) or v_prediction");
+  cmd->add_option("-p,--prompt", o.prompt, "the prompt");
+  cmd->add_option("-n,--negative-prompt", o.negative_prompt, "the negative prompt");
+  cmd->add_option("--prompts", o.prompts_file, "file: one prompt per line, or JSONL {prompt, negative_prompt, count, seed, steps, cfg_scale, width, height}");
+  cmd->add_option("-N,--images", o.images_per_prompt, "images per prompt")->capture_default_str();
+  cmd->add_option("--batch-size", o.batch_size, "images per UNet call (does not change the images)")->capture_default_str();
+  cmd->add_option("--steps", o.steps, "denoising steps")->capture_default_str();
+  cmd->add_option("--cfg-scale", o.cfg_scale, "classifier-free guidance scale")->capture_default_str();
+  cmd->add_option("--sampling-method", o.sampling_method, "pndm, ddim, euler, euler_a, dpm++2m, lms (default: the model's scheduler)");
+  cmd->add_option("--scheduler", o.scheduler, "discrete or karras (with dpm++2m, lms)");
+  cmd->add_option("-W,--width", o.width, "image width, a multiple of 8 (default: the model's size)");
+  cmd->add_option("-H,--height", o.height, "image height, a multiple of 8 (default: the model's size)");
+  cmd->add_option("-s,--seed", o.seed, "seed of image 0; image i uses seed+i; -1 = random (recorded)")->capture_default_str();
+  cmd->add_option("--clip-skip", o.clip_skip, "text encoder layers to skip from the end (diffusers' clip_skip)");
+  cmd->add_option("--dtype", o.dtype, "fp32, fp16 (CUDA) or bf16")->capture_default_str();
+  cmd->add_option("--device", o.device, "auto, cpu, cuda or cuda:N")->capture_default_str();
+  cmd->add_option("-o,--out", o.out_dir, "output folder (PNGs + manifest.jsonl)")->capture_default_str();
+  cmd->add_option("--shard-index", o.shard_index, "this shard (0-based); default from SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX or RANK");
+  cmd->add_option("--num-shards", o.num_shards, "number of shards; default from SLURM_ARRAY_TASK_COUNT, FAIRDIFF_NUM_SHARDS or WORLD_SIZE");
+  cmd->add_option("--threads", o.threads, "CPU threads (0 = all cores)");
+  cmd->add_flag("-q,--quiet", o.quiet, "no progress output");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"fairdiff: fair text-to-image generation with Stable Diffusion"};
   app.require_subcommand(1);
-  std::string inspect_path;
+  std::string inspect_path, merge_dir;
+  fairdiff::GenerateOptions gen;
+  auto* generate_cmd = app.add_subcommand("generate", "generate images (PNG + manifest.jsonl)");
+  add_generate_flags(generate_cmd, gen);
+  auto* merge_cmd = app.add_subcommand("merge", "join the shard manifests of an output folder into manifest.jsonl");
+  merge_cmd->add_option("dir", merge_dir, "the --out folder of the shards")->required();
   auto* inspect_cmd = app.add_subcommand("inspect", "validate and describe a model folder or a .safetensors file");
   inspect_cmd->add_option("path", inspect_path, "model folder (diffusers layout) or .safetensors file")->required();
   try {
     app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
   } catch (const CLI::ParseError& e) {
-    const int rc = app.exit(e);
-    return rc == 0 ? 0 : 2;
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help of a subcommand, --version
+    // A usage error is one line too.
+    std::fprintf(stderr, "fairdiff: error: %s (run fairdiff --help)\n", e.what());
+    return 2;
   }
   spdlog::set_pattern("%v");
   try {
     if (*inspect_cmd) return inspect(inspect_path);
+    if (*merge_cmd) {
+      const int64_t n = fairdiff::merge_manifests(merge_dir);
+      std::printf("%lld images in %s/manifest.jsonl\n", static_cast<long long>(n), merge_dir.c_str());
+      return 0;
+    }
+    if (*generate_cmd) {
+      const fairdiff::RunSummary s = fairdiff::generate(gen);
+      if (!gen.quiet)
+        spdlog::info("{} images: {} generated, {} already done; manifest {}", s.planned, s.generated, s.skipped,
+                     s.manifest_path);
+      return 0;
+    }
   } catch (const fairdiff::Error& e) {
     std::fprintf(stderr, "fairdiff: error: %s\n", e.what());
     return fairdiff::exit_code(e.kind());

@@ -88,6 +88,7 @@ void register_model_ops(OpRegistry& registry);      // text_encoder_forward (+ t
 void register_unet_vae_ops(OpRegistry& registry);   // unet_forward, vae_decode, vae_encode
 void register_tokenizer_ops(OpRegistry& registry);  // tokenize
 void register_pipeline_ops(OpRegistry& registry);   // sd_pipeline, cpu_randn
+void register_sega_ops(OpRegistry& registry);       // sega_pipeline
 
 // Builds our modules from the real SD configs in fixtures/keysets and compares
 // every parameter name and shape; returns false on any mismatch.

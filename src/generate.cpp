@@ -1,0 +1,244 @@
+// `fairdiff generate`: load once, plan the whole run, skip what the manifest
+// already holds, then sample batch by batch: PNG (atomic) first, manifest line after.
+#include <c10/core/InferenceMode.h>
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <random>
+#include <set>
+
+#include "fairdiff/error.h"
+#include "fairdiff/generate.h"
+#include "fs_util.h"
+#include "generate_internal.h"
+#include "infotext.h"
+#include "pipeline.h"
+#include "png_io.h"
+#include "sha256.h"
+#include "single_file.h"
+
+namespace fs = std::filesystem;
+
+namespace fairdiff {
+namespace {
+
+constexpr const char* kVersion = "fairdiff 0.1.0";
+
+bool is_single_file(const std::string& model) { return !is_directory(model); }
+
+LoadOptions resolve_runtime(const GenerateOptions& o) {
+  LoadOptions lo;
+  lo.dtype = o.dtype == "fp16" ? at::kHalf : o.dtype == "bf16" ? at::kBFloat16 : at::kFloat;
+  if (o.device == "auto") {
+    lo.device = at::hasCUDA() ? at::Device(at::kCUDA) : at::Device(at::kCPU);
+  } else {
+    try {
+      lo.device = at::Device(o.device);
+    } catch (const std::exception&) {
+      throw_bad_input("--device", "\"" + o.device + "\" is not a device", "use cpu, cuda or cuda:N");
+    }
+    if (lo.device.is_cuda() && !at::hasCUDA())
+      throw_bad_input("--device", "CUDA is not available in this build or on this machine", "use --device cpu");
+  }
+  if (lo.device.is_cpu() && lo.dtype == at::kHalf)
+    throw_bad_input("--dtype", "fp16 needs a CUDA device", "use --dtype bf16 or fp32 on the CPU");
+  return lo;
+}
+
+StableDiffusionModel load_model(const GenerateOptions& o, const LoadOptions& lo) {
+  StableDiffusionModel model;
+  if (is_single_file(o.model)) {
+    if (o.tokenizer_dir.empty())
+      throw_bad_input(o.model, "a single-file checkpoint carries no tokenizer",
+                      "pass --tokenizer DIR (the tokenizer/ folder of a diffusers release of the same family)");
+    SingleFileOptions sf;
+    sf.prediction_type = o.prediction_type;
+    model = load_single_file(o.model, o.tokenizer_dir, lo, sf);
+  } else {
+    model = load_model_folder(o.model, lo);
+  }
+  // As diffusers does: a half-precision SD VAE overflows, so it decodes in float32.
+  if (lo.dtype == at::kHalf && model.vae->config().force_upcast) model.vae->to(at::kFloat);
+  return model;
+}
+
+std::string weights_file(const GenerateOptions& o) {
+  return is_single_file(o.model) ? o.model : component_weights(o.model + "/unet", "diffusion_pytorch_model");
+}
+
+std::string model_name(const std::string& model) {
+  fs::path p = fs::path(model).lexically_normal();
+  if (p.filename().empty()) p = p.parent_path();
+  return is_single_file(model) ? p.stem().string() : p.filename().string();
+}
+
+// A1111's sampler and schedule names for what will run.
+std::pair<std::string, std::string> a1111_sampler(const Scheduler& s, bool karras) {
+  static const std::map<std::string, std::string> kNames = {
+      {"PNDMScheduler", "PLMS"},           {"DDIMScheduler", "DDIM"},
+      {"EulerDiscreteScheduler", "Euler"}, {"EulerAncestralDiscreteScheduler", "Euler a"},
+      {"DPMSolverMultistepScheduler", "DPM++ 2M"}, {"LMSDiscreteScheduler", "LMS"}};
+  auto it = kNames.find(s.name());
+  return {it == kNames.end() ? s.name() : it->second, karras ? "Karras" : "Automatic"};
+}
+
+class Progress {
+ public:
+  Progress(int64_t total, bool quiet) : total_(total), quiet_(quiet), tty_(::isatty(STDERR_FILENO) != 0) {}
+  void step(int64_t done, size_t step, size_t steps, double seconds_per_step) {
+    if (quiet_ || !tty_) return;
+    const double eta = seconds_per_step * static_cast<double>(steps - step - 1 + (total_ - done - 1) * steps);
+    std::fprintf(stderr, "\r[%lld/%lld] step %zu/%zu  %.2f it/s  ETA %.0fs   ", static_cast<long long>(done + 1),
+                 static_cast<long long>(total_), step + 1, steps, seconds_per_step > 0 ? 1.0 / seconds_per_step : 0.0,
+                 eta);
+    std::fflush(stderr);
+  }
+  void image(int64_t done, const std::string& file, double seconds) {
+    if (quiet_) return;
+    if (tty_) std::fprintf(stderr, "\r\033[K");
+    spdlog::info("[{}/{}] {} ({:.1f} s)", done, total_, file, seconds);
+  }
+
+ private:
+  int64_t total_;
+  bool quiet_, tty_;
+};
+
+}  // namespace
+
+RunSummary generate(GenerateOptions o) {
+  validate(o);
+  c10::InferenceMode inference;
+  const LoadOptions lo = resolve_runtime(o);
+  const fs::path out(o.out_dir);
+
+  // Everything that can fail on bad input happens before the first file is written.
+  StableDiffusionModel model = load_model(o, lo);
+  StableDiffusionPipeline pipe(model);
+  const std::string override_name = scheduler_override(o.sampling_method, o.scheduler);
+  const std::string sched_where = is_single_file(o.model) ? o.model : o.model + "/scheduler/scheduler_config.json";
+  auto scheduler = make_scheduler(model.scheduler_config, override_name, sched_where);
+  const bool karras = override_name.find("karras") != std::string::npos ||
+                      (override_name.empty() && model.scheduler_config.value("use_karras_sigmas", false));
+  const auto [sampler_name, schedule_type] = a1111_sampler(*scheduler, karras);
+  const int64_t f = pipe.vae_scale_factor();
+  const auto& sample_size = model.unet->config().sample_size;  // latent pixels: [size] or [height, width]
+  const int64_t native_h = (sample_size.empty() ? 64 : sample_size.front()) * f;
+  const int64_t native_w = (sample_size.empty() ? 64 : sample_size.back()) * f;
+
+  // A random seed is drawn once and kept in the manifest, so a resumed run reuses it.
+  RunPlan probe = plan_run(o, native_w, native_h);
+  const std::string manifest_path = (out / probe.manifest_name).string();
+  std::map<int64_t, nlohmann::json> done = read_manifest(manifest_path);
+  if (o.seed < 0) {
+    o.seed = !done.empty() && done.begin()->second.contains("base_seed")
+                 ? done.begin()->second["base_seed"].get<int64_t>()
+                 : static_cast<int64_t>(std::random_device{}() & 0xffffffffu);
+    spdlog::info("seed {}", o.seed);
+  }
+  const RunPlan plan = plan_run(o, native_w, native_h);
+  std::vector<PlannedImage> todo;
+  RunSummary summary;
+  summary.manifest_path = manifest_path;
+  for (const auto& img : plan.shard()) {
+    ++summary.planned;
+    auto it = done.find(img.index);
+    if (it != done.end() && it->second.value("file", "") == img.file && png_is_complete((out / img.file).string()))
+      ++summary.skipped;
+    else
+      todo.push_back(img);
+  }
+  fs::create_directories(out);
+  remove_stale_temporaries(out.string());
+  if (summary.skipped && !o.quiet) spdlog::info("resuming: {} of {} images already done", summary.skipped, summary.planned);
+
+  const std::string hash = sha256_file(weights_file(o)).substr(0, 10);
+  const std::string name = model_name(o.model);
+  const std::string device_name = lo.device.str();
+  Progress progress(static_cast<int64_t>(todo.size()), o.quiet);
+  std::set<std::string> warned_truncated;
+
+  for (size_t begin = 0; begin < todo.size();) {
+    // A batch: consecutive images that share steps, guidance and size.
+    size_t end = begin + 1;
+    auto same = [&](const PlannedImage& a, const PlannedImage& b) {
+      return a.steps == b.steps && a.cfg_scale == b.cfg_scale && a.width == b.width && a.height == b.height;
+    };
+    while (end < todo.size() && static_cast<int64_t>(end - begin) < o.batch_size && same(todo[begin], todo[end])) ++end;
+    const std::vector<PlannedImage> batch(todo.begin() + static_cast<long>(begin), todo.begin() + static_cast<long>(end));
+    const PlannedImage& first = batch.front();
+    const auto t0 = std::chrono::steady_clock::now();
+
+    std::vector<std::string> prompts, negatives;
+    std::vector<int64_t> seeds;
+    for (const auto& img : batch) {
+      prompts.push_back(img.prompt);
+      negatives.push_back(img.negative_prompt);
+      seeds.push_back(img.seed);
+    }
+    const bool cfg = first.cfg_scale > 1.0;
+    const PromptEmbeddings emb = pipe.encode_prompts(prompts, negatives, o.clip_skip, cfg);
+    for (size_t i = 0; i < batch.size(); ++i)
+      if (emb.truncated[i] && warned_truncated.insert(prompts[i]).second)
+        spdlog::warn("prompt truncated at {} tokens: \"{}\"", model.tokenizer->model_max_length(), prompts[i]);
+    std::vector<at::Generator> generators;
+    const at::Tensor noise = pipe.initial_noise(seeds, first.height, first.width, &generators);
+    scheduler = make_scheduler(model.scheduler_config, override_name, sched_where);  // fresh state per batch
+    scheduler->set_timesteps(first.steps);
+    auto last = std::chrono::steady_clock::now();
+    const at::Tensor latents = pipe.denoise(
+        *scheduler, noise, emb, first.cfg_scale, &generators, [&](size_t step, size_t steps, const at::Tensor&) {
+          const auto now = std::chrono::steady_clock::now();
+          progress.step(summary.generated, step, steps, std::chrono::duration<double>(now - last).count());
+          last = now;
+        });
+    const at::Tensor pixels = StableDiffusionPipeline::to_uint8(StableDiffusionPipeline::to_image(pipe.decode(latents)));
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / static_cast<double>(batch.size());
+
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const PlannedImage& img = batch[i];
+      Infotext info;
+      info.prompt = img.prompt;
+      info.negative_prompt = img.negative_prompt;
+      info.params = {{"Steps", std::to_string(img.steps)},
+                     {"Sampler", sampler_name},
+                     {"Schedule type", schedule_type},
+                     {"CFG scale", python_float(img.cfg_scale)},
+                     {"Seed", std::to_string(img.seed)},
+                     {"Size", std::to_string(img.width) + "x" + std::to_string(img.height)},
+                     {"Model hash", hash},
+                     {"Model", name}};
+      // diffusers' clip_skip k skips k layers; A1111 counts the last layer as 1.
+      if (o.clip_skip > 0) info.params.emplace_back("Clip skip", std::to_string(o.clip_skip + 1));
+      info.params.emplace_back("Version", kVersion);
+      // The full record: everything needed to regenerate this image (and nothing
+      // that varies between runs, so the PNG bytes depend only on the image).
+      nlohmann::json record = {{"index", img.index},          {"file", img.file},
+                               {"prompt", img.prompt},        {"negative_prompt", img.negative_prompt},
+                               {"seed", img.seed},            {"base_seed", plan.base_seed},
+                               {"steps", img.steps},          {"scheduler", scheduler->name()},
+                               {"sampler", sampler_name},     {"schedule_type", schedule_type},
+                               {"guidance_scale", img.cfg_scale}, {"width", img.width},
+                               {"height", img.height},        {"clip_skip", o.clip_skip},
+                               {"model", name},               {"model_hash", hash},
+                               {"dtype", o.dtype},            {"version", kVersion}};
+      const at::Tensor rgb = pixels[static_cast<int64_t>(i)].contiguous();  // [H, W, 3] uint8
+      write_png((out / img.file).string(), rgb.data_ptr<uint8_t>(), static_cast<int>(img.width),
+                static_cast<int>(img.height), {{"parameters", format_infotext(info)}, {"fairdiff", record.dump()}});
+      record["device"] = device_name;
+      record["seconds"] = seconds;
+      record["shard"] = {plan.shard_index, plan.num_shards};
+      append_line_durable(manifest_path, record.dump());
+      ++summary.generated;
+      progress.image(summary.generated, img.file, seconds);
+    }
+    begin = end;
+  }
+  return summary;
+}
+
+}  // namespace fairdiff

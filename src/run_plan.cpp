@@ -1,0 +1,304 @@
+// The run plan of `fairdiff generate`: validated options, prompts, seeds,
+// shards and manifest merging. Torch-free: everything here is decided before
+// a model is loaded or a file is written.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "fairdiff/error.h"
+#include "fairdiff/generate.h"
+#include "fs_util.h"
+#include "generate_internal.h"
+
+namespace fs = std::filesystem;
+
+namespace fairdiff {
+namespace {
+
+struct PromptSpec {
+  std::string prompt, negative_prompt;
+  int64_t count = 0;  // 0: images_per_prompt
+  int64_t seed = -1;  // -1: continue the run's seed sequence
+  int64_t steps = 0, width = 0, height = 0;
+  double cfg_scale = -1;
+};
+
+std::string trim(const std::string& s) {
+  const size_t b = s.find_first_not_of(" \t\r\n");
+  if (b == std::string::npos) return "";
+  return s.substr(b, s.find_last_not_of(" \t\r\n") - b + 1);
+}
+
+bool parse_int(const char* text, int64_t* out) {
+  if (!text || !*text) return false;
+  char* end = nullptr;
+  const long long v = std::strtoll(text, &end, 10);
+  if (*end != '\0') return false;
+  *out = v;
+  return true;
+}
+
+void check_size(const std::string& where, int64_t width, int64_t height) {
+  for (auto [name, v] : {std::pair{"width", width}, {"height", height}})
+    if (v != 0 && (v < 8 || v % 8 != 0))
+      throw_bad_input(where, std::string(name) + " " + std::to_string(v) + " is not a positive multiple of 8",
+                      "use a size such as 512 or 768");
+}
+
+// One JSONL line: {"prompt": ..., "negative_prompt": ..., "count": N, "seed": S, "steps": ..., "cfg_scale": ..., "width": ..., "height": ...}
+PromptSpec parse_jsonl_line(const std::string& line, const std::string& where) {
+  const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) throw_bad_input(where, "is not a valid JSON object", "fix or quote the line");
+  static const std::set<std::string> kKeys = {"prompt", "negative_prompt", "count", "seed", "steps",
+                                              "cfg_scale", "width", "height"};
+  for (auto it = j.begin(); it != j.end(); ++it)
+    if (!kKeys.count(it.key()))
+      throw_bad_input(where, "unknown key \"" + it.key() + "\"",
+                      "known keys: prompt, negative_prompt, count, seed, steps, cfg_scale, width, height");
+  PromptSpec p;
+  try {
+    if (!j.contains("prompt") || !j["prompt"].is_string()) throw_bad_input(where, "has no \"prompt\" string");
+    p.prompt = j["prompt"].get<std::string>();
+    p.negative_prompt = j.value("negative_prompt", std::string());
+    p.count = j.value("count", int64_t{0});
+    p.seed = j.value("seed", int64_t{-1});
+    p.steps = j.value("steps", int64_t{0});
+    p.cfg_scale = j.value("cfg_scale", -1.0);
+    p.width = j.value("width", int64_t{0});
+    p.height = j.value("height", int64_t{0});
+  } catch (const nlohmann::json::exception&) {
+    throw_bad_input(where, "a value has the wrong type", "prompt/negative_prompt are strings, the rest numbers");
+  }
+  if (j.contains("count") && p.count < 1) throw_bad_input(where, "count must be at least 1");
+  if (j.contains("steps") && p.steps < 1) throw_bad_input(where, "steps must be at least 1");
+  if (j.contains("seed") && p.seed < 0) throw_bad_input(where, "seed must be non-negative");
+  if (j.contains("cfg_scale") && p.cfg_scale < 0) throw_bad_input(where, "cfg_scale must be non-negative");
+  check_size(where, p.width, p.height);
+  return p;
+}
+
+std::vector<PromptSpec> read_prompts(const GenerateOptions& o) {
+  std::vector<PromptSpec> prompts;
+  if (o.prompts_file.empty()) {
+    PromptSpec p;
+    p.prompt = o.prompt;
+    p.negative_prompt = o.negative_prompt;
+    prompts.push_back(p);
+    return prompts;
+  }
+  std::ifstream in(o.prompts_file);
+  if (!in || is_directory(o.prompts_file))
+    throw_bad_input(o.prompts_file, "prompts file not found or not readable", "give a text or JSONL file");
+  std::string line;
+  for (int64_t number = 1; std::getline(in, line); ++number) {
+    const std::string text = trim(line);
+    if (text.empty()) continue;
+    const std::string where = o.prompts_file + ":" + std::to_string(number);
+    if (text[0] == '{') {
+      PromptSpec p = parse_jsonl_line(text, where);
+      if (p.negative_prompt.empty()) p.negative_prompt = o.negative_prompt;
+      prompts.push_back(p);
+    } else {
+      PromptSpec p;
+      p.prompt = text;
+      p.negative_prompt = o.negative_prompt;
+      prompts.push_back(p);
+    }
+  }
+  if (prompts.empty()) throw_bad_input(o.prompts_file, "has no prompts", "one prompt per line, or JSONL objects");
+  return prompts;
+}
+
+// Shard from the environment of a cluster job, when no flag gave one.
+void shard_from_environment(GenerateOptions& o) {
+  if (o.shard_index >= 0 || o.num_shards > 0) return;
+  int64_t index = 0, count = 0, min = 0;
+  if (parse_int(std::getenv("SLURM_ARRAY_TASK_ID"), &index) && parse_int(std::getenv("SLURM_ARRAY_TASK_COUNT"), &count)) {
+    if (parse_int(std::getenv("SLURM_ARRAY_TASK_MIN"), &min)) index -= min;  // arrays may start at 1
+  } else if (parse_int(std::getenv("JOB_COMPLETION_INDEX"), &index)) {
+    // Kubernetes Indexed Jobs give the index only; the count comes from the flag or FAIRDIFF_NUM_SHARDS.
+    if (!parse_int(std::getenv("FAIRDIFF_NUM_SHARDS"), &count))
+      throw_bad_input("JOB_COMPLETION_INDEX", "is set but the number of shards is unknown",
+                      "pass --num-shards N or set FAIRDIFF_NUM_SHARDS to the job's completions");
+  } else if (parse_int(std::getenv("RANK"), &index) && parse_int(std::getenv("WORLD_SIZE"), &count)) {
+  } else {
+    return;
+  }
+  o.shard_index = index;
+  o.num_shards = count;
+}
+
+bool writable_dir(const std::string& dir) { return is_directory(dir) && ::access(dir.c_str(), W_OK | X_OK) == 0; }
+
+}  // namespace
+
+const std::vector<std::string>& sampling_methods() {
+  static const std::vector<std::string> kMethods = {"pndm", "ddim", "euler", "euler_a", "dpm++2m", "lms"};
+  return kMethods;
+}
+
+std::string scheduler_override(const std::string& method, const std::string& schedule) {
+  if (method.empty()) return "";
+  const bool karras = schedule == "karras";
+  if (method == "pndm" || method == "plms") return "pndm";
+  if (method == "dpm++2m") return karras ? "dpmpp_2m_karras" : "dpmpp_2m";
+  if (method == "lms") return karras ? "lms_karras" : "lms";
+  return method;  // ddim, euler, euler_a
+}
+
+void validate(GenerateOptions& o) {
+  if (o.model.empty()) throw_bad_input("--model", "no model given", "pass --model DIR (a diffusers folder) or FILE.safetensors");
+  if (o.prompt.empty() && o.prompts_file.empty())
+    throw_bad_input("--prompt", "no prompt given", "pass -p \"a photo of ...\" or --prompts FILE");
+  if (!o.prompt.empty() && !o.prompts_file.empty())
+    throw_bad_input("--prompt", "give either --prompt or --prompts, not both");
+  if (o.images_per_prompt < 1) throw_bad_input("-N/--images", "must be at least 1");
+  if (o.batch_size < 1) throw_bad_input("--batch-size", "must be at least 1");
+  if (o.steps < 1) throw_bad_input("--steps", std::to_string(o.steps) + " is less than 1", "use e.g. --steps 50");
+  if (o.cfg_scale < 0) throw_bad_input("--cfg-scale", "must be non-negative");
+  if (o.clip_skip < 0) throw_bad_input("--clip-skip", "must be non-negative");
+  check_size("--width/--height", o.width, o.height);
+  std::string method = o.sampling_method == "plms" ? "pndm" : o.sampling_method;
+  if (!method.empty() && std::find(sampling_methods().begin(), sampling_methods().end(), method) == sampling_methods().end())
+    throw_bad_input("--sampling-method", "unknown sampler \"" + o.sampling_method + "\"",
+                    "use one of pndm, ddim, euler, euler_a, dpm++2m, lms");
+  o.sampling_method = method;
+  if (!o.scheduler.empty() && o.scheduler != "discrete" && o.scheduler != "karras")
+    throw_bad_input("--scheduler", "unknown scheduler \"" + o.scheduler + "\"", "use discrete or karras");
+  if (o.scheduler == "karras" && method != "dpm++2m" && method != "lms")
+    throw_bad_input("--scheduler", "karras sigmas are available with --sampling-method dpm++2m or lms",
+                    "pick one of those samplers, or drop --scheduler karras");
+  if (o.dtype != "fp32" && o.dtype != "fp16" && o.dtype != "bf16")
+    throw_bad_input("--dtype", "unknown dtype \"" + o.dtype + "\"", "use fp32, fp16 or bf16");
+  const bool cuda = o.device.rfind("cuda", 0) == 0;
+  if (o.device != "auto" && o.device != "cpu" && !cuda)
+    throw_bad_input("--device", "unknown device \"" + o.device + "\"", "use auto, cpu, cuda or cuda:N");
+  if (o.device == "cpu" && o.dtype == "fp16")
+    throw_bad_input("--dtype", "fp16 needs a CUDA device (LibTorch has no half-precision CPU kernels)",
+                    "use --dtype bf16 or fp32 on the CPU");
+  shard_from_environment(o);
+  if (o.num_shards > 0 || o.shard_index >= 0) {
+    if (o.num_shards < 1) throw_bad_input("--num-shards", "must be at least 1 with --shard-index");
+    if (o.shard_index < 0 || o.shard_index >= o.num_shards)
+      throw_bad_input("--shard-index", "shard index " + std::to_string(o.shard_index) + " is not in [0, " +
+                                           std::to_string(o.num_shards) + ")", "shards are numbered from 0");
+    if (o.seed < 0)
+      throw_bad_input("--seed", "a random seed (-1) cannot be shared by shards",
+                      "give every shard the same explicit --seed");
+  }
+  if (o.seed < -1) throw_bad_input("--seed", "must be -1 (random) or non-negative");
+  // The output folder: writable if it exists, else its parent must be (it is created later).
+  const fs::path out = fs::path(o.out_dir).lexically_normal();
+  if (fs::exists(out)) {
+    if (!writable_dir(out.string()))
+      throw_bad_input(o.out_dir, "output folder is not a writable folder", "choose another --out");
+  } else {
+    fs::path parent = out.parent_path();
+    while (!parent.empty() && !fs::exists(parent)) parent = parent.parent_path();
+    if (!writable_dir(parent.empty() ? "." : parent.string()))
+      throw_bad_input(o.out_dir, "output folder cannot be created here (parent not writable)", "choose another --out");
+  }
+  if (!o.prompts_file.empty()) read_prompts(o);  // every line checked now, before the model loads
+  if (!o.model.empty() && !fs::exists(o.model))
+    throw_bad_input(o.model, "model not found", "pass a diffusers model folder or a .safetensors checkpoint");
+}
+
+RunPlan plan_run(const GenerateOptions& o, int64_t native_width, int64_t native_height) {
+  RunPlan plan;
+  plan.base_seed = o.seed;
+  plan.num_shards = o.num_shards > 0 ? o.num_shards : 1;
+  plan.shard_index = o.shard_index >= 0 ? o.shard_index : 0;
+  plan.manifest_name = plan.num_shards > 1 ? "manifest-shard-" + std::to_string(plan.shard_index) + "-of-" +
+                                                 std::to_string(plan.num_shards) + ".jsonl"
+                                           : "manifest.jsonl";
+  const std::vector<PromptSpec> prompts = read_prompts(o);
+  int64_t index = 0;
+  for (size_t p = 0; p < prompts.size(); ++p) {
+    const PromptSpec& spec = prompts[p];
+    const int64_t count = spec.count > 0 ? spec.count : o.images_per_prompt;
+    for (int64_t n = 0; n < count; ++n, ++index) {
+      PlannedImage img;
+      img.index = index;
+      img.prompt_index = static_cast<int64_t>(p);
+      img.prompt = spec.prompt;
+      img.negative_prompt = spec.negative_prompt;
+      // Image k of the run has seed S + k; a prompt with its own seed s numbers its images s, s+1, ...
+      img.seed = spec.seed >= 0 ? spec.seed + n : o.seed + index;
+      img.steps = spec.steps > 0 ? spec.steps : o.steps;
+      img.cfg_scale = spec.cfg_scale >= 0 ? spec.cfg_scale : o.cfg_scale;
+      img.width = spec.width > 0 ? spec.width : (o.width > 0 ? o.width : native_width);
+      img.height = spec.height > 0 ? spec.height : (o.height > 0 ? o.height : native_height);
+      char name[64];
+      std::snprintf(name, sizeof name, "%05lld-%lld.png", static_cast<long long>(index), static_cast<long long>(img.seed));
+      img.file = name;
+      plan.images.push_back(img);
+    }
+  }
+  return plan;
+}
+
+std::vector<PlannedImage> RunPlan::shard() const {
+  std::vector<PlannedImage> mine;
+  // Round-robin: neighbouring images (same prompt) spread over shards, balancing the work.
+  for (const auto& img : images)
+    if (img.index % num_shards == shard_index) mine.push_back(img);
+  return mine;
+}
+
+std::map<int64_t, nlohmann::json> read_manifest(const std::string& path) {
+  std::map<int64_t, nlohmann::json> entries;
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line)) {
+    // A torn last line (a crash while appending) is ignored: its image is regenerated.
+    const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.is_object() || !j.contains("index") || !j["index"].is_number_integer()) continue;
+    entries[j["index"].get<int64_t>()] = j;
+  }
+  return entries;
+}
+
+int64_t merge_manifests(const std::string& out_dir) {
+  if (!is_directory(out_dir)) throw_bad_input(out_dir, "output folder not found", "give the --out folder of the run");
+  std::map<int64_t, nlohmann::json> merged;
+  std::map<int64_t, std::string> source;
+  std::vector<std::string> shard_files;
+  for (const auto& e : fs::directory_iterator(out_dir)) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind("manifest-shard-", 0) == 0 && e.path().extension() == ".jsonl") shard_files.push_back(e.path().string());
+  }
+  std::sort(shard_files.begin(), shard_files.end());
+  if (shard_files.empty())
+    throw_bad_input(out_dir, "has no manifest-shard-*.jsonl files", "run the shards with --out pointing here first");
+  const std::string unsharded = out_dir + "/manifest.jsonl";
+  if (is_regular_file(unsharded)) shard_files.insert(shard_files.begin(), unsharded);
+  for (const auto& file : shard_files) {
+    for (auto& [index, entry] : read_manifest(file)) {
+      auto it = merged.find(index);
+      if (it != merged.end() && it->second.value("file", "") != entry.value("file", ""))
+        throw_bad_input(file, "image " + std::to_string(index) + " is also in " + source[index] + " with another file",
+                        "were these shards planned with different options?");
+      if (!is_regular_file(out_dir + "/" + entry.value("file", std::string())))
+        throw_bad_input(file, "lists " + entry.value("file", std::string()) + ", which is missing",
+                        "rerun that shard: it resumes and regenerates missing images");
+      merged[index] = entry;
+      source[index] = file;
+    }
+  }
+  std::string text;
+  for (const auto& [index, entry] : merged) text += entry.dump() + "\n";
+  write_file_atomic(unsharded, text);
+  return static_cast<int64_t>(merged.size());
+}
+
+}  // namespace fairdiff

@@ -1,0 +1,95 @@
+#include "runtime.h"
+
+#include <ATen/Parallel.h>
+#include <dlfcn.h>
+#include <malloc.h>
+#include <sched.h>
+#include <unistd.h>
+
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+
+#include "fairdiff/error.h"
+
+namespace fairdiff {
+namespace {
+
+// OpenBLAS's thread controls, looked up at run time: Debian's LibTorch calls whatever
+// libblas.so.3 the alternatives system picked (OpenBLAS, BLIS, the reference BLAS), so
+// they may be absent. Null when the loaded BLAS is not OpenBLAS.
+using GetThreads = int (*)();
+using SetThreads = void (*)(int);
+
+GetThreads openblas_get() { return reinterpret_cast<GetThreads>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads")); }
+SetThreads openblas_set() { return reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads")); }
+
+// A positive integer from the environment, else 0.
+int env_threads(const char* name) {
+  const char* value = std::getenv(name);
+  if (!value) return 0;
+  char* end = nullptr;
+  const long n = std::strtol(value, &end, 10);
+  return (end != value && *end == '\0' && n > 0 && n < 4096) ? static_cast<int>(n) : 0;
+}
+
+// Whether the user tunes glibc's malloc through the environment (GLIBC_TUNABLES, or the
+// older MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_MAX_, MALLOC_ARENA_MAX, ...).
+bool malloc_tuned_by_environment() {
+  if (const char* t = std::getenv("GLIBC_TUNABLES"); t && std::strstr(t, "glibc.malloc.")) return true;
+  for (char** e = environ; e && *e; ++e)
+    if (std::strncmp(*e, "MALLOC_", 7) == 0) return true;
+  return false;
+}
+
+}  // namespace
+
+int available_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    const int n = CPU_COUNT(&set);
+    if (n > 0) return n;
+  }
+  const unsigned n = std::thread::hardware_concurrency();
+  return n > 0 ? static_cast<int>(n) : 1;
+}
+
+void configure_threads(int requested) {
+  if (requested < 0)
+    throw_bad_input("--threads", "expected 0 (all CPUs) or a positive number of threads, found " +
+                                     std::to_string(requested));
+  int n = requested;
+  if (n == 0) n = env_threads("OMP_NUM_THREADS");
+  if (n == 0) n = env_threads("MKL_NUM_THREADS");
+  // Not LibTorch's own default (physical cores by libcpuinfo, which counts 1 core on VMs
+  // that expose their vCPUs as hyper-threads of one core): every CPU we may run on.
+  if (n == 0) n = available_cpus();
+  at::set_num_threads(n);  // omp_set_num_threads: ATen kernels and oneDNN
+  // OpenBLAS (pthread build) sized its pool at load time from OPENBLAS_NUM_THREADS or all
+  // CPUs; keep it equal so that --threads 1 means one core and the pools do not fight.
+  if (SetThreads set = openblas_set()) set(n);
+}
+
+bool configure_allocator() {
+  if (malloc_tuned_by_environment()) return false;
+  // Serve every block from the heap (no per-block mmap/munmap) and never trim its top
+  // below 2 GiB of free space (mallopt takes an int): freed tensors are reused in place.
+  return mallopt(M_MMAP_MAX, 0) == 1 && mallopt(M_TRIM_THRESHOLD, INT_MAX) == 1;
+}
+
+std::string thread_summary() {
+  std::string s = std::to_string(at::get_num_threads()) + " threads (";
+#if AT_PARALLEL_OPENMP
+  s += "OpenMP ";
+#else
+  s += "native pool ";
+#endif
+  s += std::to_string(at::get_num_threads());
+  if (GetThreads get = openblas_get()) s += ", OpenBLAS " + std::to_string(get());
+  s += ") of " + std::to_string(available_cpus()) + " CPUs";
+  return s;
+}
+
+}  // namespace fairdiff
