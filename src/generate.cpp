@@ -7,16 +7,19 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <memory>
 #include <random>
 #include <set>
 
 #include "fairdiff/error.h"
 #include "fairdiff/generate.h"
+#include "fairness.h"
 #include "fs_util.h"
 #include "generate_internal.h"
 #include "infotext.h"
 #include "pipeline.h"
 #include "png_io.h"
+#include "semantic_guidance.h"
 #include "sha256.h"
 #include "single_file.h"
 
@@ -107,6 +110,71 @@ class Progress {
   bool quiet_, tty_;
 };
 
+// Fair Diffusion's edit concepts: every group's edit prompts, one embedding row each.
+struct FairEdits {
+  std::vector<std::string> prompts;                // row r of the table: prompts[r]
+  std::vector<std::vector<std::vector<int64_t>>> rows;  // [attribute][group] -> rows
+  std::vector<std::pair<size_t, size_t>> owner;    // row -> (attribute, group)
+};
+
+FairEdits fair_edits(const FairnessSpec& spec) {
+  FairEdits e;
+  for (size_t a = 0; a < spec.targets.size(); ++a) {
+    const Attribute& attr = spec.targets[a].attribute;
+    e.rows.emplace_back(attr.groups.size());
+    for (size_t g = 0; g < attr.groups.size(); ++g)
+      for (const std::string& prompt : attr.groups[g].edit_prompts) {
+        e.rows[a][g].push_back(static_cast<int64_t>(e.prompts.size()));
+        e.prompts.push_back(prompt);
+        e.owner.emplace_back(a, g);
+      }
+  }
+  return e;
+}
+
+// One image's concepts: per attribute, the assigned group's prompts forward, every other group's reversed.
+std::vector<EditConcept> fair_concepts(const FairnessSpec& spec, const FairEdits& edits, const PlannedImage& img) {
+  std::vector<EditConcept> concepts;
+  for (size_t a = 0; a < spec.targets.size(); ++a) {
+    const Attribute& attr = spec.targets[a].attribute;
+    int64_t target = 0;
+    for (size_t g = 0; g < attr.groups.size(); ++g)
+      if (attr.groups[g].name == img.groups[a].second) target = static_cast<int64_t>(g);
+    EditConcept base;
+    base.guidance_scale = attr.defaults.edit_guidance_scale;
+    base.threshold = attr.defaults.edit_threshold;
+    base.warmup_steps = attr.defaults.edit_warmup_steps;
+    // steer_toward gives concept k for group k; each group's prompts share its direction.
+    const std::vector<EditConcept> per_group = steer_toward(target, static_cast<int64_t>(attr.groups.size()), base);
+    for (size_t g = 0; g < attr.groups.size(); ++g)
+      for (int64_t row : edits.rows[a][g]) {
+        EditConcept c = per_group[g];
+        c.embedding = row;
+        concepts.push_back(c);
+      }
+  }
+  return concepts;
+}
+
+nlohmann::json fair_record(const FairnessSpec& spec, const FairEdits& edits, const GenerateOptions& o,
+                           const PlannedImage& img, const std::vector<EditConcept>& concepts) {
+  nlohmann::json groups = nlohmann::json::object(), list = nlohmann::json::array();
+  for (const auto& [attribute, group] : img.groups) groups[attribute] = group;
+  for (const EditConcept& c : concepts) {
+    const auto [a, g] = edits.owner[static_cast<size_t>(c.embedding)];
+    list.push_back({{"attribute", spec.targets[a].attribute.name},
+                    {"group", spec.targets[a].attribute.groups[g].name},
+                    {"prompt", edits.prompts[static_cast<size_t>(c.embedding)]},
+                    {"reverse", c.reverse},
+                    {"guidance_scale", c.guidance_scale},
+                    {"threshold", c.threshold},
+                    {"warmup_steps", c.warmup_steps}});
+  }
+  const EditDefaults& d = spec.targets.front().attribute.defaults;
+  return {{"assignment", o.assignment}, {"groups", groups}, {"edits", list},
+          {"momentum_scale", d.edit_momentum_scale}, {"momentum_beta", d.edit_mom_beta}};
+}
+
 }  // namespace
 
 RunSummary generate(GenerateOptions o) {
@@ -140,6 +208,14 @@ RunSummary generate(GenerateOptions o) {
     spdlog::info("seed {}", o.seed);
   }
   const RunPlan plan = plan_run(o, native_w, native_h);
+  const FairnessSpec fairness = parse_fairness(o);
+  const FairEdits edits = fair_edits(fairness);
+  if (fairness.enabled())
+    for (const auto& img : plan.images)
+      if (img.cfg_scale <= 1.0)
+        throw_bad_input("--fairness", "image " + std::to_string(img.index) + " has cfg_scale " +
+                                          python_float(img.cfg_scale) + "; semantic guidance needs it above 1",
+                        "raise cfg_scale in the prompts file");
   std::vector<PlannedImage> todo;
   RunSummary summary;
   summary.manifest_path = manifest_path;
@@ -160,6 +236,10 @@ RunSummary generate(GenerateOptions o) {
   const std::string device_name = lo.device.str();
   Progress progress(static_cast<int64_t>(todo.size()), o.quiet);
   std::set<std::string> warned_truncated;
+  // Every group's edit prompts, encoded once for the run: [K, 77, D] on the UNet's device and dtype.
+  at::Tensor edit_table;
+  if (fairness.enabled() && !todo.empty())
+    edit_table = encode_edit_prompts(model, edits.prompts).to(pipe.device(), pipe.dtype());
 
   for (size_t begin = 0; begin < todo.size();) {
     // A batch: consecutive images that share steps, guidance and size.
@@ -188,13 +268,24 @@ RunSummary generate(GenerateOptions o) {
     const at::Tensor noise = pipe.initial_noise(seeds, first.height, first.width, &generators);
     scheduler = make_scheduler(model.scheduler_config, override_name, sched_where);  // fresh state per batch
     scheduler->set_timesteps(first.steps);
+    std::vector<std::vector<EditConcept>> concepts;
+    std::unique_ptr<SemanticGuidance> sega;
+    if (fairness.enabled()) {
+      SemanticGuidanceSettings settings;
+      settings.momentum_scale = fairness.targets.front().attribute.defaults.edit_momentum_scale;
+      settings.momentum_beta = fairness.targets.front().attribute.defaults.edit_mom_beta;
+      for (const auto& img : batch) settings.images.push_back(fair_concepts(fairness, edits, img));
+      concepts = settings.images;
+      sega = std::make_unique<SemanticGuidance>(edit_table, std::move(settings));
+    }
     auto last = std::chrono::steady_clock::now();
     const at::Tensor latents = pipe.denoise(
         *scheduler, noise, emb, first.cfg_scale, &generators, [&](size_t step, size_t steps, const at::Tensor&) {
           const auto now = std::chrono::steady_clock::now();
           progress.step(summary.generated, step, steps, std::chrono::duration<double>(now - last).count());
           last = now;
-        });
+        },
+        sega.get());
     const at::Tensor pixels = StableDiffusionPipeline::to_uint8(StableDiffusionPipeline::to_image(pipe.decode(latents)));
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / static_cast<double>(batch.size());
@@ -214,6 +305,7 @@ RunSummary generate(GenerateOptions o) {
                      {"Model", name}};
       // diffusers' clip_skip k skips k layers; A1111 counts the last layer as 1.
       if (o.clip_skip > 0) info.params.emplace_back("Clip skip", std::to_string(o.clip_skip + 1));
+      if (fairness.enabled()) info.params.emplace_back("Fairness", fairness_label(img.groups));
       info.params.emplace_back("Version", kVersion);
       // The full record: everything needed to regenerate this image (and nothing
       // that varies between runs, so the PNG bytes depend only on the image).
@@ -226,6 +318,7 @@ RunSummary generate(GenerateOptions o) {
                                {"height", img.height},        {"clip_skip", o.clip_skip},
                                {"model", name},               {"model_hash", hash},
                                {"dtype", o.dtype},            {"version", kVersion}};
+      if (fairness.enabled()) record["fairness"] = fair_record(fairness, edits, o, img, concepts[i]);
       const at::Tensor rgb = pixels[static_cast<int64_t>(i)].contiguous();  // [H, W, 3] uint8
       write_png((out / img.file).string(), rgb.data_ptr<uint8_t>(), static_cast<int>(img.width),
                 static_cast<int>(img.height), {{"parameters", format_infotext(info)}, {"fairdiff", record.dump()}});

@@ -73,9 +73,9 @@ ModelIndex read_model_index(const std::string& model_dir) {
 }
 
 std::string component_weights(const std::string& dir, const std::string& name) {
-  for (const std::string candidate : {dir + "/" + name + ".safetensors", dir + "/" + name + ".fp16.safetensors"})
+  for (const std::string& candidate : {dir + "/" + name + ".safetensors", dir + "/" + name + ".fp16.safetensors"})
     if (is_regular_file(candidate)) return candidate;
-  for (const std::string pickle : {dir + "/" + name + ".bin", dir + "/" + name + ".fp16.bin"})
+  for (const std::string& pickle : {dir + "/" + name + ".bin", dir + "/" + name + ".fp16.bin"})
     if (is_regular_file(pickle))
       throw_unsupported(pickle, "PyTorch pickle weights are not loaded: unpickling can execute code",
                         "convert the folder to safetensors (diffusers: save_pretrained(safe_serialization=True))");

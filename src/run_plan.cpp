@@ -17,6 +17,7 @@
 
 #include "fairdiff/error.h"
 #include "fairdiff/generate.h"
+#include "fairness.h"
 #include "fs_util.h"
 #include "generate_internal.h"
 
@@ -209,6 +210,9 @@ void validate(GenerateOptions& o) {
       throw_bad_input(o.out_dir, "output folder cannot be created here (parent not writable)", "choose another --out");
   }
   if (!o.prompts_file.empty()) read_prompts(o);  // every line checked now, before the model loads
+  if (parse_fairness(o).enabled() && o.cfg_scale <= 1.0)
+    throw_bad_input("--fairness", "semantic guidance needs classifier-free guidance (--cfg-scale above 1)",
+                    "use e.g. --cfg-scale 7");
   if (!o.model.empty() && !fs::exists(o.model))
     throw_bad_input(o.model, "model not found", "pass a diffusers model folder or a .safetensors checkpoint");
 }
@@ -222,10 +226,13 @@ RunPlan plan_run(const GenerateOptions& o, int64_t native_width, int64_t native_
                                                  std::to_string(plan.num_shards) + ".jsonl"
                                            : "manifest.jsonl";
   const std::vector<PromptSpec> prompts = read_prompts(o);
+  const FairnessSpec fairness = parse_fairness(o);
   int64_t index = 0;
   for (size_t p = 0; p < prompts.size(); ++p) {
     const PromptSpec& spec = prompts[p];
     const int64_t count = spec.count > 0 ? spec.count : o.images_per_prompt;
+    // Groups are assigned per prompt over the whole run, before sharding: every shard sees the same plan.
+    const auto groups = assign_groups(fairness, o.assignment, o.seed, static_cast<int64_t>(p), count);
     for (int64_t n = 0; n < count; ++n, ++index) {
       PlannedImage img;
       img.index = index;
@@ -241,6 +248,10 @@ RunPlan plan_run(const GenerateOptions& o, int64_t native_width, int64_t native_
       char name[64];
       std::snprintf(name, sizeof name, "%05lld-%lld.png", static_cast<long long>(index), static_cast<long long>(img.seed));
       img.file = name;
+      for (size_t a = 0; a < fairness.targets.size(); ++a) {
+        const Attribute& attr = fairness.targets[a].attribute;
+        img.groups.emplace_back(attr.name, attr.groups[static_cast<size_t>(groups[static_cast<size_t>(n)][a])].name);
+      }
       plan.images.push_back(img);
     }
   }

@@ -24,6 +24,12 @@ using SetThreads = void (*)(int);
 
 GetThreads openblas_get() { return reinterpret_cast<GetThreads>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads")); }
 SetThreads openblas_set() { return reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads")); }
+// "OpenBLAS 0.3.21 ... USE_OPENMP ...": the OpenMP build shares LibTorch's thread pool.
+const char* openblas_config() {
+  using GetConfig = char* (*)();
+  auto get = reinterpret_cast<GetConfig>(dlsym(RTLD_DEFAULT, "openblas_get_config"));
+  return get ? get() : "";
+}
 
 // A positive integer from the environment, else 0.
 int env_threads(const char* name) {
@@ -80,15 +86,19 @@ bool configure_allocator() {
 }
 
 std::string thread_summary() {
-  std::string s = std::to_string(at::get_num_threads()) + " threads (";
+  const int n = at::get_num_threads();
+  std::string s = std::to_string(n) + (n == 1 ? " thread (" : " threads (");
 #if AT_PARALLEL_OPENMP
   s += "OpenMP ";
 #else
   s += "native pool ";
 #endif
-  s += std::to_string(at::get_num_threads());
-  if (GetThreads get = openblas_get()) s += ", OpenBLAS " + std::to_string(get());
+  s += std::to_string(n);
+  if (GetThreads get = openblas_get())
+    s += ", OpenBLAS " + std::to_string(get()) +
+         (std::strstr(openblas_config(), "USE_OPENMP") ? " in the same pool" : " in its own pthread pool");
   s += ") of " + std::to_string(available_cpus()) + " CPUs";
+  if (const char* wait = std::getenv("OMP_WAIT_POLICY")) s += ", OMP_WAIT_POLICY=" + std::string(wait);
   return s;
 }
 

@@ -1,9 +1,10 @@
-// Process-wide runtime settings of our executables: how many CPU threads LibTorch uses.
+// Process-wide runtime settings of our executables: how many CPU threads LibTorch uses,
+// and whether freed memory is kept for reuse.
 //
 //   int main() {
 //     fairdiff::configure_threads(options.threads);   // 0 = every CPU this process may use
 //     fairdiff::configure_allocator();                // reuse freed memory (page faults are slow)
-//     spdlog::info("{}", fairdiff::thread_summary());  // "2 threads (OpenMP 2, OpenBLAS 2) of 2 CPUs"
+//     spdlog::info("{}", fairdiff::thread_summary());  // "2 threads (OpenMP 2, OpenBLAS 2 in its own pthread pool) of 2 CPUs"
 //     ...
 //   }
 //
@@ -14,6 +15,13 @@
 // every ATen kernel (norms, softmax, SiLU, copies) runs on one thread; only the GEMMs
 // are parallel, because OpenBLAS keeps its own pthread pool sized to all CPUs.
 // Call configure_threads once, at start-up, before the first tensor operation.
+//
+// More threads only pay when the cores are free. libgomp's idle workers spin at barriers
+// (OMP_WAIT_POLICY unset = spin a while), which next to OpenBLAS's pool or other busy
+// processes takes the cores from the threads doing the work: on the build VM under load,
+// 2 threads made the UNet step 2x and the text encoder 5x slower than 1, and equal to 1
+// with OMP_WAIT_POLICY=PASSIVE. libgomp reads that variable when it loads, before main,
+// so it can only come from the environment (scripts/bench sets it).
 //
 // Torch-free header: the CLI includes it.
 #pragma once
@@ -30,7 +38,7 @@ namespace fairdiff {
 void configure_threads(int requested);
 
 // The thread settings in one line, for logs and benchmark reports:
-// "2 threads (OpenMP 2, OpenBLAS 2) of 2 CPUs".
+// "2 threads (OpenMP 2, OpenBLAS 2 in its own pthread pool) of 2 CPUs".
 std::string thread_summary();
 
 // CPUs this process may run on (sched_getaffinity; std::thread::hardware_concurrency as fallback).
@@ -39,11 +47,15 @@ int available_cpus();
 // Makes glibc's malloc keep the memory LibTorch frees for reuse instead of handing it back
 // to the kernel: blocks above 32 MiB are otherwise mmap'ed and munmap'ed on every use, and
 // freed heap tops trimmed, so every activation and every oneDNN weight reorder faults its
-// pages in again. On this project's build VM a page fault costs ~25 us (a 256 MiB
-// allocate-and-fill took 1.8 s instead of 0.02 s), which made a UNet step mostly kernel
-// time. Returns false, changing nothing, when the environment already tunes malloc
-// (GLIBC_TUNABLES=glibc.malloc..., MALLOC_*_). Call at start-up, before large allocations;
-// the resident memory then stays at its high-water mark.
+// pages in again. On this project's build VM a page fault costs ~7-25 us: an SD 1.5 UNet step
+// at 256x256 took 645,000 faults (2.5 GiB) and 22-26 s with glibc's defaults, 0 faults and
+// 6.9 s with this (1 thread, same load). Returns false, changing nothing, when the
+// environment already tunes malloc (GLIBC_TUNABLES=glibc.malloc..., MALLOC_*). Call at
+// start-up, before large allocations; the resident memory then stays at its high-water mark.
+// First touches (loading weights) still fault once per 4 KiB page; only the environment
+// can ask for transparent huge pages: GLIBC_TUNABLES=glibc.malloc.hugetlb=1:
+// glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776 made the first touch
+// of 1 GiB take 0.14 s instead of 6-7 s there.
 bool configure_allocator();
 
 }  // namespace fairdiff

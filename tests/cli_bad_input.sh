@@ -94,6 +94,10 @@ if [ -d "$fixtures/models/tiny-sd1" ]; then
   expect gen_out_not_dir 2 "output folder is not a writable folder" -- gen -o "$tmp/afile"
   nothing_written gen_usage 2 "run fairdiff --help" -- gen --no-such-flag -o "$tmp/never"
   nothing_written gen_fp16_cpu 2 "fp16 needs a CUDA device" -- gen --dtype fp16 -o "$tmp/never"
+  nothing_written gen_fairness_attribute 2 'unknown attribute "age"' -- gen --fairness age=50:50 -o "$tmp/never"
+  nothing_written gen_fairness_ratio 2 'ratio "abc" is not a number' -- gen --fairness gender=50:abc -o "$tmp/never"
+  nothing_written gen_fairness_groups 2 "more ratios than groups" -- gen --fairness gender=1:2:3 -o "$tmp/never"
+  nothing_written gen_fairness_zero 2 "all ratios are zero" -- gen --fairness gender=female:0,male:0 -o "$tmp/never"
 
   # Resume after a kill: kill -9 while image 1 of 6 is being made, then rerun.
   "$fairdiff" generate -m "$fixtures/models/tiny-sd1" -p "a cat" -N 6 --steps 30 --device cpu -q -o "$tmp/full" >/dev/null 2>&1

@@ -2,6 +2,7 @@
 // batch sizes, shards, resume, and the PNG metadata A1111 readers see.
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 #include "fairdiff/generate.h"
 #include "generate_internal.h"
@@ -196,6 +197,60 @@ TEST(Generate, PromptsFileWithOverrides) {
   std::ofstream(tmp / "bad.jsonl") << "ok prompt\n{\"prompt\": \"x\", \"colour\": 1}\n";
   o.prompts_file = tmp / "bad.jsonl";
   test::expect_error([&] { validate(o); }, ErrorKind::BadInput, {"bad.jsonl:2", "unknown key \"colour\""});
+}
+
+// Fair Diffusion end to end: gender=50:50 over 2 images gives one of each group, recorded
+// in the manifest, the PNG record and the A1111 parameters, and the edit changes the image.
+// The tiny run has 4 steps, so the library's 5-step warm-up is overridden to 1.
+TEST(Generate, FairnessSteersEachImageTowardItsGroup) {
+  FAIRDIFF_REQUIRE_FIXTURES(fixtures);
+  test::TempDir tmp;
+  std::ofstream(tmp / "fair.json") << R"({"attributes": [{"name": "gender", "targets": {"female": 50, "male": 50},
+      "edit_warmup_steps": 1}]})";
+  GenerateOptions plain = tiny(fixtures, tmp / "plain");
+  plain.images_per_prompt = 2;
+  GenerateOptions fair = tiny(fixtures, tmp / "fair");
+  fair.images_per_prompt = 2;
+  fair.fairness_file = tmp / "fair.json";
+  EXPECT_EQ(generate(plain).generated, 2);
+  EXPECT_EQ(generate(fair).generated, 2);
+
+  const auto manifest = read_manifest(tmp / "fair/manifest.jsonl");
+  ASSERT_EQ(manifest.size(), 2u);
+  std::set<std::string> groups;
+  for (const auto& [index, line] : manifest) {
+    ASSERT_TRUE(line.contains("fairness")) << line.dump();
+    const auto& f = line["fairness"];
+    const std::string group = f["groups"]["gender"];
+    groups.insert(group);
+    ASSERT_EQ(f["edits"].size(), 2u);
+    for (const auto& e : f["edits"]) {
+      EXPECT_EQ(e["reverse"].get<bool>(), e["group"] != group) << e.dump();  // toward the group, away from the other
+      EXPECT_EQ(e["prompt"], e["group"] == "female" ? "female person" : "male person");
+      EXPECT_EQ(e["warmup_steps"], 1);
+      EXPECT_EQ(e["guidance_scale"], 4.0);
+    }
+    EXPECT_EQ(f["momentum_beta"], 0.6);
+    const auto texts = read_png_text(tmp / ("fair/" + line["file"].get<std::string>()));
+    ASSERT_EQ(texts.size(), 2u);
+    const Infotext info = parse_infotext(texts[0].text);
+    std::map<std::string, std::string> p(info.params.begin(), info.params.end());
+    EXPECT_EQ(p["Fairness"], "gender=" + group);
+    EXPECT_EQ(nlohmann::json::parse(texts[1].text)["fairness"], f);
+  }
+  EXPECT_EQ(groups, (std::set<std::string>{"female", "male"}));
+  EXPECT_FALSE(read_manifest(tmp / "plain/manifest.jsonl").at(0).contains("fairness"));
+
+  const auto a = pngs(tmp / "plain"), b = pngs(tmp / "fair");
+  ASSERT_EQ(a.size(), 2u);
+  ASSERT_EQ(b.size(), 2u);
+  for (const auto& [name, png] : a) EXPECT_NE(pixels(png), pixels(b.at(name))) << name << " was not edited";
+
+  // The command-line form parses the same way, and needs classifier-free guidance.
+  fair.fairness_file.clear();
+  fair.fairness = {"gender=50:50"};
+  fair.cfg_scale = 1.0;
+  test::expect_error([&] { validate(fair); }, ErrorKind::BadInput, {"--fairness", "classifier-free guidance"});
 }
 
 TEST(Generate, ShardFromSlurmEnvironment) {

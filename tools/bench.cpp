@@ -21,6 +21,13 @@
 //   peak RSS     getrusage ru_maxrss: the process's high-water mark so far
 // "cores busy" is CPU seconds / wall seconds over the timed steps (2.0 = both cores of a
 // 2-core machine); the load average at start and end says whether other processes competed.
+// "page faults" per step counts fresh pages mapped: freed memory returned to the kernel
+// and taken again (see fairdiff::configure_allocator).
+//
+// Runtime: fairdiff::configure_threads(--threads) and fairdiff::configure_allocator(), as our
+// executables start; --libtorch-threads and --system-malloc leave LibTorch's and glibc's
+// defaults instead, for comparison. Default steps: 2 timed at 512x512 and above, 3 below
+// (a 512x512 SD 1.5 CFG step takes tens of seconds on a 2-core CPU).
 //
 // Random weights: the networks are built from the SD 1.5 configs under
 // <fixtures>/keysets/sd15 (tokenizer and scheduler: <fixtures>/models/tiny-sd1, the real
@@ -75,6 +82,14 @@ double cpu_seconds() {
          static_cast<double>(u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6;
 }
 
+// Page faults (minor: no disk) this process has taken. Each maps a fresh 4 KiB page; on
+// some VMs one costs ~25 us, so reused memory matters.
+long page_faults() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return u.ru_minflt;
+}
+
 // The 1-minute load average: how busy the machine was (other processes slow a benchmark down).
 double load_average() {
   double load = -1;
@@ -117,6 +132,21 @@ at::ScalarType parse_dtype(const std::string& s) {
   if (s == "bf16") return at::kBFloat16;
   if (s == "fp16") return at::kHalf;
   fairdiff::throw_bad_input("--dtype", "expected fp32, bf16 or fp16, found \"" + s + "\"");
+}
+
+at::Device parse_device(const std::string& s) {
+  at::Device device(at::kCPU);
+  try {
+    device = at::Device(s);
+  } catch (const c10::Error&) {
+    fairdiff::throw_bad_input("--device", "expected cpu, cuda or cuda:N, found \"" + s + "\"");
+  }
+  if (!device.is_cpu() && !device.is_cuda())
+    fairdiff::throw_unsupported("--device", "only cpu and cuda are supported, found \"" + s + "\"");
+  if (device.is_cuda() && !at::hasCUDA())
+    fairdiff::throw_unsupported("--device " + s, "this LibTorch was built without CUDA (or no GPU is visible)",
+                                "build against a CUDA LibTorch: CMAKE_PREFIX_PATH, see CMakeLists.txt");
+  return device;
 }
 
 std::string fixtures_root(const Options& o) {
@@ -208,6 +238,7 @@ struct StepTimes {
   double warmup = 0;          // the first step
   std::vector<double> timed;  // the others
   double cpu_per_wall = 0;    // over the timed steps: CPU seconds / wall seconds (busy cores)
+  double faults_per_step = 0; // page faults per timed step
   at::Tensor latents;
 };
 
@@ -229,6 +260,7 @@ StepTimes time_steps(StableDiffusionPipeline& pipe, StableDiffusionModel& model,
   auto last = Clock::now();
   auto timed_start = last;
   double cpu_start = 0;
+  long faults_start = 0;
   const size_t n = sched->timesteps().size();
   out.latents = pipe.denoise(*sched, noise, emb, 7.5, &gens,
                              [&](size_t i, size_t, const at::Tensor& latents) {
@@ -245,10 +277,14 @@ StepTimes time_steps(StableDiffusionPipeline& pipe, StableDiffusionModel& model,
                                if (i == 0) {
                                  timed_start = last;
                                  cpu_start = cpu_seconds();
+                                 faults_start = page_faults();
                                }
                              },
                              extension);
-  if (!out.timed.empty()) out.cpu_per_wall = (cpu_seconds() - cpu_start) / seconds_since(timed_start);
+  if (!out.timed.empty()) {
+    out.cpu_per_wall = (cpu_seconds() - cpu_start) / seconds_since(timed_start);
+    out.faults_per_step = static_cast<double>(page_faults() - faults_start) / static_cast<double>(out.timed.size());
+  }
   return out;
 }
 
@@ -294,7 +330,10 @@ int run(const Options& o) {
   if (o.steps < 0) fairdiff::throw_bad_input("--steps", "expected 0 (default) or more steps");
   if (o.fairness_rows < 0) fairdiff::throw_bad_input("--fairness-rows", "expected 0 or more rows per image");
   const at::ScalarType dtype = parse_dtype(o.dtype);
-  const at::Device device(o.device);
+  const at::Device device = parse_device(o.device);
+  if (dtype == at::kHalf && device.is_cpu())
+    fairdiff::throw_unsupported("--dtype fp16", "LibTorch 1.13 has no half-precision matmul on the CPU",
+                                "use --dtype bf16 or fp32 on the CPU, fp16 with --device cuda");
 
   if (!o.libtorch_threads) fairdiff::configure_threads(o.threads);
   const bool allocator = !o.system_malloc && fairdiff::configure_allocator();
@@ -333,7 +372,8 @@ int run(const Options& o) {
     report["model"] = "random SD 1.5";
     report["build_s"] = build_s;
     report["random_init_s"] = init_s;
-    row("build networks (from configs)", "-", build_s, "SD 1.5 architecture, uninitialised");
+    row("build networks (from configs)", "-", build_s,
+        "SD 1.5 architecture, uninitialised" + std::string(dtype == at::kFloat ? "" : ", converted to " + o.dtype));
     row("random init (normal_ fill)", "-", init_s, "not a cost of real use");
   } else {
     const auto t0 = Clock::now();
@@ -382,10 +422,11 @@ int run(const Options& o) {
     r["step_min_s"] = step_min;
     r["step_per_image_s"] = step_s / static_cast<double>(o.batch);
     r["step_cpu_per_wall"] = st.cpu_per_wall;
+    r["step_page_faults"] = st.faults_per_step;
     row("UNet step (CFG)", sz, step_s,
         "UNet batch " + std::to_string(2 * o.batch) + ", mean of " + std::to_string(st.timed.size()) + " (min " +
             fmt("%.3f", step_min) + "), warm-up " + fmt("%.3f", st.warmup) + " s, " +
-            fmt("%.2f", st.cpu_per_wall) + " cores busy");
+            fmt("%.2f", st.cpu_per_wall) + " cores busy, " + fmt("%.0f", st.faults_per_step) + " page faults");
     bool finite = st.latents.isfinite().all().item<bool>();
     r["latents_finite"] = finite;
 
@@ -459,6 +500,9 @@ int main(int argc, char** argv) {
   } catch (const fairdiff::Error& e) {
     std::fprintf(stderr, "fairdiff-bench: error: %s\n", e.what());
     return fairdiff::exit_code(e.kind());
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "fairdiff-bench: error: %s\n", e.what_without_backtrace());
+    return 1;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "fairdiff-bench: error: %s\n", e.what());
     return 1;

@@ -71,6 +71,13 @@ void add_generate_flags(CLI::App* cmd, fairdiff::GenerateOptions& o) {
   cmd->add_option("--shard-index", o.shard_index, "this shard (0-based); default from SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX or RANK");
   cmd->add_option("--num-shards", o.num_shards, "number of shards; default from SLURM_ARRAY_TASK_COUNT, FAIRDIFF_NUM_SHARDS or WORLD_SIZE");
   cmd->add_option("--threads", o.threads, "CPU threads (0 = all cores)");
+  cmd->add_option("--fairness", o.fairness,
+                  "ATTRIBUTE=RATIOS, repeatable: steer each image toward an assigned group (gender=50:50, gender=female:30,male:70)")
+      ->allow_extra_args(false);
+  cmd->add_option("--fairness-file", o.fairness_file, "JSON {\"attributes\": [{\"name\", \"targets\", edit overrides}]}");
+  cmd->add_option("--attributes", o.attributes_dir, "attribute library folder (default: the source tree's configs/attributes)");
+  cmd->add_option("--assignment", o.assignment, "quota (exact counts per prompt, shuffled) or random (independent draws)")
+      ->capture_default_str();
   cmd->add_flag("-q,--quiet", o.quiet, "no progress output");
 }
 

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace fairdiff {
@@ -41,6 +42,12 @@ struct GenerateOptions {
   int64_t shard_index = -1;       // -1: from the environment (SLURM, Kubernetes, RANK), else unsharded
   int64_t num_shards = 0;
   int threads = 0;                // CPU threads, 0 = all cores
+  // Fair Diffusion: each image is assigned an identity group per attribute and steered
+  // toward it with semantic guidance. "gender=50:50", "gender=female:30,male:70".
+  std::vector<std::string> fairness;  // --fairness, repeatable (one per attribute)
+  std::string fairness_file;          // --fairness-file: JSON {"attributes": [{"name", "targets", ...}]}
+  std::string attributes_dir;         // --attributes: attribute library ("" = configs/attributes)
+  std::string assignment = "quota";   // quota (exact counts per prompt, shuffled) | random (independent draws)
   bool quiet = false;
 };
 
@@ -54,6 +61,8 @@ struct PlannedImage {
   double cfg_scale = 0;
   int64_t width = 0, height = 0;
   std::string file;          // file name inside out_dir: "00012-1234.png"
+  // With --fairness: attribute -> assigned group, in the order the attributes were given.
+  std::vector<std::pair<std::string, std::string>> groups;
 };
 
 struct RunPlan {

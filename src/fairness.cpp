@@ -1,0 +1,315 @@
+// Fair Diffusion's instruction, torch-free: attribute library, flag parsing, assignment.
+#include "fairness.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <set>
+
+#include "fairdiff/error.h"
+#include "fs_util.h"
+
+#ifndef FAIRDIFF_SOURCE_DIR
+#define FAIRDIFF_SOURCE_DIR "."
+#endif
+
+namespace fairdiff {
+namespace {
+
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> parts;
+  size_t start = 0;
+  for (size_t i = 0; i <= s.size(); ++i)
+    if (i == s.size() || s[i] == sep) {
+      parts.push_back(s.substr(start, i - start));
+      start = i + 1;
+    }
+  return parts;
+}
+
+std::string trim(const std::string& s) {
+  const size_t b = s.find_first_not_of(" \t");
+  if (b == std::string::npos) return "";
+  return s.substr(b, s.find_last_not_of(" \t") - b + 1);
+}
+
+bool parse_number(const std::string& text, double* out) {
+  const std::string t = trim(text);
+  if (t.empty()) return false;
+  char* end = nullptr;
+  const double v = std::strtod(t.c_str(), &end);
+  if (*end != '\0' || !std::isfinite(v)) return false;
+  *out = v;
+  return true;
+}
+
+std::string group_names(const Attribute& a) {
+  std::string names;
+  for (const auto& g : a.groups) names += (names.empty() ? "" : ", ") + g.name;
+  return names;
+}
+
+int64_t group_index(const Attribute& a, const std::string& name) {
+  for (size_t g = 0; g < a.groups.size(); ++g)
+    if (a.groups[g].name == name) return static_cast<int64_t>(g);
+  return -1;
+}
+
+// Ratios checked and normalised: non-negative, not all zero.
+std::vector<double> normalise(const std::vector<double>& ratios, const std::string& where) {
+  double total = 0;
+  for (double r : ratios) {
+    if (r < 0) throw_bad_input(where, "ratio " + std::to_string(r) + " is negative", "ratios are non-negative numbers");
+    total += r;
+  }
+  if (!(total > 0)) throw_bad_input(where, "all ratios are zero", "give at least one group a positive share");
+  std::vector<double> shares;
+  for (double r : ratios) shares.push_back(r / total);
+  return shares;
+}
+
+// "50:50" (one ratio per group, in the attribute's order) or "female:30,male:70" (named; others 0).
+std::vector<double> parse_ratios(const Attribute& a, const std::string& text, const std::string& where) {
+  double first = 0;
+  const bool named = text.find(',') != std::string::npos || !parse_number(split(text, ':').front(), &first);
+  std::vector<double> ratios(a.groups.size(), 0.0);
+  if (!named) {
+    const std::vector<std::string> parts = split(text, ':');
+    if (parts.size() > a.groups.size())
+      throw_bad_input(where, std::to_string(parts.size()) + " ratios for " + std::to_string(a.groups.size()) +
+                                 " groups of \"" + a.name + "\" (more ratios than groups)",
+                      "groups, in order: " + group_names(a));
+    if (parts.size() < a.groups.size())
+      throw_bad_input(where, std::to_string(parts.size()) + " ratio(s) for " + std::to_string(a.groups.size()) +
+                                 " groups of \"" + a.name + "\"",
+                      "give one ratio per group (" + group_names(a) + ") or name them: GROUP:RATIO,...");
+    for (size_t g = 0; g < parts.size(); ++g)
+      if (!parse_number(parts[g], &ratios[g]))
+        throw_bad_input(where, "ratio \"" + parts[g] + "\" is not a number", "e.g. " + a.name + "=50:50");
+  } else {
+    std::set<std::string> seen;
+    for (const std::string& item : split(text, ',')) {
+      const size_t colon = item.rfind(':');
+      const std::string group = trim(item.substr(0, colon == std::string::npos ? item.size() : colon));
+      const int64_t g = group_index(a, group);
+      if (g < 0)
+        throw_bad_input(where, "unknown group \"" + group + "\" of attribute \"" + a.name + "\"",
+                        "groups: " + group_names(a));
+      if (!seen.insert(group).second) throw_bad_input(where, "group \"" + group + "\" is given twice");
+      const std::string value = colon == std::string::npos ? "" : item.substr(colon + 1);
+      if (!parse_number(value, &ratios[static_cast<size_t>(g)]))
+        throw_bad_input(where, "ratio \"" + value + "\" of group \"" + group + "\" is not a number",
+                        "e.g. " + a.name + "=" + a.groups.front().name + ":30,...");
+    }
+  }
+  return normalise(ratios, where);
+}
+
+void read_defaults(const nlohmann::json& j, EditDefaults* d, const std::string& where) {
+  try {
+    d->edit_guidance_scale = j.value("edit_guidance_scale", d->edit_guidance_scale);
+    d->edit_threshold = j.value("edit_threshold", d->edit_threshold);
+    d->edit_warmup_steps = j.value("edit_warmup_steps", d->edit_warmup_steps);
+    d->edit_momentum_scale = j.value("edit_momentum_scale", d->edit_momentum_scale);
+    d->edit_mom_beta = j.value("edit_mom_beta", d->edit_mom_beta);
+  } catch (const nlohmann::json::exception&) {
+    throw_bad_input(where, "an edit setting is not a number", "edit_* settings are numbers");
+  }
+  if (d->edit_threshold < 0 || d->edit_threshold > 1) throw_bad_input(where, "edit_threshold must be in [0, 1]");
+  if (d->edit_warmup_steps < 0) throw_bad_input(where, "edit_warmup_steps must be non-negative");
+}
+
+void check_groups(const Attribute& a, const std::string& where) {
+  if (a.groups.empty()) throw_bad_input(where, "attribute \"" + a.name + "\" has no groups", "list at least two groups");
+  std::set<std::string> names;
+  for (const auto& g : a.groups) {
+    if (g.name.empty()) throw_bad_input(where, "a group of \"" + a.name + "\" has no name");
+    if (!names.insert(g.name).second) throw_bad_input(where, "group \"" + g.name + "\" is listed twice");
+    if (g.edit_prompts.empty()) throw_bad_input(where, "group \"" + g.name + "\" has no edit prompts");
+    for (const auto& p : g.edit_prompts)
+      if (trim(p).empty()) throw_bad_input(where, "group \"" + g.name + "\" has an empty edit prompt");
+  }
+}
+
+// splitmix64: spreads (seed, prompt, attribute) over the generator's seed space.
+uint64_t mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+}  // namespace
+
+std::string attributes_dir(const std::string& dir) {
+  return dir.empty() ? std::string(FAIRDIFF_SOURCE_DIR) + "/configs/attributes" : dir;
+}
+
+Attribute load_attribute(const std::string& name, const std::string& dir) {
+  const std::string folder = attributes_dir(dir);
+  const std::string path = folder + "/" + name + ".json";
+  if (name.empty() || name.find('/') != std::string::npos || !is_regular_file(path))
+    throw_bad_input("--fairness", "unknown attribute \"" + name + "\" (no " + path + ")",
+                    "add it to the attribute library or pass --attributes DIR");
+  std::ifstream in(path);
+  const nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) throw_bad_input(path, "is not valid JSON");
+  Attribute a;
+  a.name = name;
+  try {
+    a.description = j.value("description", std::string());
+    if (j.contains("groups")) {
+      if (!j["groups"].is_array()) throw_bad_input(path, "\"groups\" is not a list");
+      for (const auto& g : j["groups"]) {
+        AttributeGroup group;
+        group.name = g.value("name", std::string());
+        group.edit_prompts = g.value("edit_prompts", std::vector<std::string>{});
+        a.groups.push_back(group);
+      }
+    }
+  } catch (const nlohmann::json::exception&) {
+    throw_bad_input(path, "a group has the wrong type", "groups: [{\"name\": ..., \"edit_prompts\": [...]}]");
+  }
+  check_groups(a, path);
+  if (j.contains("defaults")) read_defaults(j["defaults"], &a.defaults, path);
+  return a;
+}
+
+FairnessSpec parse_fairness(const GenerateOptions& o) {
+  if (o.assignment != "quota" && o.assignment != "random")
+    throw_bad_input("--assignment", "unknown assignment \"" + o.assignment + "\"", "use quota or random");
+  FairnessSpec spec;
+  std::set<std::string> seen;
+  auto add = [&](FairnessTarget t, const std::string& where) {
+    if (!seen.insert(t.attribute.name).second)
+      throw_bad_input(where, "attribute \"" + t.attribute.name + "\" is given twice");
+    spec.targets.push_back(std::move(t));
+  };
+  for (const std::string& value : o.fairness) {
+    const std::string where = "--fairness " + value;
+    const size_t eq = value.find('=');
+    if (eq == std::string::npos)
+      throw_bad_input(where, "expected ATTRIBUTE=RATIOS", "e.g. --fairness gender=50:50 or gender=female:30,male:70");
+    FairnessTarget t;
+    t.attribute = load_attribute(trim(value.substr(0, eq)), o.attributes_dir);
+    t.shares = parse_ratios(t.attribute, value.substr(eq + 1), where);
+    add(std::move(t), where);
+  }
+  if (!o.fairness_file.empty()) {
+    const std::string& path = o.fairness_file;
+    if (!is_regular_file(path)) throw_bad_input(path, "fairness file not found", "give a JSON file");
+    std::ifstream in(path);
+    const nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
+    if (j.is_discarded() || !j.is_object() || !j.contains("attributes") || !j["attributes"].is_array())
+      throw_bad_input(path, "is not a JSON object with an \"attributes\" list",
+                      "{\"attributes\": [{\"name\": \"gender\", \"targets\": {\"female\": 0.5, \"male\": 0.5}}]}");
+    for (const auto& entry : j["attributes"]) {
+      if (!entry.is_object() || !entry.contains("name") || !entry["name"].is_string())
+        throw_bad_input(path, "an attribute has no \"name\"");
+      FairnessTarget t;
+      t.attribute = load_attribute(entry["name"].get<std::string>(), o.attributes_dir);
+      const std::string where = path + ": " + t.attribute.name;
+      if (!entry.contains("targets") || !entry["targets"].is_object())
+        throw_bad_input(where, "has no \"targets\" object", "{\"female\": 0.3, \"male\": 0.7}");
+      std::vector<double> ratios(t.attribute.groups.size(), 0.0);
+      for (auto it = entry["targets"].begin(); it != entry["targets"].end(); ++it) {
+        const int64_t g = group_index(t.attribute, it.key());
+        if (g < 0)
+          throw_bad_input(where, "unknown group \"" + it.key() + "\"", "groups: " + group_names(t.attribute));
+        if (!it.value().is_number()) throw_bad_input(where, "target of \"" + it.key() + "\" is not a number");
+        ratios[static_cast<size_t>(g)] = it.value().get<double>();
+      }
+      t.shares = normalise(ratios, where);
+      // Overrides: "edit_prompts": {"female": ["woman"]}, and any edit_* setting.
+      if (entry.contains("edit_prompts")) {
+        if (!entry["edit_prompts"].is_object())
+          throw_bad_input(where, "\"edit_prompts\" is not an object", "{\"female\": [\"woman\"], ...}");
+        for (auto it = entry["edit_prompts"].begin(); it != entry["edit_prompts"].end(); ++it) {
+          const int64_t g = group_index(t.attribute, it.key());
+          if (g < 0) throw_bad_input(where, "edit_prompts: unknown group \"" + it.key() + "\"");
+          if (!it.value().is_array()) throw_bad_input(where, "edit_prompts of \"" + it.key() + "\" is not a list");
+          std::vector<std::string> prompts;
+          for (const auto& p : it.value()) {
+            if (!p.is_string()) throw_bad_input(where, "an edit prompt of \"" + it.key() + "\" is not a string");
+            prompts.push_back(p.get<std::string>());
+          }
+          t.attribute.groups[static_cast<size_t>(g)].edit_prompts = prompts;
+        }
+        check_groups(t.attribute, where);
+      }
+      read_defaults(entry, &t.attribute.defaults, where);
+      add(std::move(t), where);
+    }
+  }
+  // One momentum per image in semantic guidance: attributes must agree on it.
+  for (const auto& t : spec.targets) {
+    const EditDefaults &a = spec.targets.front().attribute.defaults, &b = t.attribute.defaults;
+    if (a.edit_momentum_scale != b.edit_momentum_scale || a.edit_mom_beta != b.edit_mom_beta)
+      throw_bad_input("--fairness", "attributes \"" + spec.targets.front().attribute.name + "\" and \"" +
+                                        t.attribute.name + "\" set different edit momentum",
+                      "give them the same edit_momentum_scale and edit_mom_beta");
+  }
+  return spec;
+}
+
+std::vector<int64_t> quota_counts(const std::vector<double>& shares, int64_t n) {
+  std::vector<int64_t> counts(shares.size(), 0);
+  std::vector<std::pair<double, size_t>> remainders;
+  int64_t given = 0;
+  for (size_t g = 0; g < shares.size(); ++g) {
+    const double exact = shares[g] * static_cast<double>(n);
+    counts[g] = static_cast<int64_t>(std::floor(exact));
+    given += counts[g];
+    remainders.emplace_back(exact - std::floor(exact), g);
+  }
+  // Largest remainders first; equal remainders to the earlier group.
+  std::stable_sort(remainders.begin(), remainders.end(),
+                   [](const auto& a, const auto& b) { return a.first > b.first; });
+  for (size_t i = 0; given < n && !remainders.empty(); ++given, i = (i + 1) % remainders.size())
+    ++counts[remainders[i].second];
+  return counts;
+}
+
+std::vector<std::vector<int64_t>> assign_groups(const FairnessSpec& spec, const std::string& assignment,
+                                                int64_t seed, int64_t prompt_index, int64_t n) {
+  std::vector<std::vector<int64_t>> result(static_cast<size_t>(n));
+  for (size_t a = 0; a < spec.targets.size(); ++a) {
+    const std::vector<double>& shares = spec.targets[a].shares;
+    std::mt19937_64 rng(mix(mix(mix(static_cast<uint64_t>(seed)) ^ static_cast<uint64_t>(prompt_index)) ^ a));
+    std::vector<int64_t> order;
+    if (assignment == "random") {
+      // Independent draws: u in [0, 1) from the top 53 bits, then the cumulative shares.
+      for (int64_t k = 0; k < n; ++k) {
+        const double u = static_cast<double>(rng() >> 11) * 0x1.0p-53;
+        double cumulative = 0;
+        int64_t g = static_cast<int64_t>(shares.size()) - 1;
+        for (size_t j = 0; j < shares.size(); ++j) {
+          cumulative += shares[j];
+          if (u < cumulative && shares[j] > 0) { g = static_cast<int64_t>(j); break; }
+        }
+        while (g > 0 && shares[static_cast<size_t>(g)] == 0) --g;  // rounding past the end
+        order.push_back(g);
+      }
+    } else {
+      const std::vector<int64_t> counts = quota_counts(shares, n);
+      for (size_t g = 0; g < counts.size(); ++g) order.insert(order.end(), static_cast<size_t>(counts[g]), static_cast<int64_t>(g));
+      // Fisher-Yates with our own index draw (std::uniform_int_distribution differs between
+      // standard libraries); the modulo bias is below 2^-40 for any realistic n.
+      for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[rng() % i]);
+    }
+    for (int64_t k = 0; k < n; ++k) result[static_cast<size_t>(k)].push_back(order[static_cast<size_t>(k)]);
+  }
+  return result;
+}
+
+std::string fairness_label(const std::vector<std::pair<std::string, std::string>>& groups) {
+  std::string label;
+  for (const auto& [attribute, group] : groups) label += (label.empty() ? "" : ", ") + attribute + "=" + group;
+  return label;
+}
+
+}  // namespace fairdiff
