@@ -19,6 +19,7 @@
 #include "infotext.h"
 #include "pipeline.h"
 #include "png_io.h"
+#include "runtime.h"
 #include "semantic_guidance.h"
 #include "sha256.h"
 #include "single_file.h"
@@ -179,6 +180,7 @@ nlohmann::json fair_record(const FairnessSpec& spec, const FairEdits& edits, con
 
 RunSummary generate(GenerateOptions o) {
   validate(o);
+  configure_threads(o.threads);  // LibTorch alone may use one thread on 2-vCPU machines (see runtime.h)
   c10::InferenceMode inference;
   const LoadOptions lo = resolve_runtime(o);
   const fs::path out(o.out_dir);
