@@ -6,27 +6,11 @@
 
 #include "model_folder.h"
 #include "parity.h"
+#include "parity_pipeline.h"
 #include "pipeline.h"
 
 namespace fairdiff::parity {
 namespace {
-
-StableDiffusionModel& model_for(const ParityCase& c) {
-  static std::map<std::string, StableDiffusionModel> cache;
-  const std::string dir = c.model_dir();
-  auto it = cache.find(dir);
-  if (it == cache.end())
-    it = cache.emplace(dir, load_model_folder(dir, LoadOptions{c.options().dtype, c.options().device})).first;
-  return it->second;
-}
-
-// The scheduler the case recorded: its class and full config.
-std::unique_ptr<Scheduler> scheduler_for(const ParityCase& c) {
-  const auto& s = c.params().at("scheduler");
-  nlohmann::json config = s.at("config");
-  config["_class_name"] = s.at("class");
-  return make_scheduler(config, "", c.name() + " params.scheduler");
-}
 
 std::string string_param(const ParityCase& c, const std::string& key) {
   const auto it = c.params().find(key);
@@ -82,6 +66,22 @@ void cpu_randn(ParityCase& c) {
 }
 
 }  // namespace
+
+StableDiffusionModel& model_for(const ParityCase& c) {
+  static std::map<std::string, StableDiffusionModel> cache;
+  const std::string dir = c.model_dir();
+  auto it = cache.find(dir);
+  if (it == cache.end())
+    it = cache.emplace(dir, load_model_folder(dir, LoadOptions{c.options().dtype, c.options().device})).first;
+  return it->second;
+}
+
+std::unique_ptr<Scheduler> scheduler_for(const ParityCase& c) {
+  const auto& s = c.params().at("scheduler");
+  nlohmann::json config = s.at("config");
+  config["_class_name"] = s.at("class");
+  return make_scheduler(config, "", c.name() + " params.scheduler");
+}
 
 void register_pipeline_ops(OpRegistry& registry) {
   registry["sd_pipeline"] = sd_pipeline;

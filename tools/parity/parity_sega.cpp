@@ -10,27 +10,12 @@
 
 #include "model_folder.h"
 #include "parity.h"
+#include "parity_pipeline.h"
 #include "pipeline.h"
 #include "semantic_guidance.h"
 
 namespace fairdiff::parity {
 namespace {
-
-StableDiffusionModel& model_for(const ParityCase& c) {
-  static std::map<std::string, StableDiffusionModel> cache;
-  const std::string dir = c.model_dir();
-  auto it = cache.find(dir);
-  if (it == cache.end())
-    it = cache.emplace(dir, load_model_folder(dir, LoadOptions{c.options().dtype, c.options().device})).first;
-  return it->second;
-}
-
-std::unique_ptr<Scheduler> scheduler_for(const ParityCase& c) {
-  const auto& s = c.params().at("scheduler");
-  nlohmann::json config = s.at("config");
-  config["_class_name"] = s.at("class");
-  return make_scheduler(config, "", c.name() + " params.scheduler");
-}
 
 bool present(const nlohmann::json& params, const std::string& key) {
   return params.contains(key) && !params[key].is_null();
