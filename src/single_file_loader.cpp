@@ -18,19 +18,6 @@
 namespace fairdiff {
 namespace {
 
-std::string shape_str(at::IntArrayRef shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? "," : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
-std::string first_few(const std::vector<std::string>& names, size_t limit = 5) {
-  std::string s;
-  for (size_t i = 0; i < names.size() && i < limit; ++i) s += (i ? ", " : "") + names[i];
-  if (names.size() > limit) s += ", ... (" + std::to_string(names.size()) + " in all)";
-  return s;
-}
-
 // The planned tensor as a view of the file mapping (no copy yet).
 at::Tensor planned_view(const TensorView& stored, const PlannedTensor& t) {
   const at::Tensor src = tensor_view(stored);
@@ -78,16 +65,16 @@ void fill_module(torch::nn::Module& module, const std::string& component, const 
   if (!mismatched.empty())
     throw_bad_input(
         file.path(),
-        std::to_string(mismatched.size()) + " " + component + " tensors have the wrong shape: " + first_few(mismatched),
+        std::to_string(mismatched.size()) + " " + component + " tensors have the wrong shape: " + first_names(mismatched),
         hint);
   if (!missing.empty())
     throw_bad_input(file.path(),
-                    std::to_string(missing.size()) + " " + component + " tensors are missing: " + first_few(missing),
+                    std::to_string(missing.size()) + " " + component + " tensors are missing: " + first_names(missing),
                     hint);
   if (!unexpected.empty())
     throw_bad_input(file.path(),
                     std::to_string(unexpected.size()) + " mapped tensors are not part of the " + component + ": " +
-                        first_few(unexpected),
+                        first_names(unexpected),
                     hint);
 
   at::NoGradGuard no_grad;

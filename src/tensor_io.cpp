@@ -7,22 +7,18 @@
 #include "fairdiff/error.h"
 
 namespace fairdiff {
-namespace {
-
 std::string shape_str(at::IntArrayRef shape) {
   std::string s = "[";
   for (size_t i = 0; i < shape.size(); ++i) s += (i ? "," : "") + std::to_string(shape[i]);
   return s + "]";
 }
 
-std::string first_names(const std::vector<std::string>& names, size_t limit = 5) {
+std::string first_names(const std::vector<std::string>& names, size_t limit) {
   std::string s;
   for (size_t i = 0; i < names.size() && i < limit; ++i) s += (i ? ", " : "") + names[i];
   if (names.size() > limit) s += ", ... (" + std::to_string(names.size()) + " in all)";
   return s;
 }
-
-}  // namespace
 
 at::ScalarType scalar_type(DType dtype) {
   switch (dtype) {
