@@ -479,7 +479,7 @@ int main(int argc, char** argv) {
   app.add_option("--model", o.model, "diffusers model folder (default: SD 1.5 architecture with random weights)");
   app.add_option("--fixtures", o.fixtures, "fixtures folder with keysets/sd15 (default: $FAIRDIFF_FIXTURES or ../shared/fixtures)");
   app.add_option("--sizes", o.sizes, "square image sizes, comma-separated")->delimiter(',')->capture_default_str();
-  app.add_option("--steps", o.steps, "timed UNet steps per size after one warm-up step (default: 2 at 512 and above, 3 below)");
+  app.add_option("--steps", o.steps, "timed UNet steps per size after one warm-up step, at least (PNDM repeats a timestep); default: 2 at 512 and above, 3 below");
   app.add_option("--batch", o.batch, "images per UNet call (the CFG batch is twice this)")->capture_default_str();
   app.add_option("--dtype", o.dtype, "fp32, bf16 or fp16")->capture_default_str();
   app.add_option("--device", o.device, "cpu, cuda or cuda:N")->capture_default_str();
