@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <map>
@@ -11,6 +12,7 @@
 #include <set>
 
 #include "fairdiff/error.h"
+#include "fairdiff/safetensors.h"
 #include "fs_util.h"
 
 #ifndef FAIRDIFF_SOURCE_DIR
@@ -143,6 +145,224 @@ uint64_t mix(uint64_t x) {
   return x ^ (x >> 31);
 }
 
+int64_t target_index(const FairnessSpec& spec, const std::string& name) {
+  for (size_t a = 0; a < spec.targets.size(); ++a)
+    if (spec.targets[a].attribute.name == name) return static_cast<int64_t>(a);
+  return -1;
+}
+
+void add_target(FairnessSpec* spec, FairnessTarget t, const std::string& where) {
+  if (target_index(*spec, t.attribute.name) >= 0)
+    throw_bad_input(where, "attribute \"" + t.attribute.name + "\" is given twice");
+  spec->targets.push_back(std::move(t));
+}
+
+std::string number(double v) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.6g", v);
+  return text;
+}
+
+// Cell `cell` of a joint over attributes with these group counts: one group per attribute (last fastest).
+std::vector<int64_t> cell_groups(const std::vector<int64_t>& sizes, int64_t cell) {
+  std::vector<int64_t> groups(sizes.size());
+  for (size_t i = sizes.size(); i-- > 0; cell /= sizes[i]) groups[i] = cell % sizes[i];
+  return groups;
+}
+
+std::vector<int64_t> joint_sizes(const FairnessSpec& spec, const JointTarget& joint) {
+  std::vector<int64_t> sizes;
+  for (size_t a : joint.attributes) sizes.push_back(static_cast<int64_t>(spec.targets[a].attribute.groups.size()));
+  return sizes;
+}
+
+std::string cell_name(const FairnessSpec& spec, const JointTarget& joint, int64_t cell) {
+  const std::vector<int64_t> groups = cell_groups(joint_sizes(spec, joint), cell);
+  std::string name;
+  for (size_t i = 0; i < groups.size(); ++i)
+    name += (i ? "," : "") + spec.targets[joint.attributes[i]].attribute.groups[static_cast<size_t>(groups[i])].name;
+  return name;
+}
+
+// One file entry: {"name", "targets", "edit_prompts", edit_* settings}. Without "targets" the
+// shares stay empty: the joint target must supply them.
+FairnessTarget read_file_entry(const nlohmann::json& entry, const std::string& path, const std::string& dir) {
+  if (!entry.is_object() || !entry.contains("name") || !entry["name"].is_string())
+    throw_bad_input(path, "an attribute has no \"name\"");
+  FairnessTarget t;
+  t.attribute = load_attribute(entry["name"].get<std::string>(), dir);
+  const std::string where = path + ": " + t.attribute.name;
+  if (entry.contains("targets")) {
+    if (!entry["targets"].is_object())
+      throw_bad_input(where, "\"targets\" is not an object", "{\"female\": 0.3, \"male\": 0.7}");
+    std::vector<double> ratios(t.attribute.groups.size(), 0.0);
+    for (auto it = entry["targets"].begin(); it != entry["targets"].end(); ++it) {
+      const int64_t g = group_index(t.attribute, it.key());
+      if (g < 0)
+        throw_bad_input(where, "unknown group \"" + it.key() + "\"", "groups: " + group_names(t.attribute));
+      if (!it.value().is_number()) throw_bad_input(where, "target of \"" + it.key() + "\" is not a number");
+      ratios[static_cast<size_t>(g)] = it.value().get<double>();
+    }
+    t.shares = normalise(ratios, where);
+  }
+  // Overrides: "edit_prompts": {"female": ["woman"]}, and any edit_* setting.
+  if (entry.contains("edit_prompts")) {
+    if (!entry["edit_prompts"].is_object())
+      throw_bad_input(where, "\"edit_prompts\" is not an object", "{\"female\": [\"woman\"], ...}");
+    for (auto it = entry["edit_prompts"].begin(); it != entry["edit_prompts"].end(); ++it) {
+      const int64_t g = group_index(t.attribute, it.key());
+      if (g < 0) throw_bad_input(where, "edit_prompts: unknown group \"" + it.key() + "\"");
+      if (!it.value().is_array()) throw_bad_input(where, "edit_prompts of \"" + it.key() + "\" is not a list");
+      std::vector<std::string> prompts;
+      for (const auto& p : it.value()) {
+        if (!p.is_string()) throw_bad_input(where, "an edit prompt of \"" + it.key() + "\" is not a string");
+        prompts.push_back(p.get<std::string>());
+      }
+      t.attribute.groups[static_cast<size_t>(g)].edit_prompts = prompts;
+    }
+    check_groups(t.attribute, where);
+  }
+  read_defaults(entry, &t.attribute.defaults, where);
+  return t;
+}
+
+// The joint's attributes as indices into spec->targets; one it does not have yet comes from the library.
+std::vector<size_t> joint_attributes(const nlohmann::json& names, const std::string& where, const std::string& dir,
+                                     FairnessSpec* spec) {
+  if (!names.is_array() || names.size() < 2)
+    throw_bad_input(where, "\"attributes\" must list at least two attribute names",
+                    "\"joint\": {\"attributes\": [\"gender\", \"colour\"], \"targets\": {\"female,red\": 1, ...}}");
+  std::vector<size_t> indices;
+  for (const auto& name : names) {
+    if (!name.is_string()) throw_bad_input(where, "attribute " + name.dump() + " is not a name");
+    int64_t a = target_index(*spec, name.get<std::string>());
+    if (a < 0) {
+      spec->targets.push_back({load_attribute(name.get<std::string>(), dir), {}});
+      a = static_cast<int64_t>(spec->targets.size()) - 1;
+    }
+    if (std::find(indices.begin(), indices.end(), static_cast<size_t>(a)) != indices.end())
+      throw_bad_input(where, "attribute \"" + name.get<std::string>() + "\" is listed twice");
+    indices.push_back(static_cast<size_t>(a));
+  }
+  return indices;
+}
+
+// "female,red" -> its cell index in the joint; BadInput for a wrong count or an unknown group.
+int64_t cell_index(const FairnessSpec& spec, const JointTarget& joint, const std::string& key, const std::string& where) {
+  const std::vector<std::string> parts = split(key, ',');
+  std::string order;
+  for (size_t a : joint.attributes) order += (order.empty() ? "" : ",") + spec.targets[a].attribute.name;
+  if (parts.size() != joint.attributes.size())
+    throw_bad_input(where, "cell \"" + key + "\" names " + std::to_string(parts.size()) + " group(s), expected " +
+                               std::to_string(joint.attributes.size()),
+                    "one group per attribute, in the order " + order + ", e.g. \"" + cell_name(spec, joint, 0) + "\"");
+  int64_t cell = 0;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const Attribute& attr = spec.targets[joint.attributes[i]].attribute;
+    const int64_t g = group_index(attr, trim(parts[i]));
+    if (g < 0)
+      throw_bad_input(where, "cell \"" + key + "\": unknown group \"" + trim(parts[i]) + "\" of attribute \"" +
+                                 attr.name + "\"",
+                      "groups: " + group_names(attr));
+    cell = cell * static_cast<int64_t>(attr.groups.size()) + g;
+  }
+  return cell;
+}
+
+// The joint's marginals become its attributes' shares; marginal targets given as well must agree.
+void apply_marginals(FairnessSpec* spec, const JointTarget& joint, const std::string& where) {
+  const std::vector<int64_t> sizes = joint_sizes(*spec, joint);
+  for (size_t i = 0; i < joint.attributes.size(); ++i) {
+    FairnessTarget& t = spec->targets[joint.attributes[i]];
+    std::vector<double> marginal(t.attribute.groups.size(), 0.0);
+    for (size_t c = 0; c < joint.shares.size(); ++c)
+      marginal[static_cast<size_t>(cell_groups(sizes, static_cast<int64_t>(c))[i])] += joint.shares[c];
+    for (size_t g = 0; g < marginal.size() && !t.shares.empty(); ++g)
+      if (std::abs(t.shares[g] - marginal[g]) > 1e-9)
+        throw_bad_input(where, "joint targets contradict the marginal targets of " + t.attribute.name + ": " +
+                                   t.attribute.groups[g].name + " is " + number(t.shares[g]) + " there but " +
+                                   number(marginal[g]) + " in the joint",
+                        "drop the marginal targets of " + t.attribute.name + ", which the joint sets, or make them agree");
+    t.shares = marginal;
+  }
+}
+
+// "joint": {"attributes": [A, B, ...], "targets": {"GROUP_A,GROUP_B,...": ratio, ...}}; missing cells are 0.
+void read_joint(const nlohmann::json& j, const std::string& path, const std::string& dir, FairnessSpec* spec) {
+  const std::string where = path + ": joint";
+  if (!j.is_object() || !j.contains("attributes") || !j.contains("targets") || !j["targets"].is_object())
+    throw_bad_input(where, "expected an object with \"attributes\" and a \"targets\" object",
+                    "\"joint\": {\"attributes\": [\"gender\", \"colour\"], \"targets\": {\"female,red\": 1, ...}}");
+  JointTarget joint;
+  joint.attributes = joint_attributes(j["attributes"], where, dir, spec);
+  int64_t cells = 1;
+  for (int64_t size : joint_sizes(*spec, joint)) cells *= size;
+  std::vector<double> ratios(static_cast<size_t>(cells), 0.0);
+  std::set<int64_t> seen;
+  for (auto it = j["targets"].begin(); it != j["targets"].end(); ++it) {
+    const int64_t cell = cell_index(*spec, joint, it.key(), where);
+    if (!seen.insert(cell).second) throw_bad_input(where, "cell \"" + it.key() + "\" is given twice");
+    if (!it.value().is_number()) throw_bad_input(where, "target of cell \"" + it.key() + "\" is not a number");
+    ratios[static_cast<size_t>(cell)] = it.value().get<double>();
+  }
+  joint.shares = normalise(ratios, where);
+  apply_marginals(spec, joint, where);
+  spec->joint = std::move(joint);
+}
+
+// --fairness-file: {"attributes": [entry, ...], "joint": {...}}, either part optional.
+void read_fairness_file(const std::string& path, const std::string& dir, FairnessSpec* spec) {
+  if (!is_regular_file(path)) throw_bad_input(path, "fairness file not found", "give a JSON file");
+  std::ifstream in(path);
+  const nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
+  const bool object = !j.is_discarded() && j.is_object();
+  if (!object || (!j.contains("attributes") && !j.contains("joint")) ||
+      (j.contains("attributes") && !j["attributes"].is_array()))
+    throw_bad_input(path, "is not a JSON object with an \"attributes\" list or a \"joint\" target",
+                    "{\"attributes\": [{\"name\": \"gender\", \"targets\": {\"female\": 0.5, \"male\": 0.5}}]}");
+  for (auto it = j.begin(); it != j.end(); ++it)  // a misspelt "joint" must not vanish silently
+    if (it.key() != "attributes" && it.key() != "joint" && it.key() != "description")
+      throw_bad_input(path, "unknown key \"" + it.key() + "\"", "known keys: attributes, joint, description");
+  if (j.contains("attributes"))
+    for (const auto& entry : j["attributes"]) {
+      FairnessTarget t = read_file_entry(entry, path, dir);
+      add_target(spec, std::move(t), path + ": " + entry["name"].get<std::string>());
+    }
+  if (j.contains("joint")) read_joint(j["joint"], path, dir, spec);
+  for (const FairnessTarget& t : spec->targets)
+    if (t.shares.empty())
+      throw_bad_input(path + ": " + t.attribute.name, "has no \"targets\" object and is not in the joint target",
+                      "add \"targets\": {\"" + t.attribute.groups.front().name + "\": 0.5, ...}");
+}
+
+// The cell (group, or joint cell) of each of n images. "quota": exact largest-remainder
+// counts in a seeded shuffled order; "random": independent draws from the shares.
+std::vector<int64_t> draw_cells(const std::vector<double>& shares, const std::string& assignment,
+                                std::mt19937_64& rng, int64_t n) {
+  std::vector<int64_t> order;
+  if (assignment == "random") {
+    // Independent draws: u in [0, 1) from the top 53 bits, then the cumulative shares.
+    for (int64_t k = 0; k < n; ++k) {
+      const double u = static_cast<double>(rng() >> 11) * 0x1.0p-53;
+      double cumulative = 0;
+      int64_t g = static_cast<int64_t>(shares.size()) - 1;
+      for (size_t j = 0; j < shares.size(); ++j) {
+        cumulative += shares[j];
+        if (u < cumulative && shares[j] > 0) { g = static_cast<int64_t>(j); break; }
+      }
+      while (g > 0 && shares[static_cast<size_t>(g)] == 0) --g;  // rounding past the end
+      order.push_back(g);
+    }
+    return order;
+  }
+  const std::vector<int64_t> counts = quota_counts(shares, n);
+  for (size_t g = 0; g < counts.size(); ++g) order.insert(order.end(), static_cast<size_t>(counts[g]), static_cast<int64_t>(g));
+  // Fisher-Yates with our own index draw (std::uniform_int_distribution differs between
+  // standard libraries); the modulo bias is below 2^-40 for any realistic n.
+  for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[rng() % i]);
+  return order;
+}
+
 }  // namespace
 
 std::string attributes_dir(const std::string& dir) {
@@ -183,12 +403,6 @@ FairnessSpec parse_fairness(const GenerateOptions& o) {
   if (o.assignment != "quota" && o.assignment != "random")
     throw_bad_input("--assignment", "unknown assignment \"" + o.assignment + "\"", "use quota or random");
   FairnessSpec spec;
-  std::set<std::string> seen;
-  auto add = [&](FairnessTarget t, const std::string& where) {
-    if (!seen.insert(t.attribute.name).second)
-      throw_bad_input(where, "attribute \"" + t.attribute.name + "\" is given twice");
-    spec.targets.push_back(std::move(t));
-  };
   for (const std::string& value : o.fairness) {
     const std::string where = "--fairness " + value;
     const size_t eq = value.find('=');
@@ -197,54 +411,9 @@ FairnessSpec parse_fairness(const GenerateOptions& o) {
     FairnessTarget t;
     t.attribute = load_attribute(trim(value.substr(0, eq)), o.attributes_dir);
     t.shares = parse_ratios(t.attribute, value.substr(eq + 1), where);
-    add(std::move(t), where);
+    add_target(&spec, std::move(t), where);
   }
-  if (!o.fairness_file.empty()) {
-    const std::string& path = o.fairness_file;
-    if (!is_regular_file(path)) throw_bad_input(path, "fairness file not found", "give a JSON file");
-    std::ifstream in(path);
-    const nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
-    if (j.is_discarded() || !j.is_object() || !j.contains("attributes") || !j["attributes"].is_array())
-      throw_bad_input(path, "is not a JSON object with an \"attributes\" list",
-                      "{\"attributes\": [{\"name\": \"gender\", \"targets\": {\"female\": 0.5, \"male\": 0.5}}]}");
-    for (const auto& entry : j["attributes"]) {
-      if (!entry.is_object() || !entry.contains("name") || !entry["name"].is_string())
-        throw_bad_input(path, "an attribute has no \"name\"");
-      FairnessTarget t;
-      t.attribute = load_attribute(entry["name"].get<std::string>(), o.attributes_dir);
-      const std::string where = path + ": " + t.attribute.name;
-      if (!entry.contains("targets") || !entry["targets"].is_object())
-        throw_bad_input(where, "has no \"targets\" object", "{\"female\": 0.3, \"male\": 0.7}");
-      std::vector<double> ratios(t.attribute.groups.size(), 0.0);
-      for (auto it = entry["targets"].begin(); it != entry["targets"].end(); ++it) {
-        const int64_t g = group_index(t.attribute, it.key());
-        if (g < 0)
-          throw_bad_input(where, "unknown group \"" + it.key() + "\"", "groups: " + group_names(t.attribute));
-        if (!it.value().is_number()) throw_bad_input(where, "target of \"" + it.key() + "\" is not a number");
-        ratios[static_cast<size_t>(g)] = it.value().get<double>();
-      }
-      t.shares = normalise(ratios, where);
-      // Overrides: "edit_prompts": {"female": ["woman"]}, and any edit_* setting.
-      if (entry.contains("edit_prompts")) {
-        if (!entry["edit_prompts"].is_object())
-          throw_bad_input(where, "\"edit_prompts\" is not an object", "{\"female\": [\"woman\"], ...}");
-        for (auto it = entry["edit_prompts"].begin(); it != entry["edit_prompts"].end(); ++it) {
-          const int64_t g = group_index(t.attribute, it.key());
-          if (g < 0) throw_bad_input(where, "edit_prompts: unknown group \"" + it.key() + "\"");
-          if (!it.value().is_array()) throw_bad_input(where, "edit_prompts of \"" + it.key() + "\" is not a list");
-          std::vector<std::string> prompts;
-          for (const auto& p : it.value()) {
-            if (!p.is_string()) throw_bad_input(where, "an edit prompt of \"" + it.key() + "\" is not a string");
-            prompts.push_back(p.get<std::string>());
-          }
-          t.attribute.groups[static_cast<size_t>(g)].edit_prompts = prompts;
-        }
-        check_groups(t.attribute, where);
-      }
-      read_defaults(entry, &t.attribute.defaults, where);
-      add(std::move(t), where);
-    }
-  }
+  if (!o.fairness_file.empty()) read_fairness_file(o.fairness_file, o.attributes_dir, &spec);
   // One momentum per image in semantic guidance: attributes must agree on it.
   for (const auto& t : spec.targets) {
     const EditDefaults &a = spec.targets.front().attribute.defaults, &b = t.attribute.defaults;
@@ -276,32 +445,31 @@ std::vector<int64_t> quota_counts(const std::vector<double>& shares, int64_t n) 
 
 std::vector<std::vector<int64_t>> assign_groups(const FairnessSpec& spec, const std::string& assignment,
                                                 int64_t seed, int64_t prompt_index, int64_t n) {
-  std::vector<std::vector<int64_t>> result(static_cast<size_t>(n));
-  for (size_t a = 0; a < spec.targets.size(); ++a) {
-    const std::vector<double>& shares = spec.targets[a].shares;
-    std::mt19937_64 rng(mix(mix(mix(static_cast<uint64_t>(seed)) ^ static_cast<uint64_t>(prompt_index)) ^ a));
-    std::vector<int64_t> order;
-    if (assignment == "random") {
-      // Independent draws: u in [0, 1) from the top 53 bits, then the cumulative shares.
-      for (int64_t k = 0; k < n; ++k) {
-        const double u = static_cast<double>(rng() >> 11) * 0x1.0p-53;
-        double cumulative = 0;
-        int64_t g = static_cast<int64_t>(shares.size()) - 1;
-        for (size_t j = 0; j < shares.size(); ++j) {
-          cumulative += shares[j];
-          if (u < cumulative && shares[j] > 0) { g = static_cast<int64_t>(j); break; }
-        }
-        while (g > 0 && shares[static_cast<size_t>(g)] == 0) --g;  // rounding past the end
-        order.push_back(g);
-      }
-    } else {
-      const std::vector<int64_t> counts = quota_counts(shares, n);
-      for (size_t g = 0; g < counts.size(); ++g) order.insert(order.end(), static_cast<size_t>(counts[g]), static_cast<int64_t>(g));
-      // Fisher-Yates with our own index draw (std::uniform_int_distribution differs between
-      // standard libraries); the modulo bias is below 2^-40 for any realistic n.
-      for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[rng() % i]);
+  // One draw per attribute, except that the joint target's attributes share one draw over its cells.
+  struct Draw {
+    std::vector<size_t> attributes;
+    std::vector<double> shares;  // per cell
+    size_t stream;               // keys the generator: an attribute's draw never changes when others are added
+  };
+  std::vector<Draw> draws;
+  std::vector<bool> in_joint(spec.targets.size(), false);
+  if (spec.joint) {
+    draws.push_back({spec.joint->attributes, spec.joint->shares, spec.joint->attributes.front()});
+    for (size_t a : spec.joint->attributes) in_joint[a] = true;
+  }
+  for (size_t a = 0; a < spec.targets.size(); ++a)
+    if (!in_joint[a]) draws.push_back({{a}, spec.targets[a].shares, a});
+
+  std::vector<std::vector<int64_t>> result(static_cast<size_t>(n), std::vector<int64_t>(spec.targets.size(), 0));
+  for (const Draw& draw : draws) {
+    std::mt19937_64 rng(mix(mix(mix(static_cast<uint64_t>(seed)) ^ static_cast<uint64_t>(prompt_index)) ^ draw.stream));
+    const std::vector<int64_t> cells = draw_cells(draw.shares, assignment, rng, n);
+    std::vector<int64_t> sizes;
+    for (size_t a : draw.attributes) sizes.push_back(static_cast<int64_t>(spec.targets[a].attribute.groups.size()));
+    for (int64_t k = 0; k < n; ++k) {
+      const std::vector<int64_t> groups = cell_groups(sizes, cells[static_cast<size_t>(k)]);
+      for (size_t i = 0; i < groups.size(); ++i) result[static_cast<size_t>(k)][draw.attributes[i]] = groups[i];
     }
-    for (int64_t k = 0; k < n; ++k) result[static_cast<size_t>(k)].push_back(order[static_cast<size_t>(k)]);
   }
   return result;
 }
@@ -310,6 +478,47 @@ std::string fairness_label(const std::vector<std::pair<std::string, std::string>
   std::string label;
   for (const auto& [attribute, group] : groups) label += (label.empty() ? "" : ", ") + attribute + "=" + group;
   return label;
+}
+
+nlohmann::json targets_record(const FairnessSpec& spec) {
+  nlohmann::json targets = nlohmann::json::object();
+  for (const FairnessTarget& t : spec.targets)
+    for (size_t g = 0; g < t.attribute.groups.size(); ++g) targets[t.attribute.name][t.attribute.groups[g].name] = t.shares[g];
+  return targets;
+}
+
+nlohmann::json joint_record(const FairnessSpec& spec) {
+  if (!spec.joint) return nullptr;
+  nlohmann::json names = nlohmann::json::array(), cells = nlohmann::json::object();
+  for (size_t a : spec.joint->attributes) names.push_back(spec.targets[a].attribute.name);
+  for (size_t c = 0; c < spec.joint->shares.size(); ++c)
+    cells[cell_name(spec, *spec.joint, static_cast<int64_t>(c))] = spec.joint->shares[c];
+  return {{"attributes", names}, {"targets", cells}};
+}
+
+void check_text_encoder(const std::string& model, const std::string& flag) {
+  std::string missing;
+  if (is_directory(model)) {
+    std::ifstream in(model + "/model_index.json");
+    const nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
+    if (j.is_discarded() || !j.is_object()) return;  // the loader names what is wrong
+    const auto it = j.find("text_encoder");
+    if (it == j.end() || !it->is_array() || it->size() != 2 || (*it)[0].is_null() || (*it)[1].is_null())
+      missing = "its model_index.json lists no text_encoder";
+  } else if (model.size() > 12 && model.compare(model.size() - 12, 12, ".safetensors") == 0) {
+    try {
+      const SafeTensors st(model);  // header only: the tensors stay mapped, unread
+      bool found = false;
+      for (const TensorView& t : st.tensors()) found = found || t.name.rfind("cond_stage_model.", 0) == 0;
+      if (!found) missing = "the checkpoint has no cond_stage_model.* tensors";
+    } catch (const Error&) {
+      return;  // a broken file: the loader says how
+    }
+  }
+  if (!missing.empty())
+    throw_bad_input(flag, "needs the model's text encoder to embed the edit prompts; " + model + " has none (" +
+                              missing + ")",
+                    "use a model with a text encoder, or drop the fairness flags");
 }
 
 }  // namespace fairdiff

@@ -6,9 +6,24 @@
 //   FairnessSpec spec = parse_fairness(o);                 // throws Error(BadInput), one line
 //   auto g = assign_groups(spec, o.assignment, /*seed=*/42, /*prompt_index=*/0, /*n=*/100);
 //   // g[k][a]: group index of image k for attribute a; exactly 30 "female", 70 "male"
+//
+// A --fairness-file may add one joint (intersectional) target over two or more attributes:
+//
+//   {"attributes": [{"name": "gender", "edit_guidance_scale": 5}],
+//    "joint": {"attributes": ["gender", "colour"],
+//              "targets": {"female,red": 40, "female,blue": 10, "male,red": 10, "male,blue": 40}}}
+//
+// Cell keys name one group per joint attribute, comma-separated in the joint's order;
+// missing cells are 0. Largest remainder then runs over the cells, so every cell count is
+// exact per prompt and the marginal counts follow. An attribute of the joint needs no
+// "targets" of its own; when it has some (or a --fairness flag), they must equal the
+// joint's marginals.
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -42,8 +57,16 @@ struct FairnessTarget {
   std::vector<double> shares;  // per group, in the attribute's group order
 };
 
+// An intersectional target: one share per combination of the attributes' groups.
+struct JointTarget {
+  std::vector<size_t> attributes;  // indices into FairnessSpec::targets, in the order of the cell keys
+  std::vector<double> shares;      // per cell, row-major over the attributes' groups (last fastest), sum 1
+};
+
 struct FairnessSpec {
   std::vector<FairnessTarget> targets;  // in the order given; empty = fairness off
+  // The joint target, if any; the shares of its attributes' targets are its marginals.
+  std::optional<JointTarget> joint;
   bool enabled() const { return !targets.empty(); }
 };
 
@@ -60,12 +83,31 @@ FairnessSpec parse_fairness(const GenerateOptions& options);
 std::vector<int64_t> quota_counts(const std::vector<double>& shares, int64_t n);
 
 // Group indices of a prompt's n images: result[k][a] for image k and attribute a.
-// "quota": exact largest-remainder counts per attribute, in a seeded shuffled order;
-// "random": each image drawn independently. Deterministic in (seed, prompt_index).
+// "quota": exact largest-remainder counts per attribute (per cell for the joint target's
+// attributes), in a seeded shuffled order; "random": each image drawn independently.
+// Deterministic in (seed, prompt_index).
 std::vector<std::vector<int64_t>> assign_groups(const FairnessSpec& spec, const std::string& assignment,
                                                 int64_t seed, int64_t prompt_index, int64_t n);
 
 // "gender=female, age=old": the A1111 "Fairness" parameter of an image.
 std::string fairness_label(const std::vector<std::pair<std::string, std::string>>& groups);
+
+// The instruction as image records carry it: {"gender": {"female": 0.3, "male": 0.7}, ...}.
+nlohmann::json targets_record(const FairnessSpec& spec);
+// The joint target as image records carry it: {"attributes": ["gender", "colour"],
+// "targets": {"female,red": 0.4, ...}} (every cell, shares summing to 1); null without one.
+nlohmann::json joint_record(const FairnessSpec& spec);
+
+// Resume safety (run_plan.cpp): `done` holds the records already in the manifest of --out.
+// Throws BadInput naming the first image whose record was made for another plan (prompt,
+// seed, steps, guidance, size, assigned groups or fairness targets) or that this plan
+// does not have, so that a changed command never mixes two runs in one folder.
+void check_resume(const std::map<int64_t, nlohmann::json>& done, const std::vector<PlannedImage>& images,
+                  const FairnessSpec& spec, const std::string& manifest_path);
+
+// With fairness on: BadInput when `model` positively has no text encoder to embed the
+// edit prompts (model_index.json lists none; a .safetensors checkpoint without
+// cond_stage_model.* tensors). Anything else wrong with the model is left to the loader.
+void check_text_encoder(const std::string& model, const std::string& flag);
 
 }  // namespace fairdiff

@@ -1,6 +1,8 @@
 // `fairdiff generate`: load once, plan the whole run, skip what the manifest
 // already holds, then sample batch by batch: PNG (atomic) first, manifest line after.
 #include <c10/core/InferenceMode.h>
+
+#include <cstdlib>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
@@ -182,9 +184,16 @@ nlohmann::json fair_record(const FairnessSpec& spec, const FairEdits& edits, con
 
 }  // namespace
 
+std::string default_model() {
+  if (const char* env = std::getenv("FAIRDIFF_MODEL"); env && *env) return env;
+  const std::string shipped = std::string(FAIRDIFF_SOURCE_DIR) + "/models/toy";
+  return is_directory(shipped) ? shipped : std::string();
+}
+
 RunSummary generate(GenerateOptions o) {
   validate(o);
   configure_threads(o.threads);  // LibTorch alone may use one thread on 2-vCPU machines (see runtime.h)
+  configure_allocator();         // keep freed activations for reuse: page faults cost more than the math
   c10::InferenceMode inference;
   const LoadOptions lo = resolve_runtime(o);
   const fs::path out(o.out_dir);
@@ -222,6 +231,7 @@ RunSummary generate(GenerateOptions o) {
         throw_bad_input("--fairness", "image " + std::to_string(img.index) + " has cfg_scale " +
                                           python_float(img.cfg_scale) + "; semantic guidance needs it above 1",
                         "raise cfg_scale in the prompts file");
+  check_resume(done, plan.images, fairness, manifest_path);  // never mix two runs' images in one folder
   std::vector<PlannedImage> todo;
   RunSummary summary;
   summary.manifest_path = manifest_path;
@@ -325,6 +335,7 @@ RunSummary generate(GenerateOptions o) {
                                {"model", name},               {"model_hash", hash},
                                {"dtype", o.dtype},            {"version", kVersion}};
       if (fairness.enabled()) record["fairness"] = fair_record(fairness, edits, o, img, concepts[i]);
+      if (fairness.joint) record["fairness"]["joint"] = joint_record(fairness);
       const at::Tensor rgb = pixels[static_cast<int64_t>(i)].contiguous();  // [H, W, 3] uint8
       write_png((out / img.file).string(), rgb.data_ptr<uint8_t>(), static_cast<int>(img.width),
                 static_cast<int>(img.height), {{"parameters", format_infotext(info)}, {"fairdiff", record.dump()}});

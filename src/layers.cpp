@@ -1,5 +1,7 @@
 #include "layers.h"
 
+#include <c10/core/InferenceMode.h>
+
 #include <spdlog/spdlog.h>
 #include <torch/nn/functional/upsampling.h>
 #include <torch/version.h>
@@ -45,7 +47,19 @@ Conv2dImpl::Conv2dImpl(int64_t in_channels, int64_t out_channels, int64_t kernel
 
 at::Tensor Conv2dImpl::forward(const at::Tensor& x) const {
   // x [B,C_in,H,W] -> [B,C_out,H',W']
-  return at::conv2d(x, weight_, bias_, {stride_, stride_}, {padding_, padding_});
+  const int64_t B = x.size(0);
+  if (B == 1 || !c10::InferenceMode::is_enabled())
+    return at::conv2d(x, weight_, bias_, {stride_, stride_}, {padding_, padding_});
+  // When generating, one image at a time: LibTorch picks a convolution algorithm by shape,
+  // and on small feature maps (8x8, 16x16) a batched call rounds differently from the same
+  // image alone (measured here: up to 5e-6), which can flip a pixel level. Per image, an
+  // image's bytes never depend on --batch-size. Training (no inference mode) keeps the
+  // batched call; linear layers, norms and attention are batch-invariant already.
+  std::vector<at::Tensor> outs;
+  outs.reserve(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b)
+    outs.push_back(at::conv2d(x.slice(0, b, b + 1), weight_, bias_, {stride_, stride_}, {padding_, padding_}));
+  return at::cat(outs);  // [B,C_out,H',W']
 }
 
 GroupNormImpl::GroupNormImpl(int64_t groups, int64_t channels, double eps) : groups_(groups), eps_(eps) {

@@ -12,7 +12,8 @@ const std::string kFolderHint = "expected a Stable Diffusion model folder in the
 // The components a text-to-image SD 1.x/2.x pipeline needs, with the classes we implement.
 const std::map<std::string, std::vector<std::string>> kRequired = {
     {"text_encoder", {"CLIPTextModel"}},
-    {"tokenizer", {"CLIPTokenizer", "CLIPTokenizerFast"}},
+    // The shipped toy model has a SentencePiece tokenizer (tokenizer/spiece.model).
+    {"tokenizer", {"CLIPTokenizer", "CLIPTokenizerFast", "SentencePieceTokenizer"}},
     {"unet", {"UNet2DConditionModel"}},
     {"vae", {"AutoencoderKL"}},
     {"scheduler", {}},  // any class name: the scheduler is chosen from its config later

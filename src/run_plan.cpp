@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
+#include <tuple>
 
 #include "fairdiff/error.h"
 #include "fairdiff/generate.h"
@@ -210,11 +211,13 @@ void validate(GenerateOptions& o) {
       throw_bad_input(o.out_dir, "output folder cannot be created here (parent not writable)", "choose another --out");
   }
   if (!o.prompts_file.empty()) read_prompts(o);  // every line checked now, before the model loads
-  if (parse_fairness(o).enabled() && o.cfg_scale <= 1.0)
+  const bool fair = parse_fairness(o).enabled();
+  if (fair && o.cfg_scale <= 1.0)
     throw_bad_input("--fairness", "semantic guidance needs classifier-free guidance (--cfg-scale above 1)",
                     "use e.g. --cfg-scale 7");
   if (!o.model.empty() && !fs::exists(o.model))
     throw_bad_input(o.model, "model not found", "pass a diffusers model folder or a .safetensors checkpoint");
+  if (fair) check_text_encoder(o.model, o.fairness.empty() ? "--fairness-file" : "--fairness");
 }
 
 RunPlan plan_run(const GenerateOptions& o, int64_t native_width, int64_t native_height) {
@@ -256,6 +259,47 @@ RunPlan plan_run(const GenerateOptions& o, int64_t native_width, int64_t native_
     }
   }
   return plan;
+}
+
+namespace {
+
+// How a manifest record differs from the planned image ("" when it does not): the first
+// setting that changes the picture or the instruction.
+std::string record_difference(const nlohmann::json& r, const PlannedImage& img, const FairnessSpec& spec) {
+  nlohmann::json groups = nlohmann::json::object();
+  for (const auto& [attribute, group] : img.groups) groups[attribute] = group;
+  nlohmann::json fairness = r.value("fairness", nlohmann::json::object());
+  if (!fairness.is_object()) fairness = nlohmann::json::object();  // a hand-edited line: compared as none
+  const std::vector<std::tuple<std::string, nlohmann::json, nlohmann::json>> settings = {
+      {"prompt", r.value("prompt", nlohmann::json()), img.prompt},
+      {"negative prompt", r.value("negative_prompt", nlohmann::json()), img.negative_prompt},
+      {"seed", r.value("seed", nlohmann::json()), img.seed},
+      {"steps", r.value("steps", nlohmann::json()), img.steps},
+      {"guidance scale", r.value("guidance_scale", nlohmann::json()), img.cfg_scale},
+      {"size", {r.value("width", nlohmann::json()), r.value("height", nlohmann::json())}, {img.width, img.height}},
+      {"fairness groups", fairness.value("groups", nlohmann::json::object()), groups},
+      // Records carry the normalised shares as JSON doubles, which read back exactly.
+      {"fairness targets", fairness.value("targets", nlohmann::json::object()), targets_record(spec)},
+      {"joint target", fairness.value("joint", nlohmann::json()), joint_record(spec)}};
+  for (const auto& [name, made, planned] : settings)
+    if (made != planned) return name + " " + made.dump() + ", this run plans " + planned.dump();
+  return "";
+}
+
+}  // namespace
+
+void check_resume(const std::map<int64_t, nlohmann::json>& done, const std::vector<PlannedImage>& images,
+                  const FairnessSpec& spec, const std::string& manifest_path) {
+  const std::string hint = "use a new --out for changed settings, or rerun the original command to resume";
+  for (const auto& [index, record] : done) {
+    const std::string name = "image " + std::to_string(index) + " (" + record.value("file", std::string("?")) + ")";
+    if (index < 0 || index >= static_cast<int64_t>(images.size()))
+      throw_bad_input(manifest_path, name + " is not in this run, which plans " + std::to_string(images.size()) +
+                                         " images: the folder holds another run", hint);
+    const std::string difference = record_difference(record, images[static_cast<size_t>(index)], spec);
+    if (!difference.empty())
+      throw_bad_input(manifest_path, name + " was made with " + difference + ": the folder holds another run", hint);
+  }
 }
 
 std::vector<PlannedImage> RunPlan::shard() const {

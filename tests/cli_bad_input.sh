@@ -46,6 +46,10 @@ expect invalid_header_json 2 "not a well-formed JSON" -- "$fairdiff" inspect "$t
 printf 'x' >"$tmp/model.ckpt"
 expect pickle 2 "can execute code" -- "$fairdiff" inspect "$tmp/model.ckpt"
 expect missing_model 2 "model folder not found" -- "$fairdiff" inspect "$tmp/no-such-model"
+mkdir "$tmp/empty-run"
+expect audit_missing_dir 2 "run folder not found" -- "$fairdiff" audit "$tmp/no-such-run"
+expect audit_no_manifest 2 "has no manifest.jsonl" -- "$fairdiff" audit "$tmp/empty-run"
+expect audit_classifier 2 "unknown classifier (available: hue)" -- "$fairdiff" audit "$tmp/empty-run" --classifier clip
 
 if [ -d "$fixtures/models/tiny-sd1" ]; then
   # A model folder of symlinks, with one part broken at a time.
@@ -98,15 +102,28 @@ if [ -d "$fixtures/models/tiny-sd1" ]; then
   nothing_written gen_fairness_ratio 2 'ratio "abc" is not a number' -- gen --fairness gender=50:abc -o "$tmp/never"
   nothing_written gen_fairness_groups 2 "more ratios than groups" -- gen --fairness gender=1:2:3 -o "$tmp/never"
   nothing_written gen_fairness_zero 2 "all ratios are zero" -- gen --fairness gender=female:0,male:0 -o "$tmp/never"
+  printf '{"attributes": [{"name": "gender", "targets": {"female": 30, "male": 70}}],
+    "joint": {"attributes": ["gender", "colour"], "targets": {"female,red": 1, "male,blue": 1}}}' >"$tmp/contradict.json"
+  nothing_written gen_fairness_joint_contradiction 2 "joint targets contradict the marginal targets of gender" -- \
+    gen --fairness-file "$tmp/contradict.json" -o "$tmp/never"
+  printf '{"joint": {"attributes": ["gender", "colour"], "targets": {"female,purple": 1}}}' >"$tmp/purple.json"
+  nothing_written gen_fairness_joint_group 2 'unknown group "purple" of attribute "colour"' -- \
+    gen --fairness-file "$tmp/purple.json" -o "$tmp/never"
+  model; rm "$tmp/m/model_index.json"
+  python3 -c 'import json, sys; j = json.load(open(sys.argv[1])); del j["text_encoder"]; json.dump(j, open(sys.argv[2], "w"))' \
+    "$fixtures/models/tiny-sd1/model_index.json" "$tmp/m/model_index.json"
+  nothing_written gen_fairness_no_text_encoder 2 "needs the model's text encoder to embed the edit prompts" -- \
+    "$fairdiff" generate -m "$tmp/m" -p x --device cpu --fairness gender=50:50 -o "$tmp/never"
 
-  # Resume after a kill: kill -9 while image 1 of 6 is being made, then rerun.
-  "$fairdiff" generate -m "$fixtures/models/tiny-sd1" -p "a cat" -N 6 --steps 30 --device cpu -q -o "$tmp/full" >/dev/null 2>&1
-  "$fairdiff" generate -m "$fixtures/models/tiny-sd1" -p "a cat" -N 6 --steps 30 --device cpu -q -o "$tmp/killed" >/dev/null 2>&1 &
+  # Resume after a kill: kill -9 while image 1 of 6 is being made, then rerun. One thread: on a
+  # busy machine more only spin (src/runtime.h), and the first image could outlast the wait.
+  "$fairdiff" generate -m "$fixtures/models/tiny-sd1" -p "a cat" -N 6 --steps 30 --device cpu --threads 1 -q -o "$tmp/full" >/dev/null 2>&1
+  "$fairdiff" generate -m "$fixtures/models/tiny-sd1" -p "a cat" -N 6 --steps 30 --device cpu --threads 1 -q -o "$tmp/killed" >/dev/null 2>&1 &
   pid=$!
-  for _ in $(seq 1 600); do [ -f "$tmp/killed/manifest.jsonl" ] && break; sleep 0.05; done
+  for _ in $(seq 1 1200); do [ -f "$tmp/killed/manifest.jsonl" ] && break; sleep 0.05; done
   kill -9 "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
   done_before=$(cat "$tmp/killed/manifest.jsonl" 2>/dev/null | wc -l)
-  "$fairdiff" generate -m "$fixtures/models/tiny-sd1" -p "a cat" -N 6 --steps 30 --device cpu -q -o "$tmp/killed" >/dev/null 2>&1
+  "$fairdiff" generate -m "$fixtures/models/tiny-sd1" -p "a cat" -N 6 --steps 30 --device cpu --threads 1 -q -o "$tmp/killed" >/dev/null 2>&1
   if [ "$(wc -l <"$tmp/killed/manifest.jsonl")" -eq 6 ] && [ "$done_before" -ge 1 ] && [ "$done_before" -lt 6 ] &&
      diff <(cd "$tmp/full" && md5sum *.png) <(cd "$tmp/killed" && md5sum *.png) >/dev/null &&
      [ -z "$(ls "$tmp/killed" | grep '\.tmp\.')" ]; then

@@ -9,6 +9,7 @@
 
 #include "fairdiff/error.h"
 #include "fairdiff/generate.h"
+#include "fairdiff/safetensors.h"
 #include "fairness.h"
 
 namespace fs = std::filesystem;
@@ -171,6 +172,291 @@ TEST(Fairness, AttributeFileWithoutGroupsIsRejected) {
   o.fairness = {"blank=1:1"};
   EXPECT_NE(error_of(o).find("group \"a\" has an empty edit prompt"), std::string::npos) << error_of(o);
   fs::remove_all(dir);
+}
+
+// A fresh temporary folder, removed with the object.
+struct Scratch {
+  fs::path dir;
+  explicit Scratch(const std::string& name)
+      : dir(fs::temp_directory_path() / ("fairdiff-" + name + "-" + std::to_string(::getpid()))) {
+    fs::create_directories(dir);
+  }
+  ~Scratch() { fs::remove_all(dir); }
+  std::string write(const std::string& name, const std::string& text) const {
+    std::ofstream((dir / name).string()) << text;
+    return (dir / name).string();
+  }
+};
+
+// "female,red" -> images of that joint cell (gender, colour), over `images`.
+std::map<std::string, int> cells(const std::vector<PlannedImage>& images) {
+  std::map<std::string, int> counts;
+  for (const auto& img : images) {
+    EXPECT_EQ(img.groups.size(), 2u);
+    if (img.groups.size() == 2) ++counts[img.groups[0].second + "," + img.groups[1].second];
+  }
+  return counts;
+}
+
+const char* kJoint = R"({"joint": {"attributes": ["gender", "colour"],
+    "targets": {"female,red": 40, "female,blue": 10, "male,red": 10, "male,blue": 40}}})";
+
+TEST(Fairness, JointTargetsGiveExactCellCounts) {
+  Scratch tmp("joint");
+  GenerateOptions o = options({});
+  o.fairness_file = tmp.write("joint.json", kJoint);
+  const FairnessSpec spec = parse_fairness(o);
+  ASSERT_EQ(spec.targets.size(), 2u);  // both from the library, in the joint's order
+  EXPECT_EQ(spec.targets[1].attribute.name, "colour");
+  ASSERT_TRUE(spec.joint.has_value());
+  EXPECT_EQ(spec.joint->shares, (std::vector<double>{0.4, 0, 0.1, 0.1, 0, 0.4}));  // green cells missing: 0
+  EXPECT_EQ(spec.targets[0].shares, (std::vector<double>{0.5, 0.5}));               // the joint's marginals
+  EXPECT_EQ(spec.targets[1].shares, (std::vector<double>{0.5, 0, 0.5}));
+  const RunPlan plan = plan_run(o, 16, 16);
+  ASSERT_EQ(plan.images.size(), 100u);
+  EXPECT_EQ(cells(plan.images),
+            (std::map<std::string, int>{{"female,red", 40}, {"female,blue", 10}, {"male,red", 10}, {"male,blue", 40}}));
+  EXPECT_EQ(joint_record(spec)["targets"]["male,green"], 0.0);
+  EXPECT_EQ(joint_record(spec)["attributes"], (nlohmann::json{"gender", "colour"}));
+
+  // Deterministic for a seed, another order for another seed, never in cell order.
+  const RunPlan again = plan_run(o, 16, 16);
+  o.seed = 8;
+  const RunPlan other = plan_run(o, 16, 16);
+  int same = 0;
+  for (size_t k = 0; k < 100; ++k) {
+    EXPECT_EQ(plan.images[k].groups, again.images[k].groups);
+    same += plan.images[k].groups == other.images[k].groups;
+  }
+  EXPECT_LT(same, 80);
+  EXPECT_EQ(cells(other.images), cells(plan.images));
+}
+
+TEST(Fairness, JointAssignmentIsTheSameForAnyShardSplit) {
+  Scratch tmp("joint-shards");
+  GenerateOptions o = options({}, 37);
+  o.fairness_file = tmp.write("joint.json", kJoint);
+  const RunPlan full = plan_run(o, 16, 16);
+  for (int64_t shards : {2, 3, 5}) {
+    std::map<int64_t, std::vector<std::pair<std::string, std::string>>> joined;
+    for (int64_t k = 0; k < shards; ++k) {
+      GenerateOptions s = o;
+      s.shard_index = k;
+      s.num_shards = shards;
+      for (const auto& img : plan_run(s, 16, 16).shard()) EXPECT_TRUE(joined.emplace(img.index, img.groups).second);
+    }
+    ASSERT_EQ(joined.size(), full.images.size());
+    for (const auto& img : full.images) EXPECT_EQ(joined.at(img.index), img.groups) << shards << " shards, " << img.index;
+  }
+}
+
+TEST(Fairness, QuotasHoldPerPrompt) {
+  Scratch tmp("per-prompt");
+  GenerateOptions o = options({"gender=30:70"}, 10);
+  o.prompt.clear();
+  o.prompts_file = tmp.write("prompts.txt", "a doctor\n{\"prompt\": \"a nurse\", \"count\": 20}\na pilot\n");
+  const RunPlan plan = plan_run(o, 16, 16);
+  ASSERT_EQ(plan.images.size(), 40u);
+  std::map<int64_t, std::vector<PlannedImage>> by_prompt;
+  for (const auto& img : plan.images) by_prompt[img.prompt_index].push_back(img);
+  EXPECT_EQ(count(by_prompt[0]), (std::map<std::string, int>{{"female", 3}, {"male", 7}}));
+  EXPECT_EQ(count(by_prompt[1]), (std::map<std::string, int>{{"female", 6}, {"male", 14}}));
+  EXPECT_EQ(count(by_prompt[2]), (std::map<std::string, int>{{"female", 3}, {"male", 7}}));
+  // Each prompt its own shuffle: the first and last prompt (same count) differ in order.
+  std::string first, last;
+  for (size_t k = 0; k < 10; ++k) {
+    first += by_prompt[0][k].groups[0].second[0];
+    last += by_prompt[2][k].groups[0].second[0];
+  }
+  EXPECT_NE(first, last);
+
+  // The joint's cells, too: 4 cells x 2 images for each of 2 prompts.
+  o.fairness.clear();
+  o.fairness_file = tmp.write("joint.json", R"({"joint": {"attributes": ["gender", "colour"],
+      "targets": {"female,red": 1, "female,blue": 1, "male,red": 1, "male,blue": 1}}})");
+  o.prompts_file = tmp.write("two.txt", "a kite\na boat\n");
+  o.images_per_prompt = 8;
+  std::map<int64_t, std::vector<PlannedImage>> joint_by_prompt;
+  for (const auto& img : plan_run(o, 16, 16).images) joint_by_prompt[img.prompt_index].push_back(img);
+  for (int64_t p : {0, 1})
+    EXPECT_EQ(cells(joint_by_prompt[p]),
+              (std::map<std::string, int>{{"female,red", 2}, {"female,blue", 2}, {"male,red", 2}, {"male,blue", 2}}));
+}
+
+TEST(Fairness, JointAgreesWithMarginalTargetsOrIsRejected) {
+  Scratch tmp("joint-marginals");
+  GenerateOptions o = options({});
+  // Marginals that agree (after normalisation): fine, and overrides ride along.
+  o.fairness_file = tmp.write("agree.json", R"({"attributes": [
+      {"name": "gender", "targets": {"female": 1, "male": 1}, "edit_guidance_scale": 6},
+      {"name": "colour", "targets": {"red": 5, "blue": 5}}],
+    "joint": {"attributes": ["gender", "colour"],
+      "targets": {"female,red": 40, "female,blue": 10, "male,red": 10, "male,blue": 40}}})");
+  const FairnessSpec spec = parse_fairness(o);
+  EXPECT_DOUBLE_EQ(spec.targets[0].attribute.defaults.edit_guidance_scale, 6);
+  EXPECT_EQ(cells(plan_run(o, 16, 16).images).at("female,blue"), 10);
+  o.fairness = {"gender=50:50"};  // the shorthand flag is a marginal target, too
+  o.fairness_file = tmp.write("flag.json", kJoint);
+  EXPECT_EQ(error_of(o), "");
+
+  o.fairness = {"gender=30:70"};
+  const std::string flag = error_of(o);
+  EXPECT_NE(flag.find("joint targets contradict the marginal targets of gender: female is 0.3 there but 0.5 in the joint"),
+            std::string::npos) << flag;
+  o.fairness.clear();
+  o.fairness_file = tmp.write("contradict.json", R"({"attributes": [{"name": "colour", "targets": {"red": 1}}],
+    "joint": {"attributes": ["gender", "colour"], "targets": {"female,red": 1, "male,blue": 1}}})");
+  const std::string file = error_of(o);
+  EXPECT_NE(file.find("contradict.json: joint: joint targets contradict the marginal targets of colour"), std::string::npos)
+      << file;
+  EXPECT_NE(file.find("drop the marginal targets of colour"), std::string::npos) << file;
+}
+
+TEST(Fairness, EachBadJointIsOneClearLine) {
+  Scratch tmp("bad-joint");
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {R"({"joint": {"attributes": ["gender", "colour"], "targets": {"female,purple": 1}}})",
+       "cell \"female,purple\": unknown group \"purple\" of attribute \"colour\""},
+      {R"({"joint": {"attributes": ["gender", "colour"], "targets": {"female": 1}}})",
+       "cell \"female\" names 1 group(s), expected 2"},
+      {R"({"joint": {"attributes": ["gender", "colour"], "targets": {"female,red": -1, "male,red": 2}}})", "is negative"},
+      {R"({"joint": {"attributes": ["gender", "colour"], "targets": {"female,red": 0}}})", "all ratios are zero"},
+      {R"({"joint": {"attributes": ["gender", "colour"], "targets": {"female,red": "a lot"}}})",
+       "target of cell \"female,red\" is not a number"},
+      {R"({"joint": {"attributes": ["gender", "colour"], "targets": {"female,red": 1, "female, red": 1}}})",
+       "\" is given twice"},  // "female, red" and "female,red" name one cell
+      {R"({"joint": {"attributes": ["gender"], "targets": {"female": 1}}})", "at least two attribute names"},
+      {R"({"joint": {"attributes": ["gender", "gender"], "targets": {}}})", "attribute \"gender\" is listed twice"},
+      {R"({"joint": {"attributes": ["gender", "age"], "targets": {}}})", "unknown attribute \"age\""},
+      {R"({"joint": {"attributes": ["gender", "colour"]}})", "expected an object with \"attributes\" and a \"targets\""},
+      {R"({"attributes": [{"name": "gender"}]})", "gender: has no \"targets\" object and is not in the joint target"},
+      {R"({"attributes": [{"name": "gender"}], "jiont": {}})", "unknown key \"jiont\""},
+      {R"({"attributes": {"name": "gender"}, "joint": {}})", "is not a JSON object with an \"attributes\" list"},
+  };
+  for (const auto& [text, needle] : cases) {
+    GenerateOptions o = options({});
+    o.fairness_file = tmp.write("bad.json", text);
+    const std::string what = error_of(o);
+    EXPECT_NE(what.find(needle), std::string::npos) << text << " -> " << what;
+  }
+}
+
+TEST(Fairness, RandomJointAssignmentDrawsOnlyCellsWithShares) {
+  Scratch tmp("joint-random");
+  GenerateOptions o = options({}, 400);
+  o.assignment = "random";
+  o.fairness_file = tmp.write("joint.json", kJoint);
+  const auto counts = cells(plan_run(o, 16, 16).images);
+  EXPECT_EQ(counts.size(), 4u);  // no green, never a zero-share cell
+  EXPECT_GT(counts.at("female,red"), 120);
+  EXPECT_GT(counts.at("male,blue"), 120);
+}
+
+// Records as generate writes them (the fields the resume check reads).
+nlohmann::json record_of(const PlannedImage& img, const FairnessSpec& spec) {
+  nlohmann::json r = {{"index", img.index},   {"file", img.file},   {"prompt", img.prompt},
+                      {"negative_prompt", img.negative_prompt}, {"seed", img.seed},
+                      {"steps", img.steps},   {"guidance_scale", img.cfg_scale},
+                      {"width", img.width},   {"height", img.height}};
+  if (!spec.enabled()) return r;
+  nlohmann::json groups = nlohmann::json::object();
+  for (const auto& [attribute, group] : img.groups) groups[attribute] = group;
+  r["fairness"] = {{"groups", groups}, {"targets", targets_record(spec)}};
+  if (spec.joint) r["fairness"]["joint"] = joint_record(spec);
+  return r;
+}
+
+// Round-trips through text, as the manifest does.
+std::map<int64_t, nlohmann::json> manifest_of(const GenerateOptions& o, size_t keep) {
+  const RunPlan plan = plan_run(o, 16, 16);
+  std::map<int64_t, nlohmann::json> done;
+  for (size_t k = 0; k < keep; ++k)
+    done[plan.images[k].index] = nlohmann::json::parse(record_of(plan.images[k], parse_fairness(o)).dump());
+  return done;
+}
+
+std::string resume_error(const std::map<int64_t, nlohmann::json>& done, const GenerateOptions& o) {
+  try {
+    check_resume(done, plan_run(o, 16, 16).images, parse_fairness(o), "out/manifest.jsonl");
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::BadInput);
+    return e.what();
+  }
+  return "";
+}
+
+TEST(Fairness, ResumeRefusesRecordsOfAnotherPlan) {
+  Scratch tmp("resume");
+  GenerateOptions o = options({"gender=30:70"}, 10);
+  const auto done = manifest_of(o, 6);
+  EXPECT_EQ(resume_error(done, o), "");  // the same command resumes
+
+  GenerateOptions targets = o;
+  targets.fairness = {"gender=female:1,male:1"};
+  const std::string t = resume_error(done, targets);
+  EXPECT_NE(t.find("out/manifest.jsonl: image "), std::string::npos) << t;
+  EXPECT_NE(t.find("the folder holds another run (use a new --out for changed settings"), std::string::npos) << t;
+  GenerateOptions seed = o;
+  seed.seed = 9;
+  EXPECT_NE(resume_error(done, seed).find("image 0 (00000-7.png) was made with seed 7, this run plans 9"),
+            std::string::npos) << resume_error(done, seed);
+  GenerateOptions prompt = o;
+  prompt.prompt = "a photo of a nurse";
+  EXPECT_NE(resume_error(done, prompt).find("was made with prompt \"a photo of the face of a firefighter\""),
+            std::string::npos) << resume_error(done, prompt);
+  GenerateOptions fewer = o;
+  fewer.images_per_prompt = 4;  // quotas of 4 images differ: groups or the missing images are reported
+  EXPECT_NE(resume_error(done, fewer).find("image "), std::string::npos);
+  GenerateOptions plain = o;
+  plain.fairness.clear();
+  EXPECT_NE(resume_error(done, plain).find("was made with fairness groups {\"gender\":"), std::string::npos)
+      << resume_error(done, plain);
+  // A joint that keeps the marginals but moves images between cells is caught, too.
+  GenerateOptions joint = options({}, 8);
+  joint.fairness_file = tmp.write("a.json", kJoint);
+  const auto joint_done = manifest_of(joint, 8);
+  EXPECT_EQ(resume_error(joint_done, joint), "");
+  joint.fairness_file = tmp.write("b.json", R"({"joint": {"attributes": ["gender", "colour"],
+      "targets": {"female,red": 30, "female,blue": 20, "male,red": 20, "male,blue": 30}}})");
+  EXPECT_NE(resume_error(joint_done, joint).find("image 0"), std::string::npos) << resume_error(joint_done, joint);
+}
+
+TEST(Fairness, NeedsAModelWithATextEncoder) {
+  Scratch tmp("no-text-encoder");
+  GenerateOptions o = options({"gender=50:50"});
+  o.out_dir = (tmp.dir / "out").string();
+  fs::create_directories(tmp.dir / "m");
+  o.model = (tmp.dir / "m").string();
+  tmp.write("m/model_index.json", R"({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+      "text_encoder": [null, null]})");
+  auto error = [&] {
+    try {
+      validate(o);
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::BadInput);
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  EXPECT_NE(error().find("--fairness: needs the model's text encoder to embed the edit prompts; " + o.model +
+                         " has none (its model_index.json lists no text_encoder)"),
+            std::string::npos) << error();
+  tmp.write("m/model_index.json", R"({"text_encoder": ["transformers", "CLIPTextModel"]})");
+  EXPECT_EQ(error(), "");
+  // Single-file checkpoints: the text encoder is cond_stage_model.*.
+  const std::vector<uint8_t> four(4, 0);
+  write_safetensors((tmp.dir / "unet-only.safetensors").string(), {{"model.diffusion_model.x", DType::F32, {1}, four}});
+  o.model = (tmp.dir / "unet-only.safetensors").string();
+  o.fairness_file = tmp.write("f.json", R"({"attributes": [{"name": "gender", "targets": {"female": 1}}]})");
+  o.fairness.clear();
+  EXPECT_NE(error().find("--fairness-file: needs the model's text encoder"), std::string::npos) << error();
+  EXPECT_NE(error().find("no cond_stage_model.* tensors"), std::string::npos) << error();
+  write_safetensors((tmp.dir / "full.safetensors").string(),
+                    {{"model.diffusion_model.x", DType::F32, {1}, four},
+                     {"cond_stage_model.transformer.text_model.x", DType::F32, {1}, four}});
+  o.model = (tmp.dir / "full.safetensors").string();
+  EXPECT_EQ(error(), "");
+  EXPECT_FALSE(fs::exists(o.out_dir));
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <string>
 
+#include "audit.h"
 #include "fairdiff/error.h"
 #include "fairdiff/generate.h"
 #include "fairdiff/inspect.h"
@@ -47,9 +48,33 @@ int inspect(const std::string& path) {
   return 0;
 }
 
+struct AuditFlags {
+  fairdiff::AuditOptions options;
+  bool json = false;
+};
+
+void add_audit_flags(CLI::App* cmd, AuditFlags& f) {
+  std::string classifiers;
+  for (const auto& name : fairdiff::classifier_names()) classifiers += (classifiers.empty() ? "" : ", ") + name;
+  cmd->add_option("dir", f.options.dir, "the --out folder of a generate run")->required();
+  cmd->add_option("--attribute", f.options.attribute, "the attribute to audit (default: the one the run assigns)");
+  cmd->add_option("--classifier", f.options.classifier, "how images are put into groups: " + classifiers)->capture_default_str();
+  cmd->add_flag("--json", f.json, "print the report as JSON (schema in src/audit.h)");
+  cmd->add_option("--chart", f.options.chart_path, "bar chart PNG (default: DIR/audit-chart.png)");
+  cmd->add_option("--sheet", f.options.sheet_path, "contact sheet PNG (default: DIR/audit-sheet.png)");
+}
+
+int run_audit(const AuditFlags& f) {
+  const fairdiff::AuditReport report = fairdiff::audit(f.options);
+  std::fputs((f.json ? fairdiff::audit_json(report) : fairdiff::audit_text(report)).c_str(), stdout);
+  return 0;
+}
+
 void add_generate_flags(CLI::App* cmd, fairdiff::GenerateOptions& o) {
   // Spellings follow stable-diffusion.cpp where the meaning is the same.
-  cmd->add_option("-m,--model", o.model, "diffusers model folder or single-file .safetensors checkpoint")->required();
+  cmd->add_option("-m,--model", o.model,
+                  "diffusers model folder or single-file .safetensors checkpoint (default: $FAIRDIFF_MODEL, else "
+                  "the toy model shipped in models/toy)");
   cmd->add_option("--tokenizer", o.tokenizer_dir, "tokenizer/ folder for a single-file checkpoint");
   cmd->add_option("--prediction-type", o.prediction_type, "single-file SD 2.x: epsilon (512-base) or v_prediction");
   cmd->add_option("-p,--prompt", o.prompt, "the prompt");
@@ -94,6 +119,9 @@ int main(int argc, char** argv) {
   merge_cmd->add_option("dir", merge_dir, "the --out folder of the shards")->required();
   auto* inspect_cmd = app.add_subcommand("inspect", "validate and describe a model folder or a .safetensors file");
   inspect_cmd->add_option("path", inspect_path, "model folder (diffusers layout) or .safetensors file")->required();
+  AuditFlags audit_flags;
+  auto* audit_cmd = app.add_subcommand("audit", "classify a run's images and compare the group shares with its fairness targets");
+  add_audit_flags(audit_cmd, audit_flags);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -112,7 +140,9 @@ int main(int argc, char** argv) {
       std::printf("%lld images in %s/manifest.jsonl\n", static_cast<long long>(n), merge_dir.c_str());
       return 0;
     }
+    if (*audit_cmd) return run_audit(audit_flags);
     if (*generate_cmd) {
+      if (gen.model.empty()) gen.model = fairdiff::default_model();
       const fairdiff::RunSummary s = fairdiff::generate(gen);
       if (!gen.quiet)
         spdlog::info("{} images: {} generated, {} already done; manifest {}", s.planned, s.generated, s.skipped,

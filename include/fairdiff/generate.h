@@ -73,6 +73,11 @@ struct RunPlan {
   std::vector<PlannedImage> shard() const;  // this shard's images (index % num_shards == shard_index)
 };
 
+// The model `generate` uses when --model is not given: $FAIRDIFF_MODEL when set, else the
+// toy model that ships in the source tree (models/toy, see scripts/train-toy); "" when
+// neither exists.
+std::string default_model();
+
 // Checks every option that can be checked without the model (exit 2 on failure);
 // resolves the shard from the environment; nothing is written.
 void validate(GenerateOptions& options);

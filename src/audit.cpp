@@ -1,0 +1,453 @@
+// The audit: manifest records -> classified images -> per-prompt shares against the
+// targets. Drawing the chart and the sheet lives in audit_render.cpp.
+#include "audit.h"
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+
+#include "fairdiff/error.h"
+#include "fs_util.h"
+#include "png_io.h"
+#include "toy_world.h"
+
+#define STB_IMAGE_IMPLEMENTATION
+#define STB_IMAGE_STATIC
+#define STBI_ONLY_PNG
+#include <stb_image.h>
+
+namespace fs = std::filesystem;
+
+namespace fairdiff {
+namespace {
+
+// Hue classifier. The world's background is exactly grey (saturation 0) and its objects
+// have saturation >= 0.75 and value >= 0.65; mixing with grey keeps the hue, so edge pixels
+// vote like the object's inside, and only the weak ones drop out.
+constexpr double kMinSaturation = 0.3;
+constexpr double kMinChroma = 0.15;     // (max - min) / 255: the hue of dim or greyish pixels is noise
+constexpr double kHueTolerance = 40;    // degrees from a group's hue; the world jitters by at most 12
+constexpr double kMajority = 0.6;       // share of all voting pixels the winning group needs
+constexpr double kMinArea = 0.004;      // share of the picture the winner must cover (the smallest object: 8%)
+constexpr int64_t kMinPixels = 4;
+
+double hue_distance(double a, double b) {
+  const double d = std::fmod(std::abs(a - b), 360.0);
+  return std::min(d, 360.0 - d);
+}
+
+std::string join(const std::vector<std::string>& names) {
+  std::string out;
+  for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
+  return out;
+}
+
+// Classifiers by name. A factory returns nullptr for an attribute its classifier cannot tell.
+struct ClassifierEntry {
+  const char* name;
+  const char* attributes;  // what it tells, for the error message
+  std::unique_ptr<GroupClassifier> (*make)(const std::string& attribute);
+};
+
+const ClassifierEntry kClassifiers[] = {
+    {"hue", "colour (the toy world's red, green, blue)",
+     [](const std::string& attribute) -> std::unique_ptr<GroupClassifier> {
+       if (attribute != "colour") return nullptr;
+       return std::make_unique<HueClassifier>();
+     }},
+};
+
+const ClassifierEntry& find_classifier(const std::string& name) {
+  for (const auto& e : kClassifiers)
+    if (name == e.name) return e;
+  throw_bad_input("--classifier " + name, "unknown classifier", "available: " + join(classifier_names()));
+}
+
+// One manifest line.
+struct Record {
+  nlohmann::json json;
+  std::string where;  // "DIR/manifest.jsonl:3", for error messages
+  int64_t index = 0;
+  std::string file, prompt;
+};
+
+// DIR/manifest.jsonl, or the shard manifests of a run that was not merged yet.
+std::vector<std::string> manifest_files(const std::string& dir) {
+  const std::string whole = dir + "/manifest.jsonl";
+  if (is_regular_file(whole)) return {whole};
+  std::vector<std::string> shards;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind("manifest-shard-", 0) == 0 && e.path().extension() == ".jsonl") shards.push_back(e.path().string());
+  }
+  if (shards.empty())
+    throw_bad_input(dir, "has no manifest.jsonl (nor manifest-shard-*.jsonl)", "give the --out folder of a fairdiff generate run");
+  std::sort(shards.begin(), shards.end());
+  return shards;
+}
+
+Record parse_record(const std::string& line, const std::string& where) {
+  Record r;
+  r.where = where;
+  r.json = nlohmann::json::parse(line, nullptr, false);
+  if (r.json.is_discarded())
+    throw_bad_input(where, "is not valid JSON",
+                    "an interrupted run can leave a torn last line: delete it and rerun the generate command");
+  const auto& j = r.json;
+  if (!j.is_object() || !j.contains("index") || !j["index"].is_number_integer() || !j.contains("file") ||
+      !j["file"].is_string() || !j.contains("prompt") || !j["prompt"].is_string())
+    throw_bad_input(where, "a record needs \"index\" (an integer), \"file\" and \"prompt\" (strings)");
+  r.index = j["index"].get<int64_t>();
+  r.file = j["file"].get<std::string>();
+  r.prompt = j["prompt"].get<std::string>();
+  return r;
+}
+
+// Every record of the run, in run order (by index), each image once.
+std::vector<Record> read_records(const std::string& dir) {
+  std::map<int64_t, Record> by_index;
+  for (const std::string& path : manifest_files(dir)) {
+    std::ifstream in(path);
+    std::string line;
+    for (int64_t number = 1; std::getline(in, line); ++number) {
+      if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+      Record r = parse_record(line, path + ":" + std::to_string(number));
+      const auto [it, fresh] = by_index.emplace(r.index, r);
+      if (!fresh && it->second.file != r.file)
+        throw_bad_input(r.where, "image " + std::to_string(r.index) + " is also listed at " + it->second.where + " with another file",
+                        "were these shards planned with different options?");
+    }
+  }
+  if (by_index.empty()) throw_bad_input(dir, "the manifest lists no images", "wait for the run to write its first image");
+  std::vector<Record> records;
+  for (auto& [index, r] : by_index) records.push_back(std::move(r));
+  return records;
+}
+
+// record.fairness.<field>.<attribute>, or nullptr.
+const nlohmann::json* fairness_field(const nlohmann::json& record, const char* field, const std::string& attribute) {
+  const auto f = record.find("fairness");
+  if (f == record.end() || !f->is_object()) return nullptr;
+  const auto g = f->find(field);
+  if (g == f->end() || !g->is_object()) return nullptr;
+  const auto a = g->find(attribute);
+  return a == g->end() ? nullptr : &*a;
+}
+
+// --attribute, else the one attribute the records assign.
+std::string resolve_attribute(const std::vector<Record>& records, const std::string& given, const std::string& dir) {
+  if (!given.empty()) return given;
+  std::set<std::string> found;
+  for (const Record& r : records) {
+    const auto f = r.json.find("fairness");
+    if (f == r.json.end() || !f->is_object() || !f->contains("groups") || !(*f)["groups"].is_object()) continue;
+    for (const auto& [attribute, group] : (*f)["groups"].items()) found.insert(attribute);
+  }
+  if (found.empty())
+    throw_bad_input(dir, "the run has no fairness groups that say which attribute to audit", "give --attribute NAME, e.g. --attribute colour");
+  if (found.size() > 1)
+    throw_bad_input(dir, "the run assigns several attributes (" + join(std::vector<std::string>(found.begin(), found.end())) + ")",
+                    "choose one with --attribute");
+  return *found.begin();
+}
+
+int group_index(const GroupClassifier& c, const std::string& group, const std::string& where, const std::string& field) {
+  const auto& groups = c.groups();
+  const auto it = std::find(groups.begin(), groups.end(), group);
+  if (it == groups.end())
+    throw_bad_input(where, field + " names group \"" + group + "\", which the " + c.name() + " classifier does not tell",
+                    "its groups: " + join(groups));
+  return static_cast<int>(it - groups.begin());
+}
+
+// The assigned group of a record (-1 when none).
+int assigned_group(const Record& r, const GroupClassifier& c) {
+  const nlohmann::json* g = fairness_field(r.json, "groups", c.attribute());
+  if (!g) return -1;
+  const std::string field = "fairness.groups." + c.attribute();
+  if (!g->is_string()) throw_bad_input(r.where, field + " is not a string");
+  return group_index(c, g->get<std::string>(), r.where, field);
+}
+
+// The record's target shares per group (groups the targets leave out: 0), or none.
+std::optional<std::vector<double>> targets_of(const Record& r, const GroupClassifier& c) {
+  const nlohmann::json* t = fairness_field(r.json, "targets", c.attribute());
+  if (!t) return std::nullopt;
+  const std::string field = "fairness.targets." + c.attribute();
+  if (!t->is_object()) throw_bad_input(r.where, field + " is not an object {group: share}");
+  std::vector<double> shares(c.groups().size(), 0.0);
+  for (const auto& [group, share] : t->items()) {
+    if (!share.is_number()) throw_bad_input(r.where, field + "." + group + " is not a number");
+    shares[static_cast<size_t>(group_index(c, group, r.where, field))] = share.get<double>();
+  }
+  return shares;
+}
+
+// Reads, checks and classifies one image.
+ImageVerdict judge(const Record& r, const std::string& dir, const GroupClassifier& c, bool keep_thumbnail) {
+  const std::string path = dir + "/" + r.file;
+  const char* rerun = "rerun the generate command: it resumes and makes the missing images";
+  if (!is_regular_file(path)) throw_bad_input(r.where, "lists " + r.file + ", which is missing", rerun);
+  if (!png_is_complete(path)) throw_bad_input(path, "is not a complete PNG file", "delete it and " + std::string(rerun));
+  const RgbImage image = read_png_rgb(path);
+  ImageVerdict v;
+  v.file = r.file;
+  v.assigned = assigned_group(r, c);
+  v.classified = c.classify(image.rgb.data(), image.width, image.height);
+  if (keep_thumbnail) v.thumbnail = make_thumbnail(image, kSheetThumbnail);
+  return v;
+}
+
+// The chart and the sheet go where the user asked: a missing folder is their mistake, found
+// before the images are read.
+void check_output_folder(const std::string& path, const std::string& flag) {
+  const fs::path parent = fs::path(path).parent_path();
+  if (!parent.empty() && !is_directory(parent.string()))
+    throw_bad_input(flag + " " + path, "folder " + parent.string() + " not found", "create it or choose another file");
+}
+
+PromptAudit new_prompt(const std::string& prompt, const std::vector<std::string>& groups) {
+  PromptAudit p;
+  p.prompt = prompt;
+  p.groups.resize(groups.size());
+  for (size_t g = 0; g < groups.size(); ++g) p.groups[g].name = groups[g];
+  return p;
+}
+
+void count(PromptAudit& p, const ImageVerdict& v) {
+  ++p.images;
+  if (v.classified < 0) ++p.unclassified;
+  else ++p.groups[static_cast<size_t>(v.classified)].count;
+  if (v.assigned >= 0) {
+    ++p.assigned;
+    if (v.classified == v.assigned) ++p.assigned_hits;
+  }
+}
+
+// Shares, intervals and the overall errors from the counts.
+void finish(AuditReport& r) {
+  double sum = 0, max = 0;
+  int64_t pairs = 0;
+  for (PromptAudit& p : r.prompts) {
+    for (GroupShare& g : p.groups) {
+      g.share = static_cast<double>(g.count) / static_cast<double>(p.images);
+      const Interval i = wilson_interval(g.count, p.images);
+      g.low = i.low;
+      g.high = i.high;
+      if (const auto e = g.error()) {
+        sum += std::abs(*e);
+        max = std::max(max, std::abs(*e));
+        ++pairs;
+      }
+    }
+    r.unclassified += p.unclassified;
+    r.assigned += p.assigned;
+    r.assigned_hits += p.assigned_hits;
+  }
+  if (pairs > 0) {
+    r.mean_abs_error = sum / static_cast<double>(pairs);
+    r.max_abs_error = max;
+  }
+}
+
+std::optional<double> rate(int64_t hits, int64_t n) {
+  if (n == 0) return std::nullopt;
+  return static_cast<double>(hits) / static_cast<double>(n);
+}
+
+std::string percent(double share) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f%%", 100.0 * share);
+  return buf;
+}
+
+std::string signed_percent(double share) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%+.1f%%", 100.0 * share);
+  return buf;
+}
+
+// Ordered: the JSON reads in the order the schema in audit.h documents.
+nlohmann::ordered_json number_or_null(const std::optional<double>& v) {
+  return v ? nlohmann::ordered_json(*v) : nlohmann::ordered_json(nullptr);
+}
+
+}  // namespace
+
+RgbImage read_png_rgb(const std::string& path) {
+  int w = 0, h = 0, channels = 0;
+  uint8_t* pixels = stbi_load(path.c_str(), &w, &h, &channels, 3);
+  if (!pixels) throw_bad_input(path, std::string("cannot decode the PNG: ") + stbi_failure_reason(), "regenerate the image");
+  RgbImage image{w, h, std::vector<uint8_t>(pixels, pixels + static_cast<size_t>(w) * h * 3)};
+  stbi_image_free(pixels);
+  return image;
+}
+
+Rgb GroupClassifier::display_colour(int group) const {
+  static const Rgb kPalette[] = {{31, 119, 180}, {255, 127, 14}, {44, 160, 44},  {214, 39, 40},  {148, 103, 189},
+                                 {140, 86, 75},  {227, 119, 194}, {127, 127, 127}, {188, 189, 34}, {23, 190, 207}};
+  return kPalette[static_cast<size_t>(group) % (sizeof kPalette / sizeof kPalette[0])];
+}
+
+HueClassifier::HueClassifier() {
+  const toy::World world;
+  for (const toy::Colour& c : world.colours()) {
+    groups_.push_back(c.name);
+    hues_.push_back(c.hue);
+  }
+}
+
+int HueClassifier::classify(const uint8_t* rgb, int width, int height) const {
+  if (width <= 0 || height <= 0) return -1;
+  const int64_t area = static_cast<int64_t>(width) * height;
+  std::vector<int64_t> votes(hues_.size(), 0);
+  int64_t voters = 0;  // every coloured pixel, also those far from any group's hue
+  for (int64_t i = 0; i < area; ++i) {
+    double h, s, v;
+    toy::rgb_to_hsv(rgb + 3 * i, &h, &s, &v);
+    if (s < kMinSaturation || s * v < kMinChroma) continue;  // s * v = (max - min) / 255
+    ++voters;
+    size_t best = 0;
+    for (size_t g = 1; g < hues_.size(); ++g)
+      if (hue_distance(h, hues_[g]) < hue_distance(h, hues_[best])) best = g;
+    if (hue_distance(h, hues_[best]) <= kHueTolerance) ++votes[best];
+  }
+  const auto winner = std::max_element(votes.begin(), votes.end());
+  const int64_t need = std::max<int64_t>(kMinPixels, static_cast<int64_t>(std::ceil(kMinArea * static_cast<double>(area))));
+  if (*winner < need || static_cast<double>(*winner) < kMajority * static_cast<double>(voters)) return -1;
+  return static_cast<int>(winner - votes.begin());
+}
+
+Rgb HueClassifier::display_colour(int group) const {
+  Rgb out;
+  toy::hsv_to_rgb(hues_[static_cast<size_t>(group)], 0.85, 0.85, out.data());
+  return out;
+}
+
+std::vector<std::string> classifier_names() {
+  std::vector<std::string> names;
+  for (const auto& e : kClassifiers) names.push_back(e.name);
+  return names;
+}
+
+std::unique_ptr<GroupClassifier> make_classifier(const std::string& name, const std::string& attribute) {
+  const ClassifierEntry& e = find_classifier(name);
+  if (auto c = e.make(attribute)) return c;
+  throw_bad_input("--attribute " + attribute, "the " + name + " classifier cannot tell this attribute",
+                  std::string("it tells ") + e.attributes);
+}
+
+Interval wilson_interval(int64_t k, int64_t n, double z) {
+  if (n <= 0) return {0, 1};
+  const double nn = static_cast<double>(n), p = static_cast<double>(k) / nn, z2 = z * z;
+  const double denominator = 1 + z2 / nn;
+  const double centre = (p + z2 / (2 * nn)) / denominator;
+  const double half = z * std::sqrt(p * (1 - p) / nn + z2 / (4 * nn * nn)) / denominator;
+  return {std::max(0.0, centre - half), std::min(1.0, centre + half)};
+}
+
+std::optional<double> PromptAudit::hit_rate() const { return rate(assigned_hits, assigned); }
+std::optional<double> AuditReport::hit_rate() const { return rate(assigned_hits, assigned); }
+
+AuditReport audit(const AuditOptions& o) {
+  if (!is_directory(o.dir)) throw_bad_input(o.dir, "run folder not found", "give the --out folder of a fairdiff generate run");
+  find_classifier(o.classifier);  // a mistyped name fails before any image is read
+  const std::vector<Record> records = read_records(o.dir);
+  AuditReport r;
+  r.dir = o.dir;
+  r.attribute = resolve_attribute(records, o.attribute, o.dir);
+  const std::unique_ptr<GroupClassifier> classifier = make_classifier(o.classifier, r.attribute);
+  r.classifier = classifier->name();
+  r.groups = classifier->groups();
+  for (size_t g = 0; g < r.groups.size(); ++g) r.colours.push_back(classifier->display_colour(static_cast<int>(g)));
+  r.chart_path = o.chart_path.empty() ? o.dir + "/audit-chart.png" : o.chart_path;
+  r.sheet_path = o.sheet_path.empty() ? o.dir + "/audit-sheet.png" : o.sheet_path;
+  check_output_folder(r.chart_path, "--chart");
+  check_output_folder(r.sheet_path, "--sheet");
+
+  std::map<std::string, size_t> prompt_slot;
+  for (const Record& rec : records) {
+    const auto [slot, fresh] = prompt_slot.emplace(rec.prompt, r.prompts.size());
+    if (fresh) r.prompts.push_back(new_prompt(rec.prompt, r.groups));
+    PromptAudit& p = r.prompts[slot->second];
+    // The instruction is the same for every image of a prompt: the first record that has it tells it.
+    if (!p.groups.front().target)
+      if (const auto t = targets_of(rec, *classifier))
+        for (size_t g = 0; g < t->size(); ++g) p.groups[g].target = (*t)[g];
+    const bool on_sheet = slot->second < kSheetMaxPrompts && p.images < kSheetMaxPerPrompt;
+    ImageVerdict v = judge(rec, o.dir, *classifier, on_sheet);
+    v.prompt = slot->second;
+    count(p, v);
+    r.images.push_back(std::move(v));
+  }
+  finish(r);
+  write_audit_chart(r, r.chart_path);
+  write_audit_sheet(r, r.sheet_path);
+  return r;
+}
+
+std::string audit_text(const AuditReport& r) {
+  size_t width = std::string("unclassified").size();
+  for (const auto& g : r.groups) width = std::max(width, g.size());
+  const int w = static_cast<int>(width);
+  std::string out;
+  char line[512];
+  std::snprintf(line, sizeof line, "audit of %s: %zu images, attribute %s, classifier %s\n", r.dir.c_str(), r.images.size(),
+                r.attribute.c_str(), r.classifier.c_str());
+  out += line;
+  for (const PromptAudit& p : r.prompts) {
+    out += "\n\"" + p.prompt + "\": " + std::to_string(p.images) + " images\n";
+    std::snprintf(line, sizeof line, "  %-*s %6s %7s  %-17s %7s %7s\n", w, "group", "count", "share", "95% interval", "target", "error");
+    out += line;
+    for (const GroupShare& g : p.groups) {
+      const std::string interval = "[" + percent(g.low) + ", " + percent(g.high) + "]";
+      const auto e = g.error();
+      std::snprintf(line, sizeof line, "  %-*s %6lld %7s  %-17s %7s %7s\n", w, g.name.c_str(), static_cast<long long>(g.count),
+                    percent(g.share).c_str(), interval.c_str(), g.target ? percent(*g.target).c_str() : "-",
+                    e ? signed_percent(*e).c_str() : "-");
+      out += line;
+    }
+    std::snprintf(line, sizeof line, "  %-*s %6lld %7s\n", w, "unclassified", static_cast<long long>(p.unclassified),
+                  percent(static_cast<double>(p.unclassified) / static_cast<double>(p.images)).c_str());
+    out += line;
+    if (const auto hit = p.hit_rate())
+      out += "  assigned group reached: " + std::to_string(p.assigned_hits) + " of " + std::to_string(p.assigned) + " (" +
+             percent(*hit) + ")\n";
+  }
+  out += "\noverall: " + std::to_string(r.images.size()) + " images, " + std::to_string(r.unclassified) + " unclassified";
+  if (r.mean_abs_error) out += ", mean |error| " + percent(*r.mean_abs_error) + ", max |error| " + percent(*r.max_abs_error);
+  else out += ", no targets (an unguided run)";
+  if (const auto hit = r.hit_rate()) out += ", assigned group reached " + percent(*hit);
+  out += "\nchart: " + r.chart_path + "\nsheet: " + r.sheet_path + "\n";
+  return out;
+}
+
+std::string audit_json(const AuditReport& r) {
+  nlohmann::ordered_json prompts = nlohmann::ordered_json::array();
+  for (const PromptAudit& p : r.prompts) {
+    nlohmann::ordered_json groups = nlohmann::ordered_json::array();
+    for (const GroupShare& g : p.groups)
+      groups.push_back({{"name", g.name}, {"count", g.count}, {"share", g.share}, {"low", g.low}, {"high", g.high},
+                        {"target", number_or_null(g.target)}, {"error", number_or_null(g.error())}});
+    prompts.push_back({{"prompt", p.prompt}, {"images", p.images}, {"groups", groups}, {"unclassified", p.unclassified},
+                       {"assigned", p.assigned}, {"assigned_hit_rate", number_or_null(p.hit_rate())}});
+  }
+  const nlohmann::ordered_json overall = {{"images", r.images.size()},
+                                          {"unclassified", r.unclassified},
+                                          {"mean_abs_error", number_or_null(r.mean_abs_error)},
+                                          {"max_abs_error", number_or_null(r.max_abs_error)},
+                                          {"assigned", r.assigned},
+                                          {"assigned_hit_rate", number_or_null(r.hit_rate())}};
+  const nlohmann::ordered_json j = {{"schema", 1},         {"dir", r.dir},           {"attribute", r.attribute},
+                                    {"classifier", r.classifier}, {"groups", r.groups}, {"chart", r.chart_path},
+                                    {"sheet", r.sheet_path}, {"prompts", prompts},  {"overall", overall}};
+  return j.dump(2) + "\n";
+}
+
+}  // namespace fairdiff

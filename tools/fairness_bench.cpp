@@ -1,0 +1,183 @@
+// fairdiff-fairness-bench: does fair guidance reach the proportions it is asked for?
+//
+// For each case (a prompt of the toy world and a colour target), generates N images
+// without and with --fairness from the same seeds, audits both runs with the exact hue
+// classifier, and prints one table row: the model's own shares (the bias), the target,
+// the shares reached, the error, and the cost (seconds and UNet evaluations per image).
+//
+//   fairdiff-fairness-bench --out runs/fairness-bench            # N = 200 per case
+//   fairdiff-fairness-bench --images 64 --check 10               # the test suite's version:
+//       exit 1 unless every guided share is within 10 points of its target and the
+//       unguided kite runs are biased by at least 20 points
+//
+// scripts/fairness-bench builds and runs it; README "Fairness benchmark" has the figures.
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "audit.h"
+#include "fairdiff/error.h"
+#include "fairdiff/generate.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Case {
+  std::string prompt;
+  std::string fairness;  // --fairness value
+  bool against_bias;     // the model alone is far from this target (the check needs it biased)
+};
+
+// Targets: balance a biased class, 30:70, a target against the data's bias (kites are 90%
+// red in the training data), and all three colours.
+const std::vector<Case> kCases = {
+    {"a photo of a kite", "colour=red:50,blue:50", true},
+    {"a photo of a boat", "colour=red:30,blue:70", false},
+    {"a photo of a kite", "colour=red:10,blue:90", true},
+    {"a photo of a house", "colour=red:1,green:1,blue:1", false},
+};
+
+struct Options {
+  std::string model, out = "runs/fairness-bench";
+  int64_t images = 200, steps = 50, batch = 16, seed = 1000;
+  double cfg = 7.0;
+  int threads = 1;
+  double check = 0;  // percentage points; 0 = report only
+};
+
+struct RunResult {
+  fairdiff::AuditReport audit;
+  double seconds_per_image = 0;
+};
+
+RunResult run_case(const Options& o, const Case& c, const std::string& dir, bool fair) {
+  fs::remove_all(dir);
+  fairdiff::GenerateOptions g;
+  g.model = o.model;
+  g.prompt = c.prompt;
+  g.images_per_prompt = o.images;
+  g.batch_size = o.batch;
+  g.steps = o.steps;
+  g.cfg_scale = o.cfg;
+  g.seed = o.seed;
+  g.out_dir = dir;
+  g.threads = o.threads;
+  g.quiet = true;
+  if (fair) g.fairness = {c.fairness};
+  const auto t0 = std::chrono::steady_clock::now();
+  fairdiff::generate(g);
+  RunResult r;
+  r.seconds_per_image = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / o.images;
+  fairdiff::AuditOptions a;
+  a.dir = dir;
+  a.attribute = "colour";
+  r.audit = fairdiff::audit(a);
+  return r;
+}
+
+std::string shares(const fairdiff::PromptAudit& p, bool targets) {
+  std::string s;
+  for (const auto& g : p.groups) {
+    char buf[48];
+    const double v = targets ? g.target.value_or(0.0) : g.share;
+    std::snprintf(buf, sizeof buf, "%s%s %.0f", s.empty() ? "" : " ", g.name.c_str(), 100 * v);
+    s += buf;
+  }
+  return s;
+}
+
+// Largest |share - target| of a run against the guided run's targets.
+double max_error(const fairdiff::PromptAudit& run, const fairdiff::PromptAudit& targets) {
+  double worst = 0;
+  for (size_t g = 0; g < run.groups.size(); ++g)
+    worst = std::max(worst, std::abs(run.groups[g].share - targets.groups[g].target.value_or(0.0)));
+  return worst;
+}
+
+double mean_error(const fairdiff::PromptAudit& run, const fairdiff::PromptAudit& targets) {
+  double sum = 0;
+  for (size_t g = 0; g < run.groups.size(); ++g)
+    sum += std::abs(run.groups[g].share - targets.groups[g].target.value_or(0.0));
+  return sum / static_cast<double>(run.groups.size());
+}
+
+int run(const Options& o) {
+  std::printf("fairness benchmark: model %s, %lld images per run, %lld steps, CFG %g, batch %lld, %d thread(s)\n",
+              o.model.c_str(), (long long)o.images, (long long)o.steps, o.cfg, (long long)o.batch, o.threads);
+  std::printf("%-20s %-26s | %-22s | %-22s | %-22s | %6s %6s | %5s | %6s %6s | %s\n", "prompt", "target", "unguided (bias)",
+              "target %", "guided", "|err|", "max", "hit", "s/img", "fair", "UNet/img");
+  bool ok = true;
+  double sum_error = 0;
+  for (size_t k = 0; k < kCases.size(); ++k) {
+    const Case& c = kCases[k];
+    const std::string dir = o.out + "/case-" + std::to_string(k + 1);
+    const RunResult plain = run_case(o, c, dir + "/unguided", false);
+    const RunResult fair = run_case(o, c, dir + "/fair", true);
+    const fairdiff::PromptAudit& p = plain.audit.prompts.front();
+    const fairdiff::PromptAudit& f = fair.audit.prompts.front();
+    const double mean = mean_error(f, f), worst = max_error(f, f), bias = max_error(p, f);
+    sum_error += mean;
+    // UNet evaluations per image and step: unconditional + text, plus one per edit concept
+    // (every group of the attribute: toward one, away from the others).
+    const size_t concepts = f.groups.size();
+    char unet[32];
+    std::snprintf(unet, sizeof unet, "%lld -> %lld", (long long)(2 * o.steps), (long long)((2 + concepts) * o.steps));
+    std::printf("%-20s %-26s | %-22s | %-22s | %-22s | %5.1f%% %5.1f%% | %4.0f%% | %6.2f %6.2f | %s\n", c.prompt.c_str(),
+                c.fairness.c_str(), shares(p, false).c_str(), shares(f, true).c_str(), shares(f, false).c_str(),
+                100 * mean, 100 * worst, 100 * f.hit_rate().value_or(0.0), plain.seconds_per_image,
+                fair.seconds_per_image, unet);
+    if (o.check > 0) {
+      if (100 * worst > o.check) {
+        std::printf("  FAIL: a guided share is %.1f points from its target (bound %.0f)\n", 100 * worst, o.check);
+        ok = false;
+      }
+      if (c.against_bias && 100 * bias < 2 * o.check) {
+        std::printf("  FAIL: the unguided run is only %.1f points from the target: not the biased model expected\n",
+                    100 * bias);
+        ok = false;
+      }
+    }
+  }
+  std::printf("mean |achieved - target| over all cases and groups: %.1f points\n",
+              100 * sum_error / static_cast<double>(kCases.size()));
+  std::printf("runs, charts and contact sheets: %s/case-*/{unguided,fair}/audit-*.png\n", o.out.c_str());
+  if (o.check > 0) std::printf("%s\n", ok ? "check passed" : "check FAILED");
+  return ok ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"fairdiff-fairness-bench: unguided vs fair-guided colour proportions on the shipped toy model"};
+  Options o;
+  app.add_option("--model", o.model, "model folder (default: models/toy)");
+  app.add_option("--out", o.out, "folder for the runs (each case's folders are replaced)")->capture_default_str();
+  app.add_option("-N,--images", o.images, "images per run")->capture_default_str();
+  app.add_option("--steps", o.steps, "denoising steps")->capture_default_str();
+  app.add_option("--cfg-scale", o.cfg, "classifier-free guidance scale")->capture_default_str();
+  app.add_option("--batch-size", o.batch, "images per UNet call")->capture_default_str();
+  app.add_option("--seed", o.seed, "seed of the first image (both runs of a case use the same seeds)")
+      ->capture_default_str();
+  app.add_option("--threads", o.threads, "CPU threads (the toy model's layers are too small to share)")
+      ->capture_default_str();
+  app.add_option("--check", o.check,
+                 "fail unless every guided share is within this many points of its target and the unguided "
+                 "runs of targets against the bias miss by twice as much");
+  CLI11_PARSE(app, argc, argv);
+  try {
+    if (o.model.empty()) o.model = fairdiff::default_model();
+    if (o.model.empty()) throw fairdiff::Error(fairdiff::ErrorKind::BadInput, "--model", "models/toy is missing: pass --model");
+    return run(o);
+  } catch (const fairdiff::Error& e) {
+    std::fprintf(stderr, "fairdiff-fairness-bench: error: %s\n", e.what());
+    return fairdiff::exit_code(e.kind());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "fairdiff-fairness-bench: error: %s\n", e.what());
+    return 1;
+  }
+}
