@@ -135,8 +135,10 @@ FairEdits fair_edits(const FairnessSpec& spec) {
   return e;
 }
 
-// One image's concepts: per attribute, the assigned group's prompts forward, every other group's reversed.
-std::vector<EditConcept> fair_concepts(const FairnessSpec& spec, const FairEdits& edits, const PlannedImage& img) {
+// One image's concepts: per attribute, the assigned group's prompts forward, every other
+// group's reversed (exact), or the assigned group's only (fast).
+std::vector<EditConcept> fair_concepts(const FairnessSpec& spec, const FairEdits& edits, const PlannedImage& img,
+                                       bool fast) {
   std::vector<EditConcept> concepts;
   for (size_t a = 0; a < spec.targets.size(); ++a) {
     const Attribute& attr = spec.targets[a].attribute;
@@ -151,6 +153,7 @@ std::vector<EditConcept> fair_concepts(const FairnessSpec& spec, const FairEdits
     const std::vector<EditConcept> per_group = steer_toward(target, static_cast<int64_t>(attr.groups.size()), base);
     for (size_t g = 0; g < attr.groups.size(); ++g)
       for (int64_t row : edits.rows[a][g]) {
+        if (fast && static_cast<int64_t>(g) != target) continue;
         EditConcept c = per_group[g];
         c.embedding = row;
         concepts.push_back(c);
@@ -178,7 +181,7 @@ nlohmann::json fair_record(const FairnessSpec& spec, const FairEdits& edits, con
   for (const FairnessTarget& t : spec.targets)
     for (size_t g = 0; g < t.attribute.groups.size(); ++g) targets[t.attribute.name][t.attribute.groups[g].name] = t.shares[g];
   const EditDefaults& d = spec.targets.front().attribute.defaults;
-  return {{"assignment", o.assignment}, {"groups", groups}, {"targets", targets}, {"edits", list},
+  return {{"assignment", o.assignment}, {"mode", o.fairness_mode}, {"groups", groups}, {"targets", targets}, {"edits", list},
           {"momentum_scale", d.edit_momentum_scale}, {"momentum_beta", d.edit_mom_beta}};
 }
 
@@ -290,7 +293,7 @@ RunSummary generate(GenerateOptions o) {
       SemanticGuidanceSettings settings;
       settings.momentum_scale = fairness.targets.front().attribute.defaults.edit_momentum_scale;
       settings.momentum_beta = fairness.targets.front().attribute.defaults.edit_mom_beta;
-      for (const auto& img : batch) settings.images.push_back(fair_concepts(fairness, edits, img));
+      for (const auto& img : batch) settings.images.push_back(fair_concepts(fairness, edits, img, o.fairness_mode == "fast"));
       concepts = settings.images;
       sega = std::make_unique<SemanticGuidance>(edit_table, std::move(settings));
     }

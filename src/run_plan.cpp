@@ -155,6 +155,7 @@ std::string scheduler_override(const std::string& method, const std::string& sch
   if (method == "pndm" || method == "plms") return "pndm";
   if (method == "dpm++2m") return karras ? "dpmpp_2m_karras" : "dpmpp_2m";
   if (method == "lms") return karras ? "lms_karras" : "lms";
+  if (method == "euler") return karras ? "euler_karras" : "euler";
   return method;  // ddim, euler, euler_a
 }
 
@@ -177,9 +178,11 @@ void validate(GenerateOptions& o) {
   o.sampling_method = method;
   if (!o.scheduler.empty() && o.scheduler != "discrete" && o.scheduler != "karras")
     throw_bad_input("--scheduler", "unknown scheduler \"" + o.scheduler + "\"", "use discrete or karras");
-  if (o.scheduler == "karras" && method != "dpm++2m" && method != "lms")
-    throw_bad_input("--scheduler", "karras sigmas are available with --sampling-method dpm++2m or lms",
+  if (o.scheduler == "karras" && method != "dpm++2m" && method != "lms" && method != "euler")
+    throw_bad_input("--scheduler", "karras sigmas are available with --sampling-method euler, dpm++2m or lms",
                     "pick one of those samplers, or drop --scheduler karras");
+  if (o.fairness_mode != "exact" && o.fairness_mode != "fast")
+    throw_bad_input("--fairness-mode", "unknown mode \"" + o.fairness_mode + "\"", "use exact or fast");
   if (o.dtype != "fp32" && o.dtype != "fp16" && o.dtype != "bf16")
     throw_bad_input("--dtype", "unknown dtype \"" + o.dtype + "\"", "use fp32, fp16 or bf16");
   const bool cuda = o.device.rfind("cuda", 0) == 0;

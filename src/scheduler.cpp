@@ -280,6 +280,7 @@ namespace {
 const std::vector<std::pair<std::string, std::string>> kNames = {{"pndm", "PNDMScheduler"},
                                                                  {"ddim", "DDIMScheduler"},
                                                                  {"euler", "EulerDiscreteScheduler"},
+                                                                 {"euler_karras", "EulerDiscreteScheduler"},
                                                                  {"euler_a", "EulerAncestralDiscreteScheduler"},
                                                                  {"dpmpp_2m", "DPMSolverMultistepScheduler"},
                                                                  {"dpmpp_2m_karras", "DPMSolverMultistepScheduler"},
@@ -322,8 +323,10 @@ std::unique_ptr<Scheduler> make_scheduler(const nlohmann::json& config, const st
       cfg["algorithm_type"] = "dpmsolver++";
       cfg["solver_order"] = 2;
     }
-    if (override_name == "dpmpp_2m" || override_name == "lms") cfg["use_karras_sigmas"] = false;
-    if (override_name == "dpmpp_2m_karras" || override_name == "lms_karras") cfg["use_karras_sigmas"] = true;
+    if (override_name == "dpmpp_2m" || override_name == "lms" || override_name == "euler")
+      cfg["use_karras_sigmas"] = false;
+    if (override_name == "dpmpp_2m_karras" || override_name == "lms_karras" || override_name == "euler_karras")
+      cfg["use_karras_sigmas"] = true;
   }
   if (cls == "PNDMScheduler") return std::make_unique<PNDMScheduler>(PNDMScheduler::Config::from_json(cfg, where));
   if (cls == "DDIMScheduler") return std::make_unique<DDIMScheduler>(DDIMScheduler::Config::from_json(cfg, where));

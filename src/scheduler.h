@@ -71,9 +71,9 @@ class Scheduler {
 // Builds a scheduler from a diffusers scheduler_config.json object (its `_class_name` picks
 // the class). A non-empty `override_name` picks another class with the same betas and
 // timestep settings, like diffusers' `OtherScheduler.from_config(config)`: "pndm", "ddim",
-// "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms", "lms_karras" (or a diffusers
+// "euler", "euler_karras", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms", "lms_karras" (or a diffusers
 // class name). "dpmpp_2m" forces algorithm_type dpmsolver++ and solver_order 2; the
-// "_karras" names force use_karras_sigmas on, "dpmpp_2m" and "lms" force it off.
+// "_karras" names force use_karras_sigmas on, "euler", "dpmpp_2m" and "lms" force it off.
 // Unknown classes and unsupported values throw an Unsupported error listing what is
 // supported; values of the wrong type throw BadInput. `where` names the config in messages.
 std::unique_ptr<Scheduler> make_scheduler(const nlohmann::json& config, const std::string& override_name,

@@ -84,7 +84,7 @@ if [ -d "$fixtures/models/tiny-sd1" ]; then
     if [ -e "$tmp/never" ]; then failures=$((failures + 1)); echo "FAIL $name: wrote $tmp/never"; rm -rf "$tmp/never"; fi
   }
   nothing_written gen_sampler 2 'unknown sampler "heun2"' -- gen --sampling-method heun2 -o "$tmp/never"
-  nothing_written gen_karras 2 "karras sigmas are available" -- gen --sampling-method euler --scheduler karras -o "$tmp/never"
+  nothing_written gen_karras 2 "karras sigmas are available" -- gen --sampling-method ddim --scheduler karras -o "$tmp/never"
   nothing_written gen_size 2 "width 100 is not a positive multiple of 8" -- gen -W 100 -o "$tmp/never"
   nothing_written gen_steps 2 "--steps: 0 is less than 1" -- gen --steps 0 -o "$tmp/never"
   nothing_written gen_missing_model 2 "model not found" -- "$fairdiff" generate -m "$tmp/nomodel" -p x -o "$tmp/never"

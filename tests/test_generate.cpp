@@ -245,6 +245,38 @@ TEST(Generate, FairnessSteersEachImageTowardItsGroup) {
   test::expect_error([&] { validate(fair); }, ErrorKind::BadInput, {"--fairness", "classifier-free guidance"});
 }
 
+// The fast mode evaluates the assigned group's concept only, and records that it did.
+TEST(Generate, FastFairnessModeUsesTheAssignedGroupOnly) {
+  FAIRDIFF_REQUIRE_FIXTURES(fixtures);
+  test::TempDir tmp;
+  // Warm-up 1 so the edits act within the few steps of the tiny runs.
+  std::ofstream(tmp / "fair.json") << R"({"attributes": [{"name": "gender", "targets": {"female": 50, "male": 50},
+      "edit_warmup_steps": 1}]})";
+  GenerateOptions exact = tiny(fixtures, tmp / "exact");
+  exact.images_per_prompt = 2;
+  exact.fairness_file = tmp / "fair.json";
+  GenerateOptions fast = exact;
+  fast.out_dir = tmp / "fast";
+  fast.fairness_mode = "fast";
+  EXPECT_EQ(generate(exact).generated, 2);
+  EXPECT_EQ(generate(fast).generated, 2);
+  const auto e = read_manifest(tmp / "exact/manifest.jsonl"), f = read_manifest(tmp / "fast/manifest.jsonl");
+  for (const auto& [index, line] : f) {
+    const auto& r = line["fairness"];
+    EXPECT_EQ(r["mode"], "fast");
+    EXPECT_EQ(r["groups"], e.at(index)["fairness"]["groups"]);  // same assignment as the exact run
+    ASSERT_EQ(r["edits"].size(), 1u);
+    EXPECT_EQ(r["edits"][0]["group"], r["groups"]["gender"]);
+    EXPECT_FALSE(r["edits"][0]["reverse"].get<bool>());
+    EXPECT_EQ(e.at(index)["fairness"]["mode"], "exact");
+  }
+  // Fewer concepts, other pixels (the reversed concept no longer pushes).
+  const auto a = pngs(tmp / "exact"), b = pngs(tmp / "fast");
+  for (const auto& [name, png] : a) EXPECT_NE(pixels(png), pixels(b.at(name))) << name;
+  fast.fairness_mode = "quick";
+  test::expect_error([&] { validate(fast); }, ErrorKind::BadInput, {"--fairness-mode", "quick"});
+}
+
 // Fair Diffusion over a prompts file with a joint target and per-attribute overrides: exact
 // cells per prompt, the union of two shards is the unsharded run (bytes and groups), and a
 // resumed run makes only the missing image again, for the same group.

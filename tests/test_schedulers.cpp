@@ -179,7 +179,7 @@ TEST(SchedulerFixtures, OverrideNamesFromModelFolderConfig) {
     const bool karras = c.config.value("use_karras_sigmas", false);
     const std::string name = c.cls == "PNDMScheduler"                     ? "pndm"
                              : c.cls == "DDIMScheduler"                   ? "ddim"
-                             : c.cls == "EulerDiscreteScheduler"          ? "euler"
+                             : c.cls == "EulerDiscreteScheduler"          ? (karras ? "euler_karras" : "euler")
                              : c.cls == "EulerAncestralDiscreteScheduler" ? "euler_a"
                              : c.cls == "LMSDiscreteScheduler"            ? (karras ? "lms_karras" : "lms")
                                                                           : (karras ? "dpmpp_2m_karras" : "dpmpp_2m");
@@ -289,6 +289,11 @@ TEST(SchedulerSchedule, KarrasOverrides) {
   EXPECT_NEAR(ks[9], ps[9], 1e-5 * ps[9]);
   EXPECT_LT(ks[5], ps[5]);
   EXPECT_NE(lms->timesteps()[5], std::round(lms->timesteps()[5]));  // fractional timesteps
+  // Euler has Karras sigmas too (EulerDiscreteScheduler's use_karras_sigmas).
+  const auto euler_k = make(sd_config(), "euler_karras", 10), euler = make(sd_config(), "euler", 10);
+  EXPECT_NEAR(euler_k->sigmas().front(), euler->sigmas().front(), 1e-5 * euler->sigmas().front());
+  EXPECT_LT(euler_k->sigmas()[5], euler->sigmas()[5]);
+  EXPECT_EQ(euler_k->name(), "EulerDiscreteScheduler");
   // A DPM config with Karras on, overridden to plain 2M, loses it.
   const json dpm_karras =
       with(sd_config(), {{"_class_name", "DPMSolverMultistepScheduler"}, {"use_karras_sigmas", true}});
@@ -534,7 +539,7 @@ TEST(SchedulerErrors, UnsupportedAndBadValues) {
   expect_error([&] { make_scheduler(nameless, "", "cfg.json"); }, ErrorKind::BadInput, {"_class_name"});
   // -Infinity written by Python's json (as a string once quoted) is accepted.
   EXPECT_NO_THROW(make_scheduler(with(dpm, {{"lambda_min_clipped", "-Infinity"}}), "", "cfg.json"));
-  EXPECT_EQ(scheduler_names().size(), 8u);
+  EXPECT_EQ(scheduler_names().size(), 9u);  // pndm ddim euler euler_karras euler_a dpmpp_2m(_karras) lms(_karras)
 }
 
 TEST(SchedulerErrors, StepMisuse) {

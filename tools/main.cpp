@@ -85,7 +85,7 @@ void add_generate_flags(CLI::App* cmd, fairdiff::GenerateOptions& o) {
   cmd->add_option("--steps", o.steps, "denoising steps")->capture_default_str();
   cmd->add_option("--cfg-scale", o.cfg_scale, "classifier-free guidance scale")->capture_default_str();
   cmd->add_option("--sampling-method", o.sampling_method, "pndm, ddim, euler, euler_a, dpm++2m, lms (default: the model's scheduler)");
-  cmd->add_option("--scheduler", o.scheduler, "discrete or karras (with dpm++2m, lms)");
+  cmd->add_option("--scheduler", o.scheduler, "discrete or karras (with euler, dpm++2m, lms)");
   cmd->add_option("-W,--width", o.width, "image width, a multiple of 8 (default: the model's size)");
   cmd->add_option("-H,--height", o.height, "image height, a multiple of 8 (default: the model's size)");
   cmd->add_option("-s,--seed", o.seed, "seed of image 0; image i uses seed+i; -1 = random (recorded)")->capture_default_str();
@@ -102,6 +102,10 @@ void add_generate_flags(CLI::App* cmd, fairdiff::GenerateOptions& o) {
   cmd->add_option("--fairness-file", o.fairness_file, "JSON {\"attributes\": [{\"name\", \"targets\", edit overrides}]}");
   cmd->add_option("--attributes", o.attributes_dir, "attribute library folder (default: the source tree's configs/attributes)");
   cmd->add_option("--assignment", o.assignment, "quota (exact counts per prompt, shuffled) or random (independent draws)")
+      ->capture_default_str();
+  cmd->add_option("--fairness-mode", o.fairness_mode,
+                  "exact (assigned group forward, the others reversed: 2 + groups UNet rows per image) or fast "
+                  "(assigned group only: 3 rows)")
       ->capture_default_str();
   cmd->add_flag("-q,--quiet", o.quiet, "no progress output");
 }

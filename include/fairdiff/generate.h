@@ -48,6 +48,10 @@ struct GenerateOptions {
   std::string fairness_file;          // --fairness-file: JSON {"attributes": [{"name", "targets", ...}]}
   std::string attributes_dir;         // --attributes: attribute library ("" = configs/attributes)
   std::string assignment = "quota";   // quota (exact counts per prompt, shuffled) | random (independent draws)
+  // exact: Fair Diffusion as published (the assigned group's concepts forward, every other
+  // group's reversed: 2 + groups UNet rows per image); fast: the assigned group's concepts
+  // only (3 rows per image for any number of groups), opt-in, measured by fairness-bench.
+  std::string fairness_mode = "exact";
   bool quiet = false;
 };
 
