@@ -67,6 +67,7 @@ struct FairnessSpec {
   std::vector<FairnessTarget> targets;  // in the order given; empty = fairness off
   // The joint target, if any; the shares of its attributes' targets are its marginals.
   std::optional<JointTarget> joint;
+  std::string mode = "exact";  // --fairness-mode: exact | fast
   bool enabled() const { return !targets.empty(); }
 };
 

@@ -283,7 +283,10 @@ std::string record_difference(const nlohmann::json& r, const PlannedImage& img, 
       {"fairness groups", fairness.value("groups", nlohmann::json::object()), groups},
       // Records carry the normalised shares as JSON doubles, which read back exactly.
       {"fairness targets", fairness.value("targets", nlohmann::json::object()), targets_record(spec)},
-      {"joint target", fairness.value("joint", nlohmann::json()), joint_record(spec)}};
+      {"joint target", fairness.value("joint", nlohmann::json()), joint_record(spec)},
+      // Records from before --fairness-mode existed were made in the exact mode.
+      {"fairness mode", spec.enabled() ? fairness.value("mode", nlohmann::json("exact")) : nlohmann::json(),
+       spec.enabled() ? nlohmann::json(spec.mode) : nlohmann::json()}};
   for (const auto& [name, made, planned] : settings)
     if (made != planned) return name + " " + made.dump() + ", this run plans " + planned.dump();
   return "";

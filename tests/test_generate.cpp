@@ -361,6 +361,10 @@ TEST(Generate, ResumeRefusesAFolderOfAnotherRun) {
   changed = o;
   changed.steps = 3;
   test::expect_error([&] { generate(changed); }, ErrorKind::BadInput, {"was made with steps 4, this run plans 3"});
+  changed = o;
+  changed.fairness_mode = "fast";
+  test::expect_error([&] { generate(changed); }, ErrorKind::BadInput,
+                     {"was made with fairness mode \"exact\", this run plans \"fast\""});
   EXPECT_EQ(slurp(tmp / "run/manifest.jsonl"), manifest);
   EXPECT_EQ(pngs(tmp / "run"), files);
   EXPECT_EQ(generate(o).generated, 0);  // the original command still resumes
