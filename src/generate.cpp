@@ -176,12 +176,10 @@ nlohmann::json fair_record(const FairnessSpec& spec, const FairEdits& edits, con
                     {"threshold", c.threshold},
                     {"warmup_steps", c.warmup_steps}});
   }
-  // The instruction itself, so an audit can compare what came out with what was asked.
-  nlohmann::json targets = nlohmann::json::object();
-  for (const FairnessTarget& t : spec.targets)
-    for (size_t g = 0; g < t.attribute.groups.size(); ++g) targets[t.attribute.name][t.attribute.groups[g].name] = t.shares[g];
   const EditDefaults& d = spec.targets.front().attribute.defaults;
-  return {{"assignment", o.assignment}, {"mode", o.fairness_mode}, {"groups", groups}, {"targets", targets}, {"edits", list},
+  // targets: the instruction itself, so an audit can compare what came out with what was asked
+  // (and resume can tell another run's folder: run_plan.cpp compares the same record).
+  return {{"assignment", o.assignment}, {"mode", spec.mode}, {"groups", groups}, {"targets", targets_record(spec)}, {"edits", list},
           {"momentum_scale", d.edit_momentum_scale}, {"momentum_beta", d.edit_mom_beta}};
 }
 

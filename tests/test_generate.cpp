@@ -191,14 +191,20 @@ TEST(Generate, PromptsFileWithOverrides) {
   test::expect_error([&] { validate(o); }, ErrorKind::BadInput, {"bad.jsonl:2", "unknown key \"colour\""});
 }
 
+// gender=50:50 with the edits acting from step 1 (the tiny runs have 4 steps; the library's
+// warm-up is 5).
+void write_gender_50_50_warmup_1(const std::string& path) {
+  std::ofstream(path) << R"({"attributes": [{"name": "gender", "targets": {"female": 50, "male": 50},
+      "edit_warmup_steps": 1}]})";
+}
+
 // Fair Diffusion end to end: gender=50:50 over 2 images gives one of each group, recorded
 // in the manifest, the PNG record and the A1111 parameters, and the edit changes the image.
 // The tiny run has 4 steps, so the library's 5-step warm-up is overridden to 1.
 TEST(Generate, FairnessSteersEachImageTowardItsGroup) {
   FAIRDIFF_REQUIRE_FIXTURES(fixtures);
   test::TempDir tmp;
-  std::ofstream(tmp / "fair.json") << R"({"attributes": [{"name": "gender", "targets": {"female": 50, "male": 50},
-      "edit_warmup_steps": 1}]})";
+  write_gender_50_50_warmup_1(tmp / "fair.json");
   GenerateOptions plain = tiny(fixtures, tmp / "plain");
   plain.images_per_prompt = 2;
   GenerateOptions fair = tiny(fixtures, tmp / "fair");
@@ -249,9 +255,7 @@ TEST(Generate, FairnessSteersEachImageTowardItsGroup) {
 TEST(Generate, FastFairnessModeUsesTheAssignedGroupOnly) {
   FAIRDIFF_REQUIRE_FIXTURES(fixtures);
   test::TempDir tmp;
-  // Warm-up 1 so the edits act within the few steps of the tiny runs.
-  std::ofstream(tmp / "fair.json") << R"({"attributes": [{"name": "gender", "targets": {"female": 50, "male": 50},
-      "edit_warmup_steps": 1}]})";
+  write_gender_50_50_warmup_1(tmp / "fair.json");
   GenerateOptions exact = tiny(fixtures, tmp / "exact");
   exact.images_per_prompt = 2;
   exact.fairness_file = tmp / "fair.json";

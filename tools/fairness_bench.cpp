@@ -93,19 +93,13 @@ std::string shares(const fairdiff::PromptAudit& p, bool targets) {
   return s;
 }
 
-// Largest |share - target| of a run against the guided run's targets.
+// Largest |share - target| of a run against the guided run's targets (the unguided run
+// has none of its own; the guided run's audit computes its own errors).
 double max_error(const fairdiff::PromptAudit& run, const fairdiff::PromptAudit& targets) {
   double worst = 0;
   for (size_t g = 0; g < run.groups.size(); ++g)
     worst = std::max(worst, std::abs(run.groups[g].share - targets.groups[g].target.value_or(0.0)));
   return worst;
-}
-
-double mean_error(const fairdiff::PromptAudit& run, const fairdiff::PromptAudit& targets) {
-  double sum = 0;
-  for (size_t g = 0; g < run.groups.size(); ++g)
-    sum += std::abs(run.groups[g].share - targets.groups[g].target.value_or(0.0));
-  return sum / static_cast<double>(run.groups.size());
 }
 
 int run(const Options& o) {
@@ -124,7 +118,8 @@ int run(const Options& o) {
     const RunResult fair = run_case(o, c, dir + "/fair", true);
     const fairdiff::PromptAudit& p = plain.audit.prompts.front();
     const fairdiff::PromptAudit& f = fair.audit.prompts.front();
-    const double mean = mean_error(f, f), worst = max_error(f, f), bias = max_error(p, f);
+    const double mean = fair.audit.mean_abs_error.value_or(0.0), worst = fair.audit.max_abs_error.value_or(0.0);
+    const double bias = max_error(p, f);
     sum_error += mean;
     // UNet evaluations per image: per step unconditional + text, plus one per edit concept
     // (exact: every group of the attribute, toward one and away from the others; fast: the
