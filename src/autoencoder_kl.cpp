@@ -152,7 +152,7 @@ at::Tensor EncoderImpl::forward(const at::Tensor& x) {
   at::Tensor h = conv_in_(x);                     // [B,C0,H,W]
   for (auto& block : down_blocks_) h = block(h);  // [B,C_last,h,w]
   h = mid_block_(h);
-  h = at::silu(conv_norm_out_(h));
+  h = silu_fresh(conv_norm_out_(h));
   return conv_out_(h);
 }
 
@@ -184,7 +184,7 @@ at::Tensor DecoderImpl::forward(const at::Tensor& z) {
   at::Tensor h = conv_in_(z);  // [B,C_last,h,w]
   h = mid_block_(h);
   for (auto& block : up_blocks_) h = block(h);  // [B,C0,H,W]
-  h = at::silu(conv_norm_out_(h));
+  h = silu_fresh(conv_norm_out_(h));
   return conv_out_(h);
 }
 
@@ -218,8 +218,68 @@ LatentDistribution AutoencoderKLImpl::encode(const at::Tensor& image) {
 at::Tensor AutoencoderKLImpl::decode(const at::Tensor& z) {
   // z [B,Z,h,w] -> [B,C,H,W]
   TORCH_CHECK(z.dim() == 4, "AutoencoderKL.decode: latents must be [B,Z,h,w], got ", z.sizes());
+  if (tiling() && (z.size(2) > tile_latent_size_ || z.size(3) > tile_latent_size_)) return tiled_decode(z);
   at::Tensor h = post_quant_conv_ ? post_quant_conv_(z) : z;
   return decoder_(h);
+}
+
+void AutoencoderKLImpl::enable_tiling(int64_t tile_latent_size) {
+  // The reference's tile_sample_min_size is the config's sample_size (its first entry).
+  if (tile_latent_size < 0) tile_latent_size = config_.sample_size.front() / config_.scale_factor();
+  TORCH_CHECK(tile_latent_size == 0 || tile_latent_size >= 4,
+              "AutoencoderKL.enable_tiling: tiles of fewer than 4 latent pixels leave no overlap, got ",
+              tile_latent_size);
+  tile_latent_size_ = tile_latent_size;
+}
+
+namespace {
+
+// tile_overlap_factor of the reference: neighbouring tiles share a quarter of a tile.
+constexpr double kTileOverlap = 0.25;
+
+// blend_v / blend_h of the reference: the first `extent` rows (columns) of b fade in over
+// the last `extent` of a: b[y] = a[-extent + y] (1 - y / extent) + b[y] (y / extent).
+// In place on b, as the reference does (later tiles blend against already blended ones).
+void blend(const at::Tensor& a, at::Tensor& b, int64_t dim, int64_t extent) {
+  extent = std::min({a.size(dim), b.size(dim), extent});
+  for (int64_t y = 0; y < extent; ++y) {
+    const double w = static_cast<double>(y) / static_cast<double>(extent);
+    at::Tensor by = b.select(dim, y);
+    by.copy_(a.select(dim, a.size(dim) - extent + y) * (1 - w) + by * w);
+  }
+}
+
+}  // namespace
+
+at::Tensor AutoencoderKLImpl::tiled_decode(const at::Tensor& z) {
+  // z [B,Z,h,w] -> [B,C,H,W], tile by tile (tiled_decode of the reference)
+  const int64_t f = config_.scale_factor();
+  const int64_t tile = tile_latent_size_, tile_sample = tile * f;
+  const int64_t stride = static_cast<int64_t>(static_cast<double>(tile) * (1 - kTileOverlap));  // overlap_size
+  const int64_t extent = static_cast<int64_t>(static_cast<double>(tile_sample) * kTileOverlap);  // blend_extent
+  const int64_t limit = tile_sample - extent;                                                    // row_limit
+  std::vector<std::vector<at::Tensor>> rows;
+  for (int64_t i = 0; i < z.size(2); i += stride) {
+    std::vector<at::Tensor> row;
+    for (int64_t j = 0; j < z.size(3); j += stride) {
+      at::Tensor t = z.slice(2, i, i + tile).slice(3, j, j + tile);  // [B,Z,<=tile,<=tile]
+      if (post_quant_conv_) t = post_quant_conv_(t);
+      row.push_back(decoder_(t));  // [B,C,<=tile f,<=tile f]
+    }
+    rows.push_back(std::move(row));
+  }
+  std::vector<at::Tensor> out_rows;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    std::vector<at::Tensor> out_row;
+    for (size_t j = 0; j < rows[i].size(); ++j) {
+      at::Tensor& t = rows[i][j];
+      if (i > 0) blend(rows[i - 1][j], t, 2, extent);
+      if (j > 0) blend(rows[i][j - 1], t, 3, extent);
+      out_row.push_back(t.slice(2, 0, limit).slice(3, 0, limit));
+    }
+    out_rows.push_back(at::cat(out_row, 3));
+  }
+  return at::cat(out_rows, 2);  // [B,C,H,W]
 }
 
 }  // namespace fairdiff

@@ -106,6 +106,15 @@ class AutoencoderKLImpl : public torch::nn::Module {
   // z [B,Z,h,w], already divided by scaling_factor -> image [B,C,H,W], roughly [-1,1]
   at::Tensor decode(const at::Tensor& z);
 
+  // As diffusers' enable_tiling(): latents larger than `tile_latent_size` (default: the
+  // config's sample_size / scale_factor, 64 for SD) are decoded in overlapping tiles of
+  // that size, a quarter overlapping, and the seams blended linearly (tiled_decode). The
+  // decoder's peak memory is then one tile's; the output differs slightly from a single
+  // decode near the seams, as the reference's does. 0 turns tiling off again.
+  void enable_tiling(int64_t tile_latent_size = -1);
+  bool tiling() const { return tile_latent_size_ > 0; }
+  int64_t tile_latent_size() const { return tile_latent_size_; }
+
   const AutoencoderKLConfig& config() const { return config_; }
 
  private:
@@ -113,6 +122,9 @@ class AutoencoderKLImpl : public torch::nn::Module {
   vae::Encoder encoder_{nullptr};
   vae::Decoder decoder_{nullptr};
   leaf::Conv2d quant_conv_{nullptr}, post_quant_conv_{nullptr};
+  int64_t tile_latent_size_ = 0;  // 0: no tiling
+
+  at::Tensor tiled_decode(const at::Tensor& z);
 };
 TORCH_MODULE(AutoencoderKL);
 

@@ -68,6 +68,12 @@ StableDiffusionModel load_model(const GenerateOptions& o, const LoadOptions& lo)
   }
   // As diffusers does: a half-precision SD VAE overflows, so it decodes in float32.
   if (lo.dtype == at::kHalf && model.vae->config().force_upcast) model.vae->to(at::kFloat);
+  if (o.vae_tile != 0) {
+    const int64_t f = model.vae->config().scale_factor();
+    if (o.vae_tile > 0 && o.vae_tile % f != 0)
+      throw_bad_input("--vae-tiling", "a tile of " + std::to_string(o.vae_tile) + " pixels is not a multiple of the VAE's scale factor " + std::to_string(f));
+    model.vae->enable_tiling(o.vae_tile < 0 ? -1 : o.vae_tile / f);
+  }
   return model;
 }
 
@@ -336,6 +342,9 @@ RunSummary generate(GenerateOptions o) {
                                {"model", name},               {"model_hash", hash},
                                {"dtype", o.dtype},            {"version", kVersion}};
       if (fairness.enabled()) record["fairness"] = fair_record(fairness, edits, o, img, concepts[i]);
+      // Tiles change the pixels near their seams: recorded (in pixels) when used.
+      if (model.vae->tiling())
+        record["vae_tile"] = model.vae->tile_latent_size() * model.vae->config().scale_factor();
       if (fairness.joint) record["fairness"]["joint"] = joint_record(fairness);
       const at::Tensor rgb = pixels[static_cast<int64_t>(i)].contiguous();  // [H, W, 3] uint8
       write_png((out / img.file).string(), rgb.data_ptr<uint8_t>(), static_cast<int>(img.width),

@@ -29,13 +29,14 @@ namespace fairdiff {
 // without initialisation: LibTorch's kaiming init of the 860M SD UNet parameters took 41 s
 // here (zero-filling still 14 s), and load_state_dict replaces every tensor anyway. Linear
 // and conv weights are UNINITIALISED until loaded (norms start at scale 1, shift 0).
+// Each forward is one profile::Scope (profile.h), counting its FLOPs from the shapes.
 namespace leaf {
 
 class LinearImpl : public torch::nn::Module {
  public:
   LinearImpl(int64_t in_features, int64_t out_features, bool bias = true);
   // x [...,in] -> [...,out]
-  at::Tensor forward(const at::Tensor& x) const { return at::linear(x, weight_, bias_); }
+  at::Tensor forward(const at::Tensor& x) const;
 
  private:
   at::Tensor weight_, bias_;  // [out,in], [out]
@@ -58,7 +59,7 @@ class GroupNormImpl : public torch::nn::Module {
  public:
   GroupNormImpl(int64_t groups, int64_t channels, double eps);
   // x [B,C,...] -> same
-  at::Tensor forward(const at::Tensor& x) const { return at::group_norm(x, groups_, weight_, bias_, eps_); }
+  at::Tensor forward(const at::Tensor& x) const;
 
  private:
   int64_t groups_;
@@ -71,7 +72,7 @@ class LayerNormImpl : public torch::nn::Module {
  public:
   LayerNormImpl(int64_t dim, double eps);
   // x [...,dim] -> same
-  at::Tensor forward(const at::Tensor& x) const { return at::layer_norm(x, {dim_}, weight_, bias_, eps_); }
+  at::Tensor forward(const at::Tensor& x) const;
 
  private:
   int64_t dim_;
@@ -81,6 +82,10 @@ class LayerNormImpl : public torch::nn::Module {
 TORCH_MODULE(LayerNorm);
 
 }  // namespace leaf
+
+// SiLU of a tensor that nobody else holds (a norm's output): in place unless autograd is
+// recording (training), so inference allocates no second feature map.
+at::Tensor silu_fresh(at::Tensor x);
 
 // ---------------------------------------------------------------------------
 // ResnetBlock2D (time_embedding_norm "default", pre-norm, SiLU):
@@ -145,10 +150,11 @@ TORCH_MODULE(Attention);
 
 // Multi-head attention core on already projected tensors, shared by every attention here.
 // q [B,N,h*d], k/v [B,L,h*d] -> [B,N,h*d]; `scale` multiplies q k^T. Without a fused
-// kernel, score matrices above `max_score_elements` are computed a slice of heads at a time.
+// kernel, scores above `max_score_elements` in all (2^21 floats: 8 MiB) are computed one
+// image and head at a time, in blocks of query rows of at most that many scores.
 at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t heads,
                                 double scale, bool upcast_attention, bool upcast_softmax,
-                                int64_t max_score_elements = int64_t(1) << 27);
+                                int64_t max_score_elements = int64_t(1) << 21);
 
 // ---------------------------------------------------------------------------
 // GEGLU: proj to 2x width, split in (value, gate), value * gelu(gate) (exact erf GELU).

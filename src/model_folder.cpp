@@ -27,14 +27,16 @@ std::string join(const std::vector<std::string>& v) {
 
 template <typename Holder, typename Config>
 Holder load_component(const std::string& dir, const std::string& component, const std::string& weights_name,
-                      const LoadOptions& options) {
+                      const LoadOptions& options, MappedWeights* mapped) {
   if (!is_directory(dir))
     throw_bad_input(dir, "component folder " + component + "/ is missing", kFolderHint);
   const std::string config_path = dir + "/config.json";
   const Config config = Config::from_json(read_json_file(config_path), config_path);
   Holder module(config);
-  const SafeTensors weights(component_weights(dir, weights_name));
-  load_state_dict(*module, weights, component, options.dtype, options.device);
+  // Shared: tensors that alias the mapping keep it alive after this returns.
+  const auto weights = std::make_shared<const SafeTensors>(component_weights(dir, weights_name));
+  std::vector<const TensorView*> aliased = load_state_dict(*module, weights, component, options.dtype, options.device);
+  if (mapped) *mapped = MappedWeights(weights, std::move(aliased));
   module->eval();
   return module;
 }
@@ -83,16 +85,17 @@ std::string component_weights(const std::string& dir, const std::string& name) {
   throw_bad_input(dir, "has no " + name + ".safetensors", kFolderHint);
 }
 
-CLIPTextModel load_text_encoder(const std::string& dir, const LoadOptions& options) {
-  return load_component<CLIPTextModel, CLIPTextConfig>(dir, "text_encoder", "model", options);
+CLIPTextModel load_text_encoder(const std::string& dir, const LoadOptions& options, MappedWeights* mapped) {
+  return load_component<CLIPTextModel, CLIPTextConfig>(dir, "text_encoder", "model", options, mapped);
 }
 
-UNet2DConditionModel load_unet(const std::string& dir, const LoadOptions& options) {
-  return load_component<UNet2DConditionModel, UNet2DConditionConfig>(dir, "unet", "diffusion_pytorch_model", options);
+UNet2DConditionModel load_unet(const std::string& dir, const LoadOptions& options, MappedWeights* mapped) {
+  return load_component<UNet2DConditionModel, UNet2DConditionConfig>(dir, "unet", "diffusion_pytorch_model", options,
+                                                                     mapped);
 }
 
-AutoencoderKL load_vae(const std::string& dir, const LoadOptions& options) {
-  return load_component<AutoencoderKL, AutoencoderKLConfig>(dir, "vae", "diffusion_pytorch_model", options);
+AutoencoderKL load_vae(const std::string& dir, const LoadOptions& options, MappedWeights* mapped) {
+  return load_component<AutoencoderKL, AutoencoderKLConfig>(dir, "vae", "diffusion_pytorch_model", options, mapped);
 }
 
 StableDiffusionModel load_model_folder(const std::string& model_dir, const LoadOptions& options) {
@@ -106,10 +109,18 @@ StableDiffusionModel load_model_folder(const std::string& model_dir, const LoadO
   if (!is_directory(model_dir + "/tokenizer"))
     throw_bad_input(model_dir, "component folder tokenizer/ is missing", kFolderHint);
   m.tokenizer = load_tokenizer(model_dir + "/tokenizer");
-  m.text_encoder = load_text_encoder(model_dir + "/text_encoder", options);
-  m.unet = load_unet(model_dir + "/unet", options);
-  m.vae = load_vae(model_dir + "/vae", options);
+  m.text_encoder = load_text_encoder(model_dir + "/text_encoder", options, &m.mapped["text_encoder"]);
+  m.unet = load_unet(model_dir + "/unet", options, &m.mapped["unet"]);
+  m.vae = load_vae(model_dir + "/vae", options, &m.mapped["vae"]);
+  m.page_out_idle = options.page_out_idle;
   return m;
+}
+
+void StableDiffusionModel::use(const std::string& component) {
+  if (page_out_idle)
+    for (auto& [name, weights] : mapped)
+      if (name != component) weights.page_out();
+  if (auto it = mapped.find(component); it != mapped.end()) it->second.page_in();
 }
 
 int64_t parameter_count(torch::nn::Module& module) {

@@ -19,6 +19,7 @@
 #include "autoencoder_kl.h"
 #include "clip_text_model.h"
 #include "fairdiff/tokenizer.h"
+#include "tensor_io.h"
 #include "unet_2d_condition.h"
 
 namespace fairdiff {
@@ -26,6 +27,10 @@ namespace fairdiff {
 struct LoadOptions {
   at::ScalarType dtype = at::kFloat;  // weights are converted on load (an F16 file loads as F32 and back)
   at::Device device = at::kCPU;
+  // Weights that alias their files (CPU, the file's dtype) of the components not in use
+  // leave this process's memory (StableDiffusionModel::use): only the running network's
+  // weights count in the resident set. false keeps every component resident.
+  bool page_out_idle = true;
 };
 
 struct ModelIndex {
@@ -41,9 +46,12 @@ ModelIndex read_model_index(const std::string& model_dir);
 // `<name>.fp16.safetensors` variant; a pickle (.bin/.ckpt) only is an error.
 std::string component_weights(const std::string& component_dir, const std::string& name);
 
-CLIPTextModel load_text_encoder(const std::string& component_dir, const LoadOptions& options);
-UNet2DConditionModel load_unet(const std::string& component_dir, const LoadOptions& options);
-AutoencoderKL load_vae(const std::string& component_dir, const LoadOptions& options);
+// `mapped` (optional) receives the weights that alias the file (tensor_io.h).
+CLIPTextModel load_text_encoder(const std::string& component_dir, const LoadOptions& options,
+                                MappedWeights* mapped = nullptr);
+UNet2DConditionModel load_unet(const std::string& component_dir, const LoadOptions& options,
+                               MappedWeights* mapped = nullptr);
+AutoencoderKL load_vae(const std::string& component_dir, const LoadOptions& options, MappedWeights* mapped = nullptr);
 
 struct StableDiffusionModel {
   std::string dir;
@@ -53,6 +61,16 @@ struct StableDiffusionModel {
   UNet2DConditionModel unet{nullptr};
   AutoencoderKL vae{nullptr};
   nlohmann::json scheduler_config;
+
+  // Weights that alias their files, by component ("text_encoder", "unet", "vae").
+  std::map<std::string, MappedWeights> mapped;
+  bool page_out_idle = false;  // LoadOptions::page_out_idle, as loaded
+  // Called before running a component: its weights are made resident (one prefault call
+  // when they were paged out) and, with page_out_idle, every other component's pages go
+  // back to the page cache. On an SD 1.5 step at 512x512 this keeps the text encoder's and
+  // the VAE's 0.77 GiB out of the UNet's peak, and the UNet's 3.2 GiB out of the VAE's;
+  // mapping 3.2 GiB back from the page cache takes about 0.3 s (once per image).
+  void use(const std::string& component);
 };
 
 StableDiffusionModel load_model_folder(const std::string& model_dir, const LoadOptions& options);

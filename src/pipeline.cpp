@@ -52,6 +52,7 @@ PromptEmbeddings StableDiffusionPipeline::encode_prompts(const std::vector<std::
     ids = at::cat({token_ids(negatives, /*truncate=*/true, nullptr), ids});  // [2B, L]: negatives first
   }
   // One text-encoder call for prompts and negatives together.
+  model_.use("text_encoder");
   const CLIPTextOutput enc = model_.text_encoder->forward(ids.to(device()));
   at::Tensor cond = enc.last_hidden_state;
   if (clip_skip > 0) {
@@ -93,6 +94,7 @@ at::Tensor StableDiffusionPipeline::denoise(Scheduler& scheduler, const at::Tens
   const at::Tensor base_cond = cfg ? at::cat({embeddings.uncond, embeddings.cond}) : embeddings.cond;  // [2B|B, L, D]
   const auto& timesteps = scheduler.timesteps();
   if (cfg && extension) extension->begin(timesteps.size(), B);
+  model_.use("unet");
   for (size_t i = 0; i < timesteps.size(); ++i) {
     // The UNet sees [x; x] (+ the extension's rows) for CFG: one batched call per step.
     at::Tensor x = cfg ? at::cat({latents, latents}) : latents;  // [2B|B, C, h, w]
@@ -130,6 +132,7 @@ at::Tensor StableDiffusionPipeline::denoise(Scheduler& scheduler, const at::Tens
 }
 
 at::Tensor StableDiffusionPipeline::decode(const at::Tensor& latents) {
+  model_.use("vae");
   const at::Tensor vae_param = model_.vae->parameters().front();
   const at::Tensor z = latents.to(vae_param.device(), vae_param.scalar_type()) / model_.vae->config().scaling_factor;
   return model_.vae->decode(z);

@@ -167,6 +167,9 @@ void validate(GenerateOptions& o) {
     throw_bad_input("--prompt", "give either --prompt or --prompts, not both");
   if (o.images_per_prompt < 1) throw_bad_input("-N/--images", "must be at least 1");
   if (o.batch_size < 1) throw_bad_input("--batch-size", "must be at least 1");
+  if (o.vae_tile < -1 || (o.vae_tile > 0 && (o.vae_tile < 32 || o.vae_tile % 8 != 0)))
+    throw_bad_input("--vae-tiling", "tile of " + std::to_string(o.vae_tile) + " pixels",
+                    "give a multiple of 8 of at least 32 pixels, or --vae-tiling alone for the VAE's own size");
   if (o.steps < 1) throw_bad_input("--steps", std::to_string(o.steps) + " is less than 1", "use e.g. --steps 50");
   if (o.cfg_scale < 0) throw_bad_input("--cfg-scale", "must be non-negative");
   if (o.clip_skip < 0) throw_bad_input("--clip-skip", "must be non-negative");

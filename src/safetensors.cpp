@@ -79,6 +79,8 @@ SafeTensors::SafeTensors(const std::string& path) : path_(path) {
     throw_bad_input(path, "file has " + std::to_string(map_size_) +
                               " bytes, fewer than the 8-byte safetensors header length", hint_corrupt);
   }
+  // Read-only: tensors that alias the mapping must never be written (a write faults), so
+  // their pages are always the file's and can be dropped and read back (discard).
   map_ = ::mmap(nullptr, map_size_, PROT_READ, MAP_PRIVATE, fd, 0);
   ::close(fd);
   if (map_ == MAP_FAILED) {
@@ -210,6 +212,37 @@ const TensorView& SafeTensors::at(const std::string& name) const {
   const TensorView* t = find(name);
   if (!t) throw_bad_input(path_, "has no tensor named '" + name + "'");
   return *t;
+}
+
+namespace {
+
+// The whole pages inside [data, data + nbytes): [begin, end), page aligned, maybe empty.
+std::pair<uintptr_t, uintptr_t> whole_pages(const uint8_t* data, size_t nbytes) {
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + page - 1) / page * page;
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + nbytes) / page * page;
+  return {begin, std::max(begin, end)};
+}
+
+}  // namespace
+
+void SafeTensors::prefault(const TensorView& view) const {
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22  // Linux 5.14
+#endif
+  // Pages partly outside the tensor are included: the range is widened to whole pages.
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(view.data) / page * page;
+  const uintptr_t end = reinterpret_cast<uintptr_t>(view.data) + view.nbytes;
+  if (view.nbytes == 0) return;
+  (void)::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_READ);
+}
+
+void SafeTensors::discard(const TensorView& view) const {
+  // Only pages wholly inside the tensor (a neighbour may be in use). The mapping is
+  // read-only, so a dropped page is the file's and reads back unchanged.
+  const auto [begin, end] = whole_pages(view.data, view.nbytes);
+  if (end > begin) (void)::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
 }
 
 void write_safetensors(const std::string& path, const std::vector<TensorData>& tensors,

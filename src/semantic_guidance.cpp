@@ -184,6 +184,7 @@ at::Tensor encode_edit_prompts(StableDiffusionModel& model, const std::vector<st
   const StableDiffusionPipeline pipe(model);
   const at::Tensor ids = pipe.token_ids(prompts, /*truncate=*/false, nullptr);  // [N, L]
   const at::Device device = model.text_encoder->parameters().front().device();
+  model.use("text_encoder");
   return model.text_encoder->forward(ids.to(device)).last_hidden_state;  // [N, L, D]
 }
 

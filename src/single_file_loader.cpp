@@ -7,6 +7,7 @@
 #include <torch/nn/module.h>
 
 #include <map>
+#include <memory>
 #include <set>
 
 #include "fairdiff/error.h"
@@ -18,9 +19,8 @@
 namespace fairdiff {
 namespace {
 
-// The planned tensor as a view of the file mapping (no copy yet).
-at::Tensor planned_view(const TensorView& stored, const PlannedTensor& t) {
-  const at::Tensor src = tensor_view(stored);
+// The planned tensor as a view of `src`, the stored tensor (no copy yet).
+at::Tensor planned_view(const at::Tensor& src, const PlannedTensor& t) {
   switch (t.transform) {
     case Transform::Copy: return src;
     case Transform::SqueezeConv1x1: return src.view(t.shape);  // [O,I,1,1] -> [O,I]
@@ -35,8 +35,9 @@ at::Tensor planned_view(const TensorView& stored, const PlannedTensor& t) {
 // Fills every parameter and buffer of `module` from the plan's tensors of `component`.
 // Strict, like load_state_dict: the module and the plan must name the same tensors with
 // the same shapes (a difference means the inferred config does not fit the file).
-void fill_module(torch::nn::Module& module, const std::string& component, const SingleFilePlan& plan,
-                 const SafeTensors& file, const LoadOptions& options) {
+MappedWeights fill_module(torch::nn::Module& module, const std::string& component, const SingleFilePlan& plan,
+                 const std::shared_ptr<const SafeTensors>& owner, const LoadOptions& options) {
+  const SafeTensors& file = *owner;
   std::map<std::string, const PlannedTensor*> planned;
   for (const auto& t : plan.tensors)
     if (t.component == component) planned.emplace(t.target, &t);
@@ -78,14 +79,26 @@ void fill_module(torch::nn::Module& module, const std::string& component, const 
                     hint);
 
   at::NoGradGuard no_grad;
+  std::vector<const TensorView*> aliased;
   for (auto& [name, target] : targets) {
     const PlannedTensor& t = *planned.at(name);
-    const at::Tensor src = planned_view(file.at(t.source), t);
+    const TensorView& stored = file.at(t.source);
     // Floating tensors take the requested dtype; integer buffers keep theirs.
     const at::ScalarType dtype = at::isFloatingType(target.scalar_type()) ? options.dtype : target.scalar_type();
-    target.set_data(src.to(options.device, dtype, /*non_blocking=*/false, /*copy=*/true));
+    // As load_state_dict: a view of the (copy-on-write) mapping where the dtype matches on
+    // the CPU, else one copy. A fused q/k/v is split into three views of its rows. The
+    // file's pages are not dropped after a copy: a fused tensor's parts are read in turn.
+    const at::Tensor src = planned_view(tensor_view(stored, owner), t);
+    if (can_alias(src, dtype, options.device)) {
+      file.prefault(stored);
+      target.set_data(src);
+      aliased.push_back(&stored);
+    } else {
+      target.set_data(src.to(options.device, dtype, /*non_blocking=*/false, /*copy=*/true));
+    }
   }
   module.eval();
+  return MappedWeights(owner, std::move(aliased));
 }
 
 }  // namespace
@@ -99,7 +112,9 @@ StableDiffusionModel load_single_file(const std::string& checkpoint, const std::
   if (tokenizer_dir.empty()) throw_bad_input(checkpoint, "no tokenizer folder given", tokenizer_hint);
   if (!is_directory(tokenizer_dir)) throw_bad_input(tokenizer_dir, "tokenizer folder not found", tokenizer_hint);
 
-  const SafeTensors file(checkpoint);
+  // Shared: tensors that alias the mapping keep it alive after this returns.
+  const auto owner = std::make_shared<const SafeTensors>(checkpoint);
+  const SafeTensors& file = *owner;
   TensorShapes shapes;
   shapes.reserve(file.tensors().size());
   for (const auto& t : file.tensors()) shapes.emplace_back(t.name, t.shape);
@@ -142,11 +157,12 @@ StableDiffusionModel load_single_file(const std::string& checkpoint, const std::
                  plan.family == SdFamily::SD2 ? "0 (\"!\")" : "49407 (<|endoftext|>)");
 
   m.text_encoder = CLIPTextModel(text_config);
-  fill_module(*m.text_encoder, "text_encoder", plan, file, options);
+  m.mapped["text_encoder"] = fill_module(*m.text_encoder, "text_encoder", plan, owner, options);
   m.unet = UNet2DConditionModel(unet_config);
-  fill_module(*m.unet, "unet", plan, file, options);
+  m.mapped["unet"] = fill_module(*m.unet, "unet", plan, owner, options);
   m.vae = AutoencoderKL(vae_config);
-  fill_module(*m.vae, "vae", plan, file, options);
+  m.mapped["vae"] = fill_module(*m.vae, "vae", plan, owner, options);
+  m.page_out_idle = options.page_out_idle;
   return m;
 }
 

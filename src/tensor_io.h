@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,13 @@ std::string first_names(const std::vector<std::string>& names, size_t limit = 5)
 
 // A tensor that aliases the file mapping (no copy): valid only while `file` lives.
 at::Tensor tensor_view(const TensorView& view);
+// The same, keeping `owner` (the SafeTensors holding the mapping) alive for as long as
+// the tensor's storage, or any view of it, lives.
+at::Tensor tensor_view(const TensorView& view, std::shared_ptr<const SafeTensors> owner);
+
+// Whether a module tensor of (dtype, device) can be the stored tensor itself instead of a
+// copy: same dtype, on the CPU, contiguous and aligned to its element size.
+bool can_alias(const at::Tensor& stored, at::ScalarType dtype, const at::Device& device);
 
 // A tensor that owns its data, converted to `dtype` in the same single copy.
 at::Tensor load_tensor(const TensorView& view, at::ScalarType dtype);
@@ -35,5 +43,41 @@ at::Tensor load_tensor(const TensorView& view, at::ScalarType dtype);
 void load_state_dict(torch::nn::Module& module, const SafeTensors& file, const std::string& component,
                      c10::optional<at::ScalarType> dtype = c10::nullopt,
                      c10::optional<at::Device> device = c10::nullopt);
+
+// The same, without a copy where it can: a CPU tensor whose dtype equals the file's
+// becomes a read-only view of the mapping, prefaulted here, and keeps `file` alive; so a
+// float32 model in a float32 file is in memory once, not twice. (Such weights must not be
+// changed in place: clone one first.) Tensors that are converted or moved are copied, and
+// their pages of the file dropped right after. Returns the views that were aliased.
+std::vector<const TensorView*> load_state_dict(torch::nn::Module& module,
+                                               const std::shared_ptr<const SafeTensors>& file,
+                                               const std::string& component,
+                                               c10::optional<at::ScalarType> dtype = c10::nullopt,
+                                               c10::optional<at::Device> device = c10::nullopt);
+
+// The weights of one model component that alias a file mapping, and whether their pages
+// are in this process now. A component not in use can give its pages back (page_out: the
+// page cache keeps them, clean and reclaimable) and map them again in one call before use
+// (page_in); the tensors never change, only the resident memory does.
+class MappedWeights {
+ public:
+  MappedWeights() = default;
+  MappedWeights(std::shared_ptr<const SafeTensors> file, std::vector<const TensorView*> views);
+  void page_out();
+  void page_in();
+  bool resident() const { return resident_; }
+  size_t bytes() const;  // of the aliased tensors
+  bool empty() const { return views_.empty(); }
+  const SafeTensors* file() const { return file_.get(); }
+
+ private:
+  std::shared_ptr<const SafeTensors> file_;
+  std::vector<const TensorView*> views_;
+  bool resident_ = true;
+};
+
+// Writes every parameter and buffer of `module` as a float32 safetensors file named by
+// the checkpoint keys (atomically: temporary name, then rename).
+void save_state_dict(torch::nn::Module& module, const std::string& path);
 
 }  // namespace fairdiff

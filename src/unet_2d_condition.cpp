@@ -355,7 +355,7 @@ at::Tensor UNet2DConditionModelImpl::forward(const at::Tensor& sample, const at:
   }
 
   // 6. post-process
-  h = at::silu(conv_norm_out_(h));
+  h = silu_fresh(conv_norm_out_(h));
   return conv_out_(h);  // [B,C_out,H,W]
 }
 

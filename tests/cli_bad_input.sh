@@ -87,6 +87,7 @@ if [ -d "$fixtures/models/tiny-sd1" ]; then
   nothing_written gen_karras 2 "karras sigmas are available" -- gen --sampling-method ddim --scheduler karras -o "$tmp/never"
   nothing_written gen_size 2 "width 100 is not a positive multiple of 8" -- gen -W 100 -o "$tmp/never"
   nothing_written gen_steps 2 "--steps: 0 is less than 1" -- gen --steps 0 -o "$tmp/never"
+  nothing_written gen_vae_tile 2 "--vae-tiling: tile of 12 pixels" -- gen --vae-tiling=12 -o "$tmp/never"
   nothing_written gen_missing_model 2 "model not found" -- "$fairdiff" generate -m "$tmp/nomodel" -p x -o "$tmp/never"
   model; rm "$tmp/m/unet/config.json"; printf '{"in_channels": 4,' >"$tmp/m/unet/config.json"
   nothing_written gen_corrupt_model 2 "unet/config.json: is not valid JSON" -- "$fairdiff" generate -m "$tmp/m" -p x --device cpu -o "$tmp/never"

@@ -86,6 +86,27 @@ TEST(Generate, SameSeedGivesIdenticalBytesWithBatchSize1And4) {
   EXPECT_EQ(pixels(pngs(tmp / "single").at("00000-1237.png")), pixels(one.at("00003-1237.png")));
 }
 
+// --vae-tiling: an image larger than the tile is decoded in tiles, and the record says so.
+TEST(Generate, VaeTilingIsRecordedAndDecodesInTiles) {
+  FAIRDIFF_REQUIRE_FIXTURES(fixtures);
+  test::TempDir tmp;
+  GenerateOptions plain = tiny(fixtures, tmp / "plain");
+  plain.images_per_prompt = 1;
+  plain.width = plain.height = 48;  // 24x24 latents; the tiny VAE's own tile is 16 / 2 = 8
+  GenerateOptions tiled = plain;
+  tiled.out_dir = tmp / "tiled";
+  tiled.vae_tile = -1;
+  generate(plain);
+  generate(tiled);
+  const auto a = read_manifest(tmp / "plain/manifest.jsonl"), b = read_manifest(tmp / "tiled/manifest.jsonl");
+  EXPECT_FALSE(a.at(0).contains("vae_tile"));
+  EXPECT_EQ(b.at(0).value("vae_tile", 0), 16);
+  const auto pa = pixels(pngs(tmp / "plain").begin()->second), pb = pixels(pngs(tmp / "tiled").begin()->second);
+  ASSERT_EQ(pa.size(), 48u * 48u * 3u);
+  ASSERT_EQ(pb.size(), pa.size());
+  EXPECT_NE(pa, pb);
+}
+
 TEST(Generate, ShardsUnionEqualsTheFullRun) {
   FAIRDIFF_REQUIRE_FIXTURES(fixtures);
   test::TempDir tmp;

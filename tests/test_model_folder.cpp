@@ -147,13 +147,58 @@ TEST(ModelFolder, HalfCheckpointLoadsIntoRequestedDtype) {
   }
   fs::remove(copy.path("text_encoder/model.safetensors"));
   write_safetensors(copy.path("text_encoder/model.fp16.safetensors"), half);
-  const CLIPTextModel as_f32 = load_text_encoder(copy.path("text_encoder"), {at::kFloat, at::kCPU});
-  const CLIPTextModel as_f16 = load_text_encoder(copy.path("text_encoder"), {at::kHalf, at::kCPU});
+  MappedWeights mapped_f32, mapped_f16;
+  const CLIPTextModel as_f32 = load_text_encoder(copy.path("text_encoder"), {at::kFloat, at::kCPU}, &mapped_f32);
+  const CLIPTextModel as_f16 = load_text_encoder(copy.path("text_encoder"), {at::kHalf, at::kCPU}, &mapped_f16);
+  EXPECT_TRUE(mapped_f32.empty());   // converted: copies (and the file's pages dropped)
+  EXPECT_FALSE(mapped_f16.empty());  // the file's own dtype: views of the mapping
   const at::Tensor w = as_f32->named_parameters()["text_model.final_layer_norm.weight"];
   EXPECT_EQ(w.scalar_type(), at::kFloat);
   EXPECT_EQ(as_f16->named_parameters()["text_model.final_layer_norm.weight"].scalar_type(), at::kHalf);
   const at::Tensor ref = tensor_view(f32.at("text_model.final_layer_norm.weight"));
   EXPECT_TRUE(at::allclose(w, ref, 0, 1e-3));
+}
+
+// A float32 folder loaded as float32 on the CPU: the weights are the file's bytes (no
+// copy), paging a component out and in changes no number, and use() keeps only the running
+// component resident.
+TEST(ModelFolder, WeightsAliasTheFileAndPagingChangesNothing) {
+  FAIRDIFF_REQUIRE_FIXTURES(fixtures);
+  c10::InferenceMode guard;
+  StableDiffusionModel m = load_model_folder(fixtures + "/models/tiny-sd1", LoadOptions{});
+  ASSERT_EQ(m.mapped.size(), 3u);
+  for (const auto& [name, weights] : m.mapped) EXPECT_FALSE(weights.empty()) << name;
+  const SafeTensors* file = m.mapped.at("unet").file();
+  size_t bytes = 0;
+  for (const auto& p : m.unet->named_parameters()) {
+    const TensorView& stored = file->at(p.key());
+    EXPECT_EQ(p.value().data_ptr(), static_cast<const void*>(stored.data)) << p.key() << " is a copy";
+    bytes += stored.nbytes;
+  }
+  EXPECT_EQ(m.mapped.at("unet").bytes(), bytes);
+
+  at::manual_seed(0);
+  const at::Tensor x = at::randn({2, 4, 8, 8}), context = at::randn({2, 77, 32});
+  const at::Tensor t = at::scalar_tensor(500.0);
+  const at::Tensor before = m.unet->forward(x, t, context);
+  ASSERT_TRUE(m.page_out_idle);
+  m.use("vae");  // pages the UNet and the text encoder out
+  EXPECT_FALSE(m.mapped.at("unet").resident());
+  EXPECT_FALSE(m.mapped.at("text_encoder").resident());
+  EXPECT_TRUE(m.mapped.at("vae").resident());
+  // Paged-out weights still read correctly (each page reads back from the file) ...
+  EXPECT_TRUE(at::equal(m.unet->forward(x, t, context), before));
+  // ... and after page_in.
+  m.use("unet");
+  EXPECT_TRUE(m.mapped.at("unet").resident());
+  EXPECT_FALSE(m.mapped.at("vae").resident());
+  EXPECT_TRUE(at::equal(m.unet->forward(x, t, context), before));
+
+  LoadOptions resident;
+  resident.page_out_idle = false;
+  StableDiffusionModel r = load_model_folder(fixtures + "/models/tiny-sd1", resident);
+  r.use("unet");
+  for (const auto& [name, weights] : r.mapped) EXPECT_TRUE(weights.resident()) << name;
 }
 
 TEST(ModelFolder, PickleWeightsAreRefused) {

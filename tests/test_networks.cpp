@@ -7,6 +7,7 @@
 
 #include "autoencoder_kl.h"
 #include "layers.h"
+#include "profile.h"
 #include "test_util.h"
 #include "unet_2d_condition.h"
 
@@ -97,9 +98,12 @@ TEST(Attention, MatchesPlainSoftmaxAndSlicesGiveTheSameNumbers) {
   const double scale = 1.0 / std::sqrt(4.0);
   const at::Tensor whole = multi_head_attention(q, k, v, 4, scale, false, false);
   EXPECT_LT((whole - expected).abs().max().item<double>(), 1e-5);
-  // one head at a time (max 12*7 score elements)
+  // one image and head at a time (max 12*7 score elements) ...
   const at::Tensor sliced = multi_head_attention(q, k, v, 4, scale, false, false, 12 * 7);
   EXPECT_TRUE(at::allclose(sliced, whole, 1e-6, 1e-6));
+  // ... and in blocks of 3, 3, 3, 3 query rows, or 5, 5, 2
+  EXPECT_TRUE(at::allclose(multi_head_attention(q, k, v, 4, scale, false, false, 3 * 7), whole, 1e-6, 1e-6));
+  EXPECT_TRUE(at::allclose(multi_head_attention(q, k, v, 4, scale, false, false, 5 * 7 + 1), whole, 1e-6, 1e-6));
   // upcast flags change nothing in float32
   EXPECT_TRUE(at::allclose(multi_head_attention(q, k, v, 4, scale, true, true), whole, 1e-6, 1e-6));
 }
@@ -113,6 +117,54 @@ TEST(Attention, UpcastInBfloat16StaysCloseToFloat) {
       multi_head_attention(q.to(at::kBFloat16), k.to(at::kBFloat16), v.to(at::kBFloat16), 2, scale, true, true);
   EXPECT_EQ(bf.scalar_type(), at::kBFloat16);
   EXPECT_LT((bf.to(at::kFloat) - ref).abs().max().item<double>(), 0.1);
+}
+
+// Large feature maps are convolved in bands of rows when generating (inference mode): the
+// same numbers as one call, for every kernel, stride and padding the networks use.
+TEST(Conv2d, BandsOfRowsGiveTheNumbersOfOneCall) {
+  struct Case {
+    int64_t in, out, kernel, stride, padding, size;
+  };
+  // inputs of 17-21 MiB per image: above the 16 MiB at which banding starts
+  for (const Case& c : {Case{64, 16, 3, 1, 1, 260}, Case{64, 24, 3, 2, 0, 261}, Case{80, 8, 1, 1, 0, 240}}) {
+    leaf::Conv2d conv(c.in, c.out, c.kernel, c.stride, c.padding);
+    randomize(*conv, 3);
+    at::manual_seed(4);
+    const at::Tensor x = at::randn({2, c.in, c.size, c.size});
+    at::Tensor whole;
+    {
+      at::NoGradGuard no_grad;  // outside inference mode: one at::conv2d call on the batch
+      whole = conv(x);
+    }
+    c10::InferenceMode guard;
+    const at::Tensor banded = conv(x);
+    ASSERT_EQ(banded.sizes(), whole.sizes());
+    const double err = (banded - whole).abs().max().item<double>(), top = whole.abs().max().item<double>();
+    EXPECT_LE(err, 1e-6 * top) << "kernel " << c.kernel << " stride " << c.stride << ": max error " << err;
+  }
+}
+
+TEST(Profile, CountsCallsAndFlopsOfTheLeafLayers) {
+  leaf::Linear linear(16, 8);
+  randomize(*linear);
+  const at::Tensor x = at::randn({3, 5, 16});
+  linear(x);  // no session: nothing recorded anywhere
+  {
+    profile::Session session;
+    EXPECT_THROW(profile::Session second, std::logic_error);
+    linear(x);
+    linear(x);
+    multi_head_attention(at::randn({1, 6, 8}), at::randn({1, 4, 8}), at::randn({1, 4, 8}), 2, 0.5, false, false);
+    const profile::Totals& t = session.totals();
+    EXPECT_EQ(t[profile::kLinear].calls, 2);
+    EXPECT_DOUBLE_EQ(t[profile::kLinear].flops, 2 * (2.0 * 15 * 16 * 8));
+    EXPECT_EQ(t[profile::kAttention].calls, 1);
+    EXPECT_DOUBLE_EQ(t[profile::kAttention].flops, 4.0 * 2 * 6 * 4 * 4);  // 2 heads of width 4
+    EXPECT_EQ(t[profile::kConv2d].calls, 0);
+    EXPECT_GE(t[profile::kLinear].seconds, 0.0);
+  }
+  profile::Session again;  // the first one ended
+  EXPECT_EQ(again.totals()[profile::kLinear].calls, 0);
 }
 
 TEST(Attention, VaeVariantIsResidualOverChannels) {
@@ -291,6 +343,67 @@ TEST(VAE, NamesShapesAndRoundTripSizes) {
   EXPECT_FALSE(lean_names.count("quant_conv.weight"));
   EXPECT_FALSE(lean_names.count("encoder.mid_block.attentions.0.to_q.weight"));
   EXPECT_TRUE(lean_names.count("encoder.mid_block.resnets.1.conv1.weight"));
+}
+
+// The reference's tiled_decode written out step by step: tiles of T latents every
+// 0.75 T, decoded alone; each tile's first rows, then columns, faded over the previous
+// tile's last ones (in place, in this order); the first T f - extent rows and columns kept.
+at::Tensor reference_tiled_decode(AutoencoderKL& vae, const at::Tensor& z, int64_t T, int64_t f) {
+  const int64_t stride = static_cast<int64_t>(T * 0.75), extent = static_cast<int64_t>(T * f * 0.25);
+  const int64_t limit = T * f - extent;
+  std::vector<std::vector<at::Tensor>> rows;
+  for (int64_t i = 0; i < z.size(2); i += stride) {
+    rows.emplace_back();
+    for (int64_t j = 0; j < z.size(3); j += stride)
+      rows.back().push_back(vae->decode(z.slice(2, i, i + T).slice(3, j, j + T)).clone());
+  }
+  std::vector<at::Tensor> out_rows;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    std::vector<at::Tensor> row;
+    for (size_t j = 0; j < rows[i].size(); ++j) {
+      at::Tensor b = rows[i][j];
+      if (i > 0) {
+        const at::Tensor a = rows[i - 1][j];
+        const int64_t e = std::min({a.size(2), b.size(2), extent});
+        for (int64_t y = 0; y < e; ++y)
+          b.select(2, y).copy_(a.select(2, a.size(2) - e + y) * (1.0 - double(y) / e) + b.select(2, y) * (double(y) / e));
+      }
+      if (j > 0) {
+        const at::Tensor a = rows[i][j - 1];
+        const int64_t e = std::min({a.size(3), b.size(3), extent});
+        for (int64_t x = 0; x < e; ++x)
+          b.select(3, x).copy_(a.select(3, a.size(3) - e + x) * (1.0 - double(x) / e) + b.select(3, x) * (double(x) / e));
+      }
+      row.push_back(b.slice(2, 0, limit).slice(3, 0, limit));
+    }
+    out_rows.push_back(at::cat(row, 3));
+  }
+  return at::cat(out_rows, 2);
+}
+
+TEST(VAE, TiledDecodeBlendsTilesAsTheReference) {
+  AutoencoderKL vae(AutoencoderKLConfig::from_json(tiny_vae_json(), "config.json"));
+  randomize(*vae, 5);
+  c10::InferenceMode guard;
+  at::manual_seed(6);
+  const at::Tensor z = at::randn({1, 4, 10, 7});
+  const at::Tensor plain = vae->decode(z);
+  // The default tile is sample_size / scale factor = 16 / 2 = 8 latents.
+  vae->enable_tiling();
+  EXPECT_EQ(vae->tile_latent_size(), 8);
+  vae->enable_tiling(4);  // tiles of 4 latents every 3, blended over 2 pixels, 6 kept
+  const at::Tensor tiled = vae->decode(z);
+  ASSERT_EQ(tiled.sizes(), plain.sizes());  // [1,3,20,14]
+  const at::Tensor expected = reference_tiled_decode(vae, z, 4, 2);
+  EXPECT_LT((tiled - expected).abs().max().item<double>(), 1e-6);
+  EXPECT_GT((tiled - plain).abs().max().item<double>(), 1e-3);  // tiles see less context
+  // Latents that fit in one tile decode in one call.
+  const at::Tensor small = z.slice(2, 0, 4).slice(3, 0, 4);
+  const at::Tensor small_tiled = vae->decode(small);
+  vae->enable_tiling(0);
+  EXPECT_FALSE(vae->tiling());
+  EXPECT_TRUE(at::equal(small_tiled, vae->decode(small)));
+  EXPECT_TRUE(at::equal(vae->decode(z), plain));
 }
 
 }  // namespace

@@ -4,13 +4,18 @@
 //   fairdiff-bench --model ./stable-diffusion-v1-5 --sizes 512 --steps 4 --dtype bf16
 //   fairdiff-bench --sizes 256 --fairness-rows 2    # + a step with 2 edit concepts per image
 //   fairdiff-bench --sizes 256 --libtorch-threads   # LibTorch's own thread default, to compare
+//   fairdiff-bench --save-random-model runs/sd15-random   # write the random SD 1.5 as a diffusers folder
+//   fairdiff-bench --model runs/sd15-random --sizes 1024 --vae-tiling   # tiled VAE decode
 //
 // Prints one table row per measurement as it is taken, then one JSON line (the last
 // line of stdout) with every figure. Progress goes to stderr.
 //
 // What is timed (wall clock; CUDA work is waited for):
+//   peak         the machine's arithmetic peak: a hand-written FMA loop (AVX-512 or AVX2) on
+//                every thread, and the AVX512-BF16 dot product where the CPU has it
 //   kernels      a 2048x2048 float matmul and a 3x3 convolution 2x320x64x64, best of 3
-//   build/load   the three networks (random mode: construction, then the random fill)
+//   build/load   the three networks (random mode: construction, then the random fill; with
+//                --model: the folder, weights mapped and prefaulted, ready to run)
 //   text encode  one text-encoder call on a CFG pair per image ([2B, 77] tokens), median of 3
 //   UNet step    one step of the library's sampling loop (StableDiffusionPipeline::denoise:
 //                one batched UNet call on [2B] latents, CFG, scheduler step); the first step
@@ -18,7 +23,12 @@
 //   fairness     the same with R extra UNet rows per image (semantic guidance with R edit
 //                concepts evaluates [2B + R B] rows); its guidance arithmetic is left out
 //   VAE decode   one decode of the B latents (first call at this size)
-//   peak RSS     getrusage ru_maxrss: the process's high-water mark so far
+//   peak RSS     the process's high-water mark (VmHWM), per phase: Linux resets it when
+//                "5" is written to /proc/self/clear_refs; compared with the weights' bytes
+//   profile      per component (text encoder, UNet step, VAE decode) and per operator
+//                (conv2d, linear, attention products, norms; profile.h): seconds, GFLOP
+//                counted from the shapes, GFLOP/s and its share of the measured peak;
+//                "other" is the rest of the wall time (elementwise ops, copies, scheduler)
 // "cores busy" is CPU seconds / wall seconds over the timed steps (2.0 = both cores of a
 // 2-core machine); the load average at start and end says whether other processes competed.
 // "page faults" per step counts fresh pages mapped: freed memory returned to the kernel
@@ -36,6 +46,11 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <c10/core/InferenceMode.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cpuid.h>
+#include <immintrin.h>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
@@ -43,8 +58,11 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <nlohmann/json.hpp>
+#include <filesystem>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "config_json.h"
@@ -52,8 +70,10 @@
 #include "fs_util.h"
 #include "model_folder.h"
 #include "pipeline.h"
+#include "profile.h"
 #include "runtime.h"
 #include "scheduler.h"
+#include "tensor_io.h"
 
 namespace {
 
@@ -74,6 +94,193 @@ double peak_rss_gib() {
   return static_cast<double>(u.ru_maxrss) / (1024.0 * 1024.0);  // ru_maxrss is in KiB on Linux
 }
 
+// VmHWM of /proc/self/status: the resident high-water mark since start or the last reset.
+double vm_hwm_gib() {
+  double kib = -1;
+  if (FILE* f = std::fopen("/proc/self/status", "r")) {
+    char line[256];
+    while (std::fgets(line, sizeof line, f))
+      if (std::sscanf(line, "VmHWM: %lf kB", &kib) == 1) break;
+    std::fclose(f);
+  }
+  return kib < 0 ? peak_rss_gib() : kib / (1024.0 * 1024.0);
+}
+
+// A "Name:  123 kB" field of /proc/self/status in GiB (RssAnon, RssFile, VmRSS), -1 if absent.
+double status_gib(const char* field) {
+  double kib = -1;
+  if (FILE* f = std::fopen("/proc/self/status", "r")) {
+    char line[256];
+    const std::string prefix = std::string(field) + ":";
+    while (std::fgets(line, sizeof line, f))
+      if (std::strncmp(line, prefix.c_str(), prefix.size()) == 0) {
+        kib = std::atof(line + prefix.size());
+        break;
+      }
+    std::fclose(f);
+  }
+  return kib < 0 ? -1 : kib / (1024.0 * 1024.0);
+}
+
+// Starts a new peak-RSS phase: the high-water mark drops to the current RSS. False where the
+// kernel does not allow it (the phase peaks are then the peak so far).
+bool reset_peak_rss() {
+  FILE* f = std::fopen("/proc/self/clear_refs", "w");
+  if (!f) return false;
+  const bool ok = std::fputs("5", f) >= 0;
+  return std::fclose(f) == 0 && ok;
+}
+
+// The process's peak over all phases (VmHWM resets lose the earlier ones).
+struct PeakTracker {
+  double overall = 0;
+  // The peak of the phase that ends now; starts the next one.
+  double end_phase() {
+    const double p = vm_hwm_gib();
+    overall = std::max(overall, p);
+    reset_peak_rss();
+    return p;
+  }
+};
+
+// ---------------------------------------------------------------------------
+// The machine's arithmetic peak: independent FMA chains, enough of them to cover the FMA
+// latency on two ports, on every thread at once. No memory traffic: an upper bound that no
+// real kernel reaches, and the yardstick for "share of peak".
+
+__attribute__((target("avx512f"))) double fma_avx512(int64_t iters) {
+  __m512 acc[16];
+  for (int j = 0; j < 16; ++j) acc[j] = _mm512_set1_ps(1.0f + 1e-3f * static_cast<float>(j));
+  const __m512 a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-7f);
+  for (int64_t i = 0; i < iters; ++i)
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(acc[j], a, b);
+  float sum = 0;
+  for (int j = 0; j < 16; ++j) sum += _mm512_reduce_add_ps(acc[j]);
+  volatile float sink = sum;
+  (void)sink;
+  return static_cast<double>(iters) * 16 * 16 * 2;  // FLOPs
+}
+
+__attribute__((target("avx2,fma"))) double fma_avx2(int64_t iters) {
+  __m256 acc[16];
+  for (int j = 0; j < 16; ++j) acc[j] = _mm256_set1_ps(1.0f + 1e-3f * static_cast<float>(j));
+  const __m256 a = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-7f);
+  for (int64_t i = 0; i < iters; ++i)
+    for (int j = 0; j < 16; ++j) acc[j] = _mm256_fmadd_ps(acc[j], a, b);
+  alignas(32) float lanes[8];
+  float sum = 0;
+  for (int j = 0; j < 16; ++j) {
+    _mm256_store_ps(lanes, acc[j]);
+    for (float v : lanes) sum += v;
+  }
+  volatile float sink = sum;
+  (void)sink;
+  return static_cast<double>(iters) * 16 * 8 * 2;
+}
+
+// vdpbf16ps: 32 bf16 products summed pairwise into 16 float lanes, 64 FLOPs an instruction.
+__attribute__((target("avx512f,avx512bf16"))) double dot_bf16(int64_t iters) {
+  __m512 acc[16];
+  for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+  const __m512bh a = (__m512bh)_mm512_set1_epi16(0x3f80), b = (__m512bh)_mm512_set1_epi16(0x3380);  // 1, ~6e-8
+  for (int64_t i = 0; i < iters; ++i)
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_dpbf16_ps(acc[j], a, b);
+  float sum = 0;
+  for (int j = 0; j < 16; ++j) sum += _mm512_reduce_add_ps(acc[j]);
+  volatile float sink = sum;
+  (void)sink;
+  return static_cast<double>(iters) * 16 * 64;
+}
+
+// AMX (Sapphire Rapids and later): tdpbf16ps multiplies a 16x32 bf16 tile by a 32x16 one
+// into 16x16 float accumulators, 16384 FLOPs an instruction; oneDNN runs bf16 convolutions
+// and matmuls on it. Four accumulator tiles, operands kept in tile registers.
+struct TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+__attribute__((target("amx-tile,amx-bf16"))) double tile_bf16(int64_t iters) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  alignas(64) uint16_t ones[16 * 32];
+  for (auto& v : ones) v = 0x3c00;  // small bf16 values
+  alignas(64) float out[16 * 16];
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_loadd(4, ones, 64);
+  _tile_loadd(5, ones, 64);
+  _tile_loadd(6, ones, 64);
+  _tile_loadd(7, ones, 64);
+  for (int64_t i = 0; i < iters; ++i) {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, out, 64);
+  _tile_release();
+  volatile float sink = out[0];
+  (void)sink;
+  return static_cast<double>(iters) * 4 * 16384;
+}
+
+// Linux hands AMX's tile state to a process that asks (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); false where the CPU or kernel has none.
+bool amx_available() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 22))) return false;  // AMX-BF16
+  return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+}
+
+// GFLOP/s of `kernel` run on `threads` threads at once.
+double parallel_gflops(double (*kernel)(int64_t), int threads, int64_t iters) {
+  std::vector<std::thread> pool;
+  std::vector<double> flops(static_cast<size_t>(threads));
+  const auto t0 = Clock::now();
+  for (int t = 0; t < threads; ++t) pool.emplace_back([&, t] { flops[static_cast<size_t>(t)] = kernel(iters); });
+  for (auto& th : pool) th.join();
+  const double s = seconds_since(t0);
+  double total = 0;
+  for (double f : flops) total += f;
+  return total / s / 1e9;
+}
+
+struct MachinePeak {
+  std::string fp32_kernel;  // "avx512 fma" / "avx2 fma"
+  double fp32_gflops = 0;
+  double bf16_gflops = 0;   // AVX512-BF16 dot products; 0: none
+  double amx_gflops = 0;    // AMX bf16 tiles; 0: none
+  double bf16_peak() const { return std::max(bf16_gflops, amx_gflops); }
+};
+
+MachinePeak machine_peak(int threads) {
+  MachinePeak p;
+  const int64_t iters = 20'000'000;
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) {
+    p.fp32_kernel = "avx512 fma";
+    parallel_gflops(fma_avx512, threads, iters / 20);  // warm the clocks up
+    p.fp32_gflops = parallel_gflops(fma_avx512, threads, iters);
+  } else if (__builtin_cpu_supports("fma")) {
+    p.fp32_kernel = "avx2 fma";
+    p.fp32_gflops = parallel_gflops(fma_avx2, threads, iters);
+  }
+  if (__builtin_cpu_supports("avx512bf16")) p.bf16_gflops = parallel_gflops(dot_bf16, threads, iters);
+  if (amx_available()) p.amx_gflops = parallel_gflops(tile_bf16, threads, iters / 4);
+  return p;
+}
+
+// ---------------------------------------------------------------------------
 // CPU seconds (user + system, all threads) this process has used.
 double cpu_seconds() {
   rusage u{};
@@ -125,6 +332,8 @@ struct Options {
   int64_t fairness_rows = 0;
   std::string scheduler;  // "" = the model's
   bool skip_vae = false;
+  int64_t vae_tile = 0;  // 0 off, -1 the VAE's sample_size, else pixels
+  std::string save_random_model;  // write the random SD 1.5 there and exit
 };
 
 at::ScalarType parse_dtype(const std::string& s) {
@@ -209,6 +418,79 @@ StableDiffusionModel random_sd15(const std::string& fixtures, const fairdiff::Lo
   return m;
 }
 
+// Writes `m` (random SD 1.5) as a diffusers folder, so that loading it can be measured:
+// the keyset configs, the tiny model's tokenizer (the real CLIP vocabulary) and scheduler.
+void save_random_model(StableDiffusionModel& m, const std::string& fixtures, const std::string& dir) {
+  namespace fs = std::filesystem;
+  const fs::path out(dir), keysets = fs::path(fixtures) / "keysets/sd15", tiny = fs::path(fixtures) / "models/tiny-sd1";
+  for (const char* sub : {"text_encoder", "tokenizer", "unet", "vae", "scheduler"}) fs::create_directories(out / sub);
+  auto copy = [](const fs::path& from, const fs::path& to) {
+    fs::copy_file(from, to, fs::copy_options::overwrite_existing);
+  };
+  for (const auto& entry : fs::directory_iterator(tiny / "tokenizer"))
+    if (entry.is_regular_file()) copy(entry.path(), out / "tokenizer" / entry.path().filename());
+  copy(tiny / "scheduler/scheduler_config.json", out / "scheduler/scheduler_config.json");
+  copy(keysets / "text_encoder.config.json", out / "text_encoder/config.json");
+  copy(keysets / "unet.config.json", out / "unet/config.json");
+  copy(keysets / "vae.config.json", out / "vae/config.json");
+  fairdiff::save_state_dict(*m.text_encoder, (out / "text_encoder/model.safetensors").string());
+  fairdiff::save_state_dict(*m.unet, (out / "unet/diffusion_pytorch_model.safetensors").string());
+  fairdiff::save_state_dict(*m.vae, (out / "vae/diffusion_pytorch_model.safetensors").string());
+  const nlohmann::json index = {{"_class_name", "StableDiffusionPipeline"},
+                                {"_fairdiff_bench", "SD 1.5 architecture, random weights (fairdiff-bench)"},
+                                {"text_encoder", {"transformers", "CLIPTextModel"}},
+                                {"tokenizer", {"transformers", "CLIPTokenizer"}},
+                                {"unet", {"diffusers", "UNet2DConditionModel"}},
+                                {"vae", {"diffusers", "AutoencoderKL"}},
+                                {"scheduler", {"diffusers", "PNDMScheduler"}}};
+  fairdiff::write_file_atomic((out / "model_index.json").string(), index.dump(2) + "\n");
+}
+
+// Bytes of every parameter and buffer: what the weights take in memory.
+double weight_bytes(torch::nn::Module& module) {
+  double bytes = 0;
+  for (const auto& t : module.parameters()) bytes += static_cast<double>(t.numel() * t.element_size());
+  for (const auto& t : module.buffers()) bytes += static_cast<double>(t.numel() * t.element_size());
+  return bytes;
+}
+
+// One profile table: the operators of `what`, then the rest of its wall time.
+nlohmann::json profile_rows(const std::string& what, const fairdiff::profile::Totals& totals, double wall_s,
+                            double runs, double peak_gflops) {
+  nlohmann::json ops = nlohmann::json::object();
+  double timed = 0, flops = 0;
+  std::printf("  %-28s %7s %9s %7s %9s %9s %7s\n", ("profile: " + what).c_str(), "calls", "s/run", "share",
+              "GFLOP/run", "GFLOP/s", "of peak");
+  for (fairdiff::profile::Op op : fairdiff::profile::kOps) {
+    const auto& t = totals[op];
+    if (t.calls == 0) continue;
+    timed += t.seconds;
+    flops += t.flops;
+    const double gflops = t.flops > 0 ? t.flops / t.seconds / 1e9 : 0;
+    ops[fairdiff::profile::op_name(op)] = {{"calls", t.calls / runs}, {"seconds", t.seconds / runs},
+                                           {"gflop", t.flops / runs / 1e9}, {"gflops", gflops}};
+    if (t.flops > 0)
+      std::printf("  %-28s %7.0f %9.3f %6.1f%% %9.1f %9.1f %6.1f%%\n", fairdiff::profile::op_name(op), t.calls / runs,
+                  t.seconds / runs, 100 * t.seconds / wall_s, t.flops / runs / 1e9, gflops,
+                  100 * gflops / peak_gflops);
+    else
+      std::printf("  %-28s %7.0f %9.3f %6.1f%% %9s %9s %7s\n", fairdiff::profile::op_name(op), t.calls / runs,
+                  t.seconds / runs, 100 * t.seconds / wall_s, "-", "-", "-");
+  }
+  const double other = std::max(0.0, wall_s - timed);
+  std::printf("  %-28s %7s %9.3f %6.1f%%\n", "other (elementwise, copies)", "", other / runs, 100 * other / wall_s);
+  const double gflops = flops / wall_s / 1e9;
+  std::printf("  %-28s %7s %9.3f %7s %9.1f %9.1f %6.1f%%\n", ("= " + what).c_str(), "", wall_s / runs, "",
+              flops / runs / 1e9, gflops, 100 * gflops / peak_gflops);
+  std::fflush(stdout);
+  return {{"ops", ops},
+          {"other_seconds", other / runs},
+          {"seconds", wall_s / runs},
+          {"gflop", flops / runs / 1e9},
+          {"gflops", gflops},
+          {"share_of_peak", gflops / peak_gflops}};
+}
+
 // R extra conditioning rows per image in the CFG call, as semantic guidance's edit concepts
 // are evaluated: the UNet batch grows from 2B to (2 + R) B. The guidance term itself (a few
 // elementwise ops on [R B, C, h, w]) is left out: it is noise next to the UNet.
@@ -239,8 +521,15 @@ struct StepTimes {
   std::vector<double> timed;  // the others
   double cpu_per_wall = 0;    // over the timed steps: CPU seconds / wall seconds (busy cores)
   double faults_per_step = 0; // page faults per timed step
+  fairdiff::profile::Totals profile{};  // over the timed steps
   at::Tensor latents;
 };
+
+// Waits for queued device work at the end of each profile scope (nothing on the CPU).
+std::function<void()> profile_sync(const at::Device& device) {
+  if (device.is_cpu()) return nullptr;
+  return [device] { sync(at::ones({1}, at::TensorOptions().device(device))); };
+}
 
 // Runs the library's sampling loop over 1 + `steps` UNet calls and times each call.
 StepTimes time_steps(StableDiffusionPipeline& pipe, StableDiffusionModel& model, const Options& o,
@@ -262,6 +551,7 @@ StepTimes time_steps(StableDiffusionPipeline& pipe, StableDiffusionModel& model,
   double cpu_start = 0;
   long faults_start = 0;
   const size_t n = sched->timesteps().size();
+  fairdiff::profile::Session session(profile_sync(pipe.device()));
   out.latents = pipe.denoise(*sched, noise, emb, 7.5, &gens,
                              [&](size_t i, size_t, const at::Tensor& latents) {
                                sync(latents);
@@ -275,6 +565,7 @@ StepTimes time_steps(StableDiffusionPipeline& pipe, StableDiffusionModel& model,
                                             i == 0 ? " (warm-up)" : "", dt);
                                last = Clock::now();
                                if (i == 0) {
+                                 session.reset();  // profile the timed steps only
                                  timed_start = last;
                                  cpu_start = cpu_seconds();
                                  faults_start = page_faults();
@@ -285,6 +576,7 @@ StepTimes time_steps(StableDiffusionPipeline& pipe, StableDiffusionModel& model,
     out.cpu_per_wall = (cpu_seconds() - cpu_start) / seconds_since(timed_start);
     out.faults_per_step = static_cast<double>(page_faults() - faults_start) / static_cast<double>(out.timed.size());
   }
+  out.profile = session.totals();
   return out;
 }
 
@@ -329,6 +621,8 @@ int run(const Options& o) {
   if (o.batch < 1) fairdiff::throw_bad_input("--batch", "expected at least 1 image, found " + std::to_string(o.batch));
   if (o.steps < 0) fairdiff::throw_bad_input("--steps", "expected 0 (default) or more steps");
   if (o.fairness_rows < 0) fairdiff::throw_bad_input("--fairness-rows", "expected 0 or more rows per image");
+  if (o.vae_tile < -1 || (o.vae_tile > 0 && (o.vae_tile < 32 || o.vae_tile % 8 != 0)))
+    fairdiff::throw_bad_input("--vae-tiling", "expected a tile of at least 32 pixels, a multiple of 8");
   const at::ScalarType dtype = parse_dtype(o.dtype);
   const at::Device device = parse_device(o.device);
   if (dtype == at::kHalf && device.is_cpu())
@@ -342,6 +636,22 @@ int run(const Options& o) {
                                      : tunables && *tunables ? std::string("GLIBC_TUNABLES=") + tunables
                                                              : "glibc defaults";
   c10::InferenceMode inference;
+  fairdiff::LoadOptions lo;
+  lo.dtype = dtype;
+  lo.device = device;
+
+  if (!o.save_random_model.empty()) {
+    if (dtype != at::kFloat || !device.is_cpu())
+      fairdiff::throw_bad_input("--save-random-model", "the random model is written in float32 from the CPU",
+                                "drop --dtype and --device");
+    double build_s = 0, init_s = 0;
+    StableDiffusionModel m = random_sd15(fixtures_root(o), lo, &build_s, &init_s);
+    const auto t0 = Clock::now();
+    save_random_model(m, fixtures_root(o), o.save_random_model);
+    std::printf("wrote %s (random SD 1.5, float32) in %.1f s\n", o.save_random_model.c_str(), seconds_since(t0));
+    return 0;
+  }
+
   nlohmann::json report = {{"bench", "fairdiff"},
                            {"device", device.str()},
                            {"dtype", o.dtype},
@@ -355,6 +665,20 @@ int run(const Options& o) {
   std::printf("fairdiff-bench: %s, %s, %s%s, malloc %s; load average %.2f at start\n", device.str().c_str(),
               o.dtype.c_str(), fairdiff::thread_summary().c_str(), o.libtorch_threads ? " (LibTorch's default)" : "",
               malloc_setting.c_str(), load_average());
+  const MachinePeak mp = machine_peak(at::get_num_threads());
+  // The yardstick for this run's dtype: bf16 products run on the dot-product units where
+  // the CPU has them. On CUDA the CPU peak means nothing; shares are left out there.
+  const double peak = !device.is_cpu() ? 0 : dtype == at::kBFloat16 && mp.bf16_peak() > 0 ? mp.bf16_peak()
+                                                                                           : mp.fp32_gflops;
+  report["machine_peak"] = {{"fp32_kernel", mp.fp32_kernel},
+                            {"fp32_gflops", mp.fp32_gflops},
+                            {"bf16_dot_gflops", mp.bf16_gflops},
+                            {"amx_bf16_gflops", mp.amx_gflops},
+                            {"threads", at::get_num_threads()}};
+  std::printf("machine peak (%d threads): fp32 %s %.1f GFLOP/s%s%s\n", at::get_num_threads(), mp.fp32_kernel.c_str(),
+              mp.fp32_gflops,
+              mp.bf16_gflops > 0 ? (", bf16 dot product " + fmt("%.1f", mp.bf16_gflops) + " GFLOP/s").c_str() : "",
+              mp.amx_gflops > 0 ? (", bf16 AMX tiles " + fmt("%.1f", mp.amx_gflops) + " GFLOP/s").c_str() : "");
   const auto kern = kernels(at::TensorOptions(dtype).device(device));
   report["kernels"] = kern;
   std::printf("kernels (%s): matmul 2048x2048 %.1f GFLOP/s, conv3x3 2x320x64x64 %.1f GFLOP/s\n\n", o.dtype.c_str(),
@@ -362,9 +686,8 @@ int run(const Options& o) {
   std::printf("%-36s %-9s %9s  %s\n", "measurement", "size", "seconds", "notes");
 
   // Models.
-  fairdiff::LoadOptions lo;
-  lo.dtype = dtype;
-  lo.device = device;
+  PeakTracker peaks;
+  peaks.end_phase();  // the phases below start here
   StableDiffusionModel model;
   if (o.model.empty()) {
     double build_s = 0, init_s = 0;
@@ -382,14 +705,29 @@ int run(const Options& o) {
     const double load_s = seconds_since(t0);
     report["model"] = o.model;
     report["load_s"] = load_s;
-    row("load model folder", "-", load_s, o.model);
+    row("load model folder", "-", load_s, o.model + " (mapped, prefaulted: ready to run)");
+  }
+  if (o.vae_tile != 0) {
+    const int64_t f = model.vae->config().scale_factor();
+    if (o.vae_tile > 0 && o.vae_tile % f != 0)
+      fairdiff::throw_bad_input("--vae-tiling", "the tile must be a multiple of the VAE's scale factor " +
+                                                    std::to_string(f));
+    model.vae->enable_tiling(o.vae_tile < 0 ? -1 : o.vae_tile / f);
+    report["vae_tile"] = model.vae->tile_latent_size() * f;
   }
   const int64_t p_text = fairdiff::parameter_count(*model.text_encoder), p_unet = fairdiff::parameter_count(*model.unet),
                 p_vae = fairdiff::parameter_count(*model.vae);
+  const double weights_gib =
+      (weight_bytes(*model.text_encoder) + weight_bytes(*model.unet) + weight_bytes(*model.vae)) / (1024.0 * 1024 * 1024);
   report["parameters"] = {{"text_encoder", p_text}, {"unet", p_unet}, {"vae", p_vae}};
-  report["peak_rss_after_load_gib"] = peak_rss_gib();
-  std::printf("%-36s %-9s %9s  text %.1fM, unet %.1fM, vae %.1fM parameters; peak RSS %.2f GiB\n", "", "", "",
-              p_text / 1e6, p_unet / 1e6, p_vae / 1e6, peak_rss_gib());
+  report["weights_gib"] = weights_gib;
+  const double load_peak = peaks.end_phase();
+  report["peak_rss_load_gib"] = load_peak;
+  report["rss_after_load"] = {{"file_gib", status_gib("RssFile")}, {"anon_gib", status_gib("RssAnon")}};
+  std::printf("%-36s %-9s %9s  resident after load: %.2f GiB mapped from files (weights, libraries), %.2f GiB anonymous\n",
+              "", "", "", status_gib("RssFile"), status_gib("RssAnon"));
+  std::printf("%-36s %-9s %9s  text %.1fM, unet %.1fM, vae %.1fM parameters = %.2f GiB of weights; peak RSS %.2f GiB\n",
+              "", "", "", p_text / 1e6, p_unet / 1e6, p_vae / 1e6, weights_gib, load_peak);
   StableDiffusionPipeline pipe(model);
 
   // Text encoder: prompts and negatives in one call, as the pipeline does for CFG.
@@ -397,15 +735,21 @@ int run(const Options& o) {
   const std::vector<std::string> negatives(static_cast<size_t>(o.batch), "");
   fairdiff::PromptEmbeddings emb = pipe.encode_prompts(prompts, negatives, 0, true);  // warm-up
   std::vector<double> te;
-  for (int i = 0; i < 3; ++i) {
-    const auto t0 = Clock::now();
-    emb = pipe.encode_prompts(prompts, negatives, 0, true);
-    sync(emb.cond);
-    te.push_back(seconds_since(t0));
+  fairdiff::profile::Totals te_profile{};
+  {
+    fairdiff::profile::Session session(profile_sync(device));
+    for (int i = 0; i < 3; ++i) {
+      const auto t0 = Clock::now();
+      emb = pipe.encode_prompts(prompts, negatives, 0, true);
+      sync(emb.cond);
+      te.push_back(seconds_since(t0));
+    }
+    te_profile = session.totals();
   }
   report["text_encode_s"] = median(te);
   row("text encode (CFG pair per image)", "-", median(te),
       "batch " + std::to_string(2 * o.batch) + " x 77 tokens, median of 3");
+  report["text_encode_profile"] = profile_rows("text encoder", te_profile, te[0] + te[1] + te[2], 3, peak);
 
   // Per size: UNet steps, the fairness variant, the VAE.
   report["sizes"] = nlohmann::json::array();
@@ -413,6 +757,7 @@ int run(const Options& o) {
     const std::string sz = std::to_string(size) + "x" + std::to_string(size);
     const int64_t steps = o.steps > 0 ? o.steps : (size * size >= 512 * 512 ? 2 : 3);
     nlohmann::json r = {{"size", size}, {"unet_batch", 2 * o.batch}};
+    peaks.end_phase();
     const StepTimes st = time_steps(pipe, model, o, emb, size, steps, nullptr, "CFG");
     const double step_s = mean(st.timed);
     r["warmup_step_s"] = st.warmup;
@@ -423,10 +768,18 @@ int run(const Options& o) {
     r["step_per_image_s"] = step_s / static_cast<double>(o.batch);
     r["step_cpu_per_wall"] = st.cpu_per_wall;
     r["step_page_faults"] = st.faults_per_step;
+    const double unet_peak = peaks.end_phase();
+    r["peak_rss_unet_gib"] = unet_peak;
     row("UNet step (CFG)", sz, step_s,
         "UNet batch " + std::to_string(2 * o.batch) + ", mean of " + std::to_string(st.timed.size()) + " (min " +
             fmt("%.3f", step_min) + "), warm-up " + fmt("%.3f", st.warmup) + " s, " +
-            fmt("%.2f", st.cpu_per_wall) + " cores busy, " + fmt("%.0f", st.faults_per_step) + " page faults");
+            fmt("%.2f", st.cpu_per_wall) + " cores busy, " + fmt("%.0f", st.faults_per_step) +
+            " page faults, peak RSS " + fmt("%.2f", unet_peak) + " GiB");
+    if (!st.timed.empty()) {
+      double wall = 0;
+      for (double t : st.timed) wall += t;
+      r["unet_profile"] = profile_rows("UNet step", st.profile, wall, static_cast<double>(st.timed.size()), peak);
+    }
     bool finite = st.latents.isfinite().all().item<bool>();
     r["latents_finite"] = finite;
 
@@ -442,31 +795,43 @@ int run(const Options& o) {
       r["fairness_step_per_image_s"] = f_s / static_cast<double>(o.batch);
       r["fairness_extra_per_image_s"] = (f_s - step_s) / static_cast<double>(o.batch);
       r["fairness_step_ratio"] = f_s / step_s;
+      r["peak_rss_fairness_gib"] = peaks.end_phase();
       row("UNet step (CFG + " + std::to_string(o.fairness_rows) + " rows/image)", sz, f_s,
           "UNet batch " + std::to_string(fb) + ", x" + fmt("%.2f", f_s / step_s) + " the CFG step, +" +
               fmt("%.3f", (f_s - step_s) / static_cast<double>(o.batch)) + " s per image per step");
     }
 
     if (!o.skip_vae) {
+      fairdiff::profile::Session session(profile_sync(device));
       const auto t0 = Clock::now();
       const at::Tensor image = pipe.decode(st.latents);
       sync(image);
       const double vae_s = seconds_since(t0);
+      const fairdiff::profile::Totals vae_profile = session.totals();
       const bool image_finite = image.isfinite().all().item<bool>();
       finite = finite && image_finite;
+      const double vae_peak = peaks.end_phase();
       r["vae_decode_s"] = vae_s;
       r["image_finite"] = image_finite;
-      row("VAE decode", sz, vae_s, std::to_string(o.batch) + " image(s), first call at this size");
+      r["peak_rss_vae_gib"] = vae_peak;
+      row("VAE decode", sz, vae_s,
+          std::to_string(o.batch) + " image(s), first call at this size" +
+              (model.vae->tiling() ? ", tiles of " + std::to_string(model.vae->tile_latent_size() * model.vae->config().scale_factor()) + " px" : "") +
+              ", peak RSS " + fmt("%.2f", vae_peak) + " GiB");
+      r["vae_profile"] = profile_rows("VAE decode", vae_profile, vae_s, 1, peak);
     }
-    const double rss = peak_rss_gib();
+    const double rss = peaks.overall;
     r["peak_rss_gib"] = rss;
-    std::printf("%-36s %-9s %9s  peak RSS so far %.2f GiB; outputs finite: %s\n", "", sz.c_str(), "", rss,
-                finite ? "yes" : "NO");
+    std::printf("%-36s %-9s %9s  peak RSS so far %.2f GiB = %.2fx the weights; outputs finite: %s\n", "", sz.c_str(),
+                "", rss, rss / weights_gib, finite ? "yes" : "NO");
     report["sizes"].push_back(r);
   }
-  report["peak_rss_gib"] = peak_rss_gib();
+  peaks.end_phase();
+  report["peak_rss_gib"] = peaks.overall;
+  report["peak_rss_over_weights"] = peaks.overall / weights_gib;
   report["load_average_at_end"] = load_average();
-  std::printf("\npeak RSS %.2f GiB; load average %.2f at the end\n", peak_rss_gib(), load_average());
+  std::printf("\npeak RSS %.2f GiB = %.2fx the %.2f GiB of weights; load average %.2f at the end\n", peaks.overall,
+              peaks.overall / weights_gib, weights_gib, load_average());
   std::printf("%s\n", report.dump().c_str());
   return 0;
 }
@@ -489,6 +854,9 @@ int main(int argc, char** argv) {
   app.add_option("--scheduler", o.scheduler, "scheduler override (pndm, ddim, euler, ...; default: the model's)");
   app.add_flag("--system-malloc", o.system_malloc, "keep glibc's malloc defaults (for comparison)");
   app.add_flag("--skip-vae", o.skip_vae, "do not time the VAE decode");
+  app.add_flag("--vae-tiling{-1}", o.vae_tile, "decode in tiles (the VAE's sample_size, or --vae-tiling=PX)");
+  app.add_option("--save-random-model", o.save_random_model,
+                 "write the random SD 1.5 (float32) as a diffusers folder DIR and exit; bench it with --model DIR");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

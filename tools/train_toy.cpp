@@ -34,6 +34,7 @@
 #include "fairdiff/tokenizer.h"
 #include "fs_util.h"
 #include "runtime.h"
+#include "tensor_io.h"
 #include "toy_world.h"
 #include "unet_2d_condition.h"
 
@@ -227,19 +228,7 @@ Batch make_batch(const fairdiff::toy::World& world, uint64_t seed, int64_t index
 // ---------------------------------------------------------------------------
 // Saving: a module's parameters as a safetensors file (float32, names = checkpoint keys).
 
-void save_module(torch::nn::Module& module, const fs::path& path) {
-  std::vector<fairdiff::TensorData> tensors;
-  auto add = [&](const std::string& name, const at::Tensor& value) {
-    const at::Tensor t = value.detach().to(at::kFloat).contiguous();
-    fairdiff::TensorData d{name, fairdiff::DType::F32, t.sizes().vec(), {}};
-    const auto* begin = static_cast<const uint8_t*>(t.data_ptr());
-    d.bytes.assign(begin, begin + t.numel() * sizeof(float));
-    tensors.push_back(std::move(d));
-  };
-  for (const auto& p : module.named_parameters()) add(p.key(), p.value());
-  for (const auto& b : module.named_buffers()) add(b.key(), b.value());
-  fairdiff::write_safetensors(path.string(), tensors, {{"format", "pt"}});
-}
+void save_module(torch::nn::Module& module, const fs::path& path) { fairdiff::save_state_dict(module, path.string()); }
 
 void write_json(const fs::path& path, const json& j) {
   fairdiff::write_file_atomic(path.string(), j.dump(2) + "\n");

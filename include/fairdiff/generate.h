@@ -42,6 +42,11 @@ struct GenerateOptions {
   int64_t shard_index = -1;       // -1: from the environment (SLURM, Kubernetes, RANK), else unsharded
   int64_t num_shards = 0;
   int threads = 0;                // CPU threads, 0 = all cores
+  // VAE decode in overlapping tiles (diffusers' enable_tiling): for images larger than the
+  // tile, the decoder's memory is one tile's. 0 = off; -1 = the VAE's sample_size (512 for
+  // SD 1.5); else the tile in image pixels, a multiple of 8 x 8 = 64 would do but any
+  // multiple of the VAE's scale factor of at least 4 latent pixels is accepted.
+  int64_t vae_tile = 0;
   // Fair Diffusion: each image is assigned an identity group per attribute and steered
   // toward it with semantic guidance. "gender=50:50", "gender=female:30,male:70".
   std::vector<std::string> fairness;  // --fairness, repeatable (one per attribute)

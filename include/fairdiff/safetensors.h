@@ -50,6 +50,19 @@ class SafeTensors {
   const TensorView* find(const std::string& name) const;  // nullptr when absent
   const TensorView& at(const std::string& name) const;    // throws when absent
 
+  // The mapping is private and copy-on-write: tensors that alias it may be read freely,
+  // and a write to one copies that page only, never the file.
+  //
+  // Maps the pages of `view` into this process now, in one system call, instead of one
+  // page fault per 4 KiB on first use (the weights that a model aliases are all read in
+  // its first step). Best effort: a kernel without MADV_POPULATE_READ faults them later.
+  void prefault(const TensorView& view) const;
+  // Drops this process's pages of `view` (whole pages inside it): after its bytes were
+  // copied elsewhere (a load with a dtype conversion then never holds the file and the
+  // converted copy at once), or while a model component is not in use. The pages stay in
+  // the page cache (clean, reclaimable) and read back on the next touch or prefault.
+  void discard(const TensorView& view) const;
+
  private:
   void release();
   std::string path_;

@@ -1,0 +1,46 @@
+#include "profile.h"
+
+#include <atomic>
+#include <stdexcept>
+
+namespace fairdiff::profile {
+namespace {
+
+std::atomic<Session*> g_active{nullptr};
+
+}  // namespace
+
+const char* op_name(Op op) {
+  switch (op) {
+    case kConv2d: return "conv2d";
+    case kLinear: return "linear";
+    case kAttention: return "attention";
+    case kGroupNorm: return "group_norm";
+    case kLayerNorm: return "layer_norm";
+    case kOpCount: break;
+  }
+  return "?";
+}
+
+Session::Session(std::function<void()> sync) : sync_(std::move(sync)) {
+  Session* expected = nullptr;
+  if (!g_active.compare_exchange_strong(expected, this))
+    throw std::logic_error("fairdiff::profile::Session: another session is already collecting");
+}
+
+Session::~Session() { g_active.store(nullptr); }
+
+Scope::Scope(Op op, double flops) : session_(g_active.load(std::memory_order_relaxed)), op_(op), flops_(flops) {
+  if (session_) start_ = std::chrono::steady_clock::now();
+}
+
+Scope::~Scope() {
+  if (!session_) return;
+  if (session_->sync_) session_->sync_();
+  OpTotals& t = session_->totals_[op_];
+  t.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  t.flops += flops_;
+  t.calls += 1;
+}
+
+}  // namespace fairdiff::profile
