@@ -118,8 +118,20 @@ GroupNormImpl::GroupNormImpl(int64_t groups, int64_t channels, double eps) : gro
   bias_ = register_parameter("bias", at::zeros({channels}));
 }
 
+namespace {
+
+// LibTorch 1.13's CPU norms in bfloat16 run 6-10x slower than in float32 (measured here
+// on the UNet's and the VAE's shapes); through float32 they are 1.5x faster than that,
+// and no less accurate (the statistics are float sums either way).
+bool norm_in_float(const at::Tensor& x) { return x.is_cpu() && x.scalar_type() == at::kBFloat16; }
+
+}  // namespace
+
 at::Tensor GroupNormImpl::forward(const at::Tensor& x) const {
   profile::Scope scope(profile::kGroupNorm, 0);
+  if (norm_in_float(x))
+    return at::group_norm(x.to(at::kFloat), groups_, weight_.to(at::kFloat), bias_.to(at::kFloat), eps_)
+        .to(x.scalar_type());
   return at::group_norm(x, groups_, weight_, bias_, eps_);
 }
 
@@ -130,6 +142,9 @@ LayerNormImpl::LayerNormImpl(int64_t dim, double eps) : dim_(dim), eps_(eps) {
 
 at::Tensor LayerNormImpl::forward(const at::Tensor& x) const {
   profile::Scope scope(profile::kLayerNorm, 0);
+  if (norm_in_float(x))
+    return at::layer_norm(x.to(at::kFloat), {dim_}, weight_.to(at::kFloat), bias_.to(at::kFloat), eps_)
+        .to(x.scalar_type());
   return at::layer_norm(x, {dim_}, weight_, bias_, eps_);
 }
 
@@ -277,7 +292,9 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
   // and writes its columns of the output. Scores of different rows are independent, so
   // the numbers are those of one big product; measured here 2.6x faster than a head's
   // whole 4096x4096 block, which leaves the cache between the products and the softmax.
-  const at::Tensor qf = upcast_attention ? q.to(at::kFloat) : q;
+  // The scale multiplies q (N x h*d values) instead of the scores (h x N x L): the same
+  // product up to one rounding, at 1/100 of the cost at 64x64 latents.
+  const at::Tensor qf = (upcast_attention ? q.to(at::kFloat) : q) * scale;
   const at::Tensor kf = upcast_attention ? k.to(at::kFloat) : k;
   const int64_t rows = std::max<int64_t>(1, max_score_elements / L);
   at::Tensor out = at::empty({B, N, inner}, v.options());  // [B,N,h*d]
@@ -289,7 +306,9 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
       at::Tensor oh = out[b].narrow(1, h * d, d);          // [N,d]
       for (int64_t i = 0; i < N; i += rows) {
         const int64_t n = std::min(rows, N - i);
-        at::Tensor probs = probs_of(at::mm(qh.narrow(0, i, n), kt));  // [n,L]
+        at::Tensor scores = at::mm(qh.narrow(0, i, n), kt);  // [n,L], already scaled
+        if (upcast_softmax) scores = scores.to(at::kFloat);
+        at::Tensor probs = scores.softmax(-1).to(dtype);  // [n,L]
         at::Tensor o = oh.narrow(0, i, n);
         at::mm_out(o, probs, vh);  // [n,d]
       }

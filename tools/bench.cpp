@@ -332,6 +332,7 @@ struct Options {
   int64_t fairness_rows = 0;
   std::string scheduler;  // "" = the model's
   bool skip_vae = false;
+  bool vae_only = false;
   int64_t vae_tile = 0;  // 0 off, -1 the VAE's sample_size, else pixels
   std::string save_random_model;  // write the random SD 1.5 there and exit
 };
@@ -426,6 +427,7 @@ void save_random_model(StableDiffusionModel& m, const std::string& fixtures, con
   for (const char* sub : {"text_encoder", "tokenizer", "unet", "vae", "scheduler"}) fs::create_directories(out / sub);
   auto copy = [](const fs::path& from, const fs::path& to) {
     fs::copy_file(from, to, fs::copy_options::overwrite_existing);
+    fs::permissions(to, fs::perms::owner_write, fs::perm_options::add);  // shared/ is read-only
   };
   for (const auto& entry : fs::directory_iterator(tiny / "tokenizer"))
     if (entry.is_regular_file()) copy(entry.path(), out / "tokenizer" / entry.path().filename());
@@ -757,54 +759,65 @@ int run(const Options& o) {
     const std::string sz = std::to_string(size) + "x" + std::to_string(size);
     const int64_t steps = o.steps > 0 ? o.steps : (size * size >= 512 * 512 ? 2 : 3);
     nlohmann::json r = {{"size", size}, {"unet_batch", 2 * o.batch}};
-    peaks.end_phase();
-    const StepTimes st = time_steps(pipe, model, o, emb, size, steps, nullptr, "CFG");
-    const double step_s = mean(st.timed);
-    r["warmup_step_s"] = st.warmup;
-    r["timed_steps"] = st.timed.size();
-    r["step_s"] = step_s;
-    const double step_min = st.timed.empty() ? 0 : *std::min_element(st.timed.begin(), st.timed.end());
-    r["step_min_s"] = step_min;
-    r["step_per_image_s"] = step_s / static_cast<double>(o.batch);
-    r["step_cpu_per_wall"] = st.cpu_per_wall;
-    r["step_page_faults"] = st.faults_per_step;
-    const double unet_peak = peaks.end_phase();
-    r["peak_rss_unet_gib"] = unet_peak;
-    row("UNet step (CFG)", sz, step_s,
-        "UNet batch " + std::to_string(2 * o.batch) + ", mean of " + std::to_string(st.timed.size()) + " (min " +
-            fmt("%.3f", step_min) + "), warm-up " + fmt("%.3f", st.warmup) + " s, " +
-            fmt("%.2f", st.cpu_per_wall) + " cores busy, " + fmt("%.0f", st.faults_per_step) +
-            " page faults, peak RSS " + fmt("%.2f", unet_peak) + " GiB");
-    if (!st.timed.empty()) {
-      double wall = 0;
-      for (double t : st.timed) wall += t;
-      r["unet_profile"] = profile_rows("UNet step", st.profile, wall, static_cast<double>(st.timed.size()), peak);
-    }
-    bool finite = st.latents.isfinite().all().item<bool>();
-    r["latents_finite"] = finite;
+    at::Tensor latents;  // what the VAE decodes
+    bool finite = true;
+    if (o.vae_only) {
+      // Latents of the scale the UNet leaves (the VAE sees latents / scaling_factor ~ N(0,1)).
+      std::vector<at::Generator> gens;
+      std::vector<int64_t> seeds;
+      for (int64_t b = 0; b < o.batch; ++b) seeds.push_back(42 + b);
+      latents = pipe.initial_noise(seeds, size, size, &gens) * model.vae->config().scaling_factor;
+    } else {
+      peaks.end_phase();
+      const StepTimes st = time_steps(pipe, model, o, emb, size, steps, nullptr, "CFG");
+      const double step_s = mean(st.timed);
+      r["warmup_step_s"] = st.warmup;
+      r["timed_steps"] = st.timed.size();
+      r["step_s"] = step_s;
+      const double step_min = st.timed.empty() ? 0 : *std::min_element(st.timed.begin(), st.timed.end());
+      r["step_min_s"] = step_min;
+      r["step_per_image_s"] = step_s / static_cast<double>(o.batch);
+      r["step_cpu_per_wall"] = st.cpu_per_wall;
+      r["step_page_faults"] = st.faults_per_step;
+      const double unet_peak = peaks.end_phase();
+      r["peak_rss_unet_gib"] = unet_peak;
+      row("UNet step (CFG)", sz, step_s,
+          "UNet batch " + std::to_string(2 * o.batch) + ", mean of " + std::to_string(st.timed.size()) + " (min " +
+              fmt("%.3f", step_min) + "), warm-up " + fmt("%.3f", st.warmup) + " s, " +
+              fmt("%.2f", st.cpu_per_wall) + " cores busy, " + fmt("%.0f", st.faults_per_step) +
+              " page faults, peak RSS " + fmt("%.2f", unet_peak) + " GiB");
+      if (!st.timed.empty()) {
+        double wall = 0;
+        for (double t : st.timed) wall += t;
+        r["unet_profile"] = profile_rows("UNet step", st.profile, wall, static_cast<double>(st.timed.size()), peak);
+      }
+      finite = st.latents.isfinite().all().item<bool>();
+      r["latents_finite"] = finite;
 
-    if (o.fairness_rows > 0) {
-      ExtraRows extra(emb.cond, o.fairness_rows);
-      const StepTimes ft = time_steps(pipe, model, o, emb, size, steps, &extra, "CFG+rows");
-      const double f_s = mean(ft.timed);
-      const int64_t fb = (2 + o.fairness_rows) * o.batch;
-      r["fairness_rows"] = o.fairness_rows;
-      r["fairness_unet_batch"] = fb;
-      r["fairness_warmup_step_s"] = ft.warmup;
-      r["fairness_step_s"] = f_s;
-      r["fairness_step_per_image_s"] = f_s / static_cast<double>(o.batch);
-      r["fairness_extra_per_image_s"] = (f_s - step_s) / static_cast<double>(o.batch);
-      r["fairness_step_ratio"] = f_s / step_s;
-      r["peak_rss_fairness_gib"] = peaks.end_phase();
-      row("UNet step (CFG + " + std::to_string(o.fairness_rows) + " rows/image)", sz, f_s,
-          "UNet batch " + std::to_string(fb) + ", x" + fmt("%.2f", f_s / step_s) + " the CFG step, +" +
-              fmt("%.3f", (f_s - step_s) / static_cast<double>(o.batch)) + " s per image per step");
+      if (o.fairness_rows > 0) {
+        ExtraRows extra(emb.cond, o.fairness_rows);
+        const StepTimes ft = time_steps(pipe, model, o, emb, size, steps, &extra, "CFG+rows");
+        const double f_s = mean(ft.timed);
+        const int64_t fb = (2 + o.fairness_rows) * o.batch;
+        r["fairness_rows"] = o.fairness_rows;
+        r["fairness_unet_batch"] = fb;
+        r["fairness_warmup_step_s"] = ft.warmup;
+        r["fairness_step_s"] = f_s;
+        r["fairness_step_per_image_s"] = f_s / static_cast<double>(o.batch);
+        r["fairness_extra_per_image_s"] = (f_s - step_s) / static_cast<double>(o.batch);
+        r["fairness_step_ratio"] = f_s / step_s;
+        r["peak_rss_fairness_gib"] = peaks.end_phase();
+        row("UNet step (CFG + " + std::to_string(o.fairness_rows) + " rows/image)", sz, f_s,
+            "UNet batch " + std::to_string(fb) + ", x" + fmt("%.2f", f_s / step_s) + " the CFG step, +" +
+                fmt("%.3f", (f_s - step_s) / static_cast<double>(o.batch)) + " s per image per step");
+      }
+      latents = st.latents;
     }
 
     if (!o.skip_vae) {
       fairdiff::profile::Session session(profile_sync(device));
       const auto t0 = Clock::now();
-      const at::Tensor image = pipe.decode(st.latents);
+      const at::Tensor image = pipe.decode(latents);
       sync(image);
       const double vae_s = seconds_since(t0);
       const fairdiff::profile::Totals vae_profile = session.totals();
@@ -854,6 +867,7 @@ int main(int argc, char** argv) {
   app.add_option("--scheduler", o.scheduler, "scheduler override (pndm, ddim, euler, ...; default: the model's)");
   app.add_flag("--system-malloc", o.system_malloc, "keep glibc's malloc defaults (for comparison)");
   app.add_flag("--skip-vae", o.skip_vae, "do not time the VAE decode");
+  app.add_flag("--vae-only", o.vae_only, "time only the VAE decode (of noise latents), e.g. with --vae-tiling at 1024");
   app.add_flag("--vae-tiling{-1}", o.vae_tile, "decode in tiles (the VAE's sample_size, or --vae-tiling=PX)");
   app.add_option("--save-random-model", o.save_random_model,
                  "write the random SD 1.5 (float32) as a diffusers folder DIR and exit; bench it with --model DIR");
