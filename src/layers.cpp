@@ -10,6 +10,7 @@
 #include <array>
 #include <cmath>
 
+#include "cpu_kernels.h"
 #include "fairdiff/error.h"
 #include "profile.h"
 
@@ -294,9 +295,37 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
   // whole 4096x4096 block, which leaves the cache between the products and the softmax.
   // The scale multiplies q (N x h*d values) instead of the scores (h x N x L): the same
   // product up to one rounding, at 1/100 of the cost at 64x64 latents.
+  const int64_t rows = std::max<int64_t>(1, max_score_elements / L);
+  if (q.is_cpu()) {
+    // On the CPU in float32 whatever the input dtype (LibTorch 1.13's bf16 softmax and
+    // conversions are slow; q, k, v and the output are small next to the scores), with the
+    // softmax's exponentials in one pass (cpu_kernels.h) and its division applied to the
+    // n x d product: softmax(s) v = (exp(s - max) v) / sum. For half inputs this is more
+    // precise than the reference, which multiplies the probabilities in the input dtype.
+    const at::Tensor qf = q.to(at::kFloat) * scale, kf = k.to(at::kFloat), vf = v.to(at::kFloat);
+    at::Tensor out = at::empty({B, N, inner}, qf.options());  // [B,N,h*d]
+    at::Tensor sums = at::empty({std::min(rows, N)}, qf.options());
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t h = 0; h < heads; ++h) {
+        const at::Tensor qh = qf[b].narrow(1, h * d, d);     // [N,d], row stride h*d
+        const at::Tensor kt = kf[b].narrow(1, h * d, d).t();  // [d,L]
+        const at::Tensor vh = vf[b].narrow(1, h * d, d);     // [L,d]
+        at::Tensor oh = out[b].narrow(1, h * d, d);          // [N,d]
+        for (int64_t i = 0; i < N; i += rows) {
+          const int64_t n = std::min(rows, N - i);
+          at::Tensor scores = at::mm(qh.narrow(0, i, n), kt);  // [n,L], already scaled
+          at::Tensor row_sums = sums.narrow(0, 0, n);           // [n]
+          cpu::exp_rows(scores, row_sums);                       // exp(s - max), its row sums
+          at::Tensor o = oh.narrow(0, i, n);
+          at::mm_out(o, scores, vh);      // [n,d]
+          o.div_(row_sums.unsqueeze(1));  // the softmax's division
+        }
+      }
+    }
+    return dtype == at::kFloat ? out : out.to(dtype);
+  }
   const at::Tensor qf = (upcast_attention ? q.to(at::kFloat) : q) * scale;
   const at::Tensor kf = upcast_attention ? k.to(at::kFloat) : k;
-  const int64_t rows = std::max<int64_t>(1, max_score_elements / L);
   at::Tensor out = at::empty({B, N, inner}, v.options());  // [B,N,h*d]
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t h = 0; h < heads; ++h) {

@@ -2,6 +2,7 @@
 
 #include "config_json.h"
 #include "fs_util.h"
+#include "runtime.h"
 #include "tensor_io.h"
 
 namespace fairdiff {
@@ -117,10 +118,13 @@ StableDiffusionModel load_model_folder(const std::string& model_dir, const LoadO
 }
 
 void StableDiffusionModel::use(const std::string& component) {
-  if (page_out_idle)
+  if (page_out_idle && component != active) {
     for (auto& [name, weights] : mapped)
       if (name != component) weights.page_out();
+    release_free_memory();
+  }
   if (auto it = mapped.find(component); it != mapped.end()) it->second.page_in();
+  active = component;
 }
 
 int64_t parameter_count(torch::nn::Module& module) {

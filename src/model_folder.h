@@ -67,10 +67,12 @@ struct StableDiffusionModel {
   bool page_out_idle = false;  // LoadOptions::page_out_idle, as loaded
   // Called before running a component: its weights are made resident (one prefault call
   // when they were paged out) and, with page_out_idle, every other component's pages go
-  // back to the page cache. On an SD 1.5 step at 512x512 this keeps the text encoder's and
-  // the VAE's 0.77 GiB out of the UNet's peak, and the UNet's 3.2 GiB out of the VAE's;
-  // mapping 3.2 GiB back from the page cache takes about 0.3 s (once per image).
+  // back to the page cache, and so does the heap memory that the previous component freed
+  // (release_free_memory, runtime.h). On an SD 1.5 step at 512x512 this keeps the text
+  // encoder's and the VAE's 0.77 GiB out of the UNet's peak, and the UNet's 3.2 GiB out of
+  // the VAE's; mapping 3.2 GiB back from the page cache takes about 0.3 s (once per image).
   void use(const std::string& component);
+  std::string active;  // the component use() was last called for
 };
 
 StableDiffusionModel load_model_folder(const std::string& model_dir, const LoadOptions& options);

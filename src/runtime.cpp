@@ -85,6 +85,8 @@ bool configure_allocator() {
   return mallopt(M_MMAP_MAX, 0) == 1 && mallopt(M_TRIM_THRESHOLD, INT_MAX) == 1;
 }
 
+void release_free_memory() { malloc_trim(0); }
+
 std::string thread_summary() {
   const int n = at::get_num_threads();
   std::string s = std::to_string(n) + (n == 1 ? " thread (" : " threads (");

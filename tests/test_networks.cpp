@@ -6,6 +6,7 @@
 #include <set>
 
 #include "autoencoder_kl.h"
+#include "cpu_kernels.h"
 #include "layers.h"
 #include "profile.h"
 #include "test_util.h"
@@ -117,6 +118,39 @@ TEST(Attention, UpcastInBfloat16StaysCloseToFloat) {
       multi_head_attention(q.to(at::kBFloat16), k.to(at::kBFloat16), v.to(at::kBFloat16), 2, scale, true, true);
   EXPECT_EQ(bf.scalar_type(), at::kBFloat16);
   EXPECT_LT((bf.to(at::kFloat) - ref).abs().max().item<double>(), 0.1);
+}
+
+TEST(CpuKernels, ExpRowsDividedBySumsIsTheSoftmax) {
+  at::manual_seed(7);
+  for (bool vectorized : {true, false}) {
+    for (int64_t L : {5, 16, 77, 1000, 4096}) {
+      at::Tensor x = at::randn({33, L}) * 6;  // scores of a sharp softmax
+      const at::Tensor expected = x.softmax(-1);
+      at::Tensor sums = at::empty({33});
+      cpu::exp_rows(x, sums, vectorized);
+      const at::Tensor got = x / sums.unsqueeze(1);
+      const double err = (got - expected).abs().max().item<double>();
+      EXPECT_LT(err, 1e-6) << "L = " << L << (vectorized && cpu::has_avx512() ? " (AVX-512)" : " (portable)");
+      EXPECT_TRUE(at::allclose(std::get<0>(x.max(-1)), at::ones({33}))) << "each row's largest entry is exp(0)";
+    }
+  }
+}
+
+// Above max_score_elements the blocked CPU path (float32 throughout) runs: the numbers of
+// the batched path, for float32 and, through float32, for bfloat16 inputs.
+TEST(Attention, BlockedPathMatchesTheBatchedOne) {
+  at::manual_seed(8);
+  const at::Tensor q = at::randn({2, 40, 32}), k = at::randn({2, 50, 32}), v = at::randn({2, 50, 32});
+  const double scale = 1.0 / std::sqrt(8.0);
+  const at::Tensor whole = multi_head_attention(q, k, v, 4, scale, false, false);
+  for (int64_t budget : {int64_t(50), int64_t(7 * 50), int64_t(1000)}) {
+    const at::Tensor blocked = multi_head_attention(q, k, v, 4, scale, false, false, budget);
+    EXPECT_LT((blocked - whole).abs().max().item<double>(), 1e-6) << "max_score_elements " << budget;
+  }
+  const at::Tensor bf = multi_head_attention(q.to(at::kBFloat16), k.to(at::kBFloat16), v.to(at::kBFloat16), 4,
+                                             scale, false, false, 100);
+  EXPECT_EQ(bf.scalar_type(), at::kBFloat16);
+  EXPECT_LT((bf.to(at::kFloat) - whole).abs().max().item<double>(), 0.05);
 }
 
 // Large feature maps are convolved in bands of rows when generating (inference mode): the
