@@ -296,6 +296,24 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
   // The scale multiplies q (N x h*d values) instead of the scores (h x N x L): the same
   // product up to one rounding, at 1/100 of the cost at 64x64 latents.
   const int64_t rows = std::max<int64_t>(1, max_score_elements / L);
+  // Calls block(q [n,d] scaled, k^T [d,L], v [L,d], out [n,d]) for every image, head and
+  // block of query rows; the views read and write the [B,N,h*d] tensors in place.
+  auto for_each_block = [&](const at::Tensor& qs, const at::Tensor& ks, const at::Tensor& vs, at::Tensor& out,
+                            auto&& block) {
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t h = 0; h < heads; ++h) {
+        const at::Tensor qh = qs[b].narrow(1, h * d, d);     // [N,d], row stride h*d
+        const at::Tensor kt = ks[b].narrow(1, h * d, d).t();  // [d,L]
+        const at::Tensor vh = vs[b].narrow(1, h * d, d);     // [L,d]
+        const at::Tensor oh = out[b].narrow(1, h * d, d);    // [N,d]
+        for (int64_t i = 0; i < N; i += rows) {
+          const int64_t n = std::min(rows, N - i);
+          at::Tensor o = oh.narrow(0, i, n);
+          block(qh.narrow(0, i, n), kt, vh, o);
+        }
+      }
+    }
+  };
   if (q.is_cpu()) {
     // On the CPU in float32 whatever the input dtype (LibTorch 1.13's bf16 softmax and
     // conversions are slow; q, k, v and the output are small next to the scores), with the
@@ -305,44 +323,23 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
     const at::Tensor qf = q.to(at::kFloat) * scale, kf = k.to(at::kFloat), vf = v.to(at::kFloat);
     at::Tensor out = at::empty({B, N, inner}, qf.options());  // [B,N,h*d]
     at::Tensor sums = at::empty({std::min(rows, N)}, qf.options());
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t h = 0; h < heads; ++h) {
-        const at::Tensor qh = qf[b].narrow(1, h * d, d);     // [N,d], row stride h*d
-        const at::Tensor kt = kf[b].narrow(1, h * d, d).t();  // [d,L]
-        const at::Tensor vh = vf[b].narrow(1, h * d, d);     // [L,d]
-        at::Tensor oh = out[b].narrow(1, h * d, d);          // [N,d]
-        for (int64_t i = 0; i < N; i += rows) {
-          const int64_t n = std::min(rows, N - i);
-          at::Tensor scores = at::mm(qh.narrow(0, i, n), kt);  // [n,L], already scaled
-          at::Tensor row_sums = sums.narrow(0, 0, n);           // [n]
-          cpu::exp_rows(scores, row_sums);                       // exp(s - max), its row sums
-          at::Tensor o = oh.narrow(0, i, n);
-          at::mm_out(o, scores, vh);      // [n,d]
-          o.div_(row_sums.unsqueeze(1));  // the softmax's division
-        }
-      }
-    }
+    for_each_block(qf, kf, vf, out, [&](const at::Tensor& qb, const at::Tensor& kt, const at::Tensor& vh, at::Tensor& o) {
+      at::Tensor scores = at::mm(qb, kt);                    // [n,L], already scaled
+      at::Tensor row_sums = sums.narrow(0, 0, qb.size(0));  // [n]
+      cpu::exp_rows(scores, row_sums);                       // exp(s - max), its row sums
+      at::mm_out(o, scores, vh);                             // [n,d]
+      o.div_(row_sums.unsqueeze(1));                         // the softmax's division
+    });
     return dtype == at::kFloat ? out : out.to(dtype);
   }
   const at::Tensor qf = (upcast_attention ? q.to(at::kFloat) : q) * scale;
   const at::Tensor kf = upcast_attention ? k.to(at::kFloat) : k;
   at::Tensor out = at::empty({B, N, inner}, v.options());  // [B,N,h*d]
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t h = 0; h < heads; ++h) {
-      const at::Tensor qh = qf[b].narrow(1, h * d, d);     // [N,d], row stride h*d
-      const at::Tensor kt = kf[b].narrow(1, h * d, d).t();  // [d,L]
-      const at::Tensor vh = v[b].narrow(1, h * d, d);      // [L,d]
-      at::Tensor oh = out[b].narrow(1, h * d, d);          // [N,d]
-      for (int64_t i = 0; i < N; i += rows) {
-        const int64_t n = std::min(rows, N - i);
-        at::Tensor scores = at::mm(qh.narrow(0, i, n), kt);  // [n,L], already scaled
-        if (upcast_softmax) scores = scores.to(at::kFloat);
-        at::Tensor probs = scores.softmax(-1).to(dtype);  // [n,L]
-        at::Tensor o = oh.narrow(0, i, n);
-        at::mm_out(o, probs, vh);  // [n,d]
-      }
-    }
-  }
+  for_each_block(qf, kf, v, out, [&](const at::Tensor& qb, const at::Tensor& kt, const at::Tensor& vh, at::Tensor& o) {
+    at::Tensor scores = at::mm(qb, kt);  // [n,L], already scaled
+    if (upcast_softmax) scores = scores.to(at::kFloat);
+    at::mm_out(o, scores.softmax(-1).to(dtype), vh);  // [n,d]
+  });
   return out;
 }
 
