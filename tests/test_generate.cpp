@@ -57,11 +57,9 @@ std::vector<uint8_t> pixels(const std::string& png) {
   return out;
 }
 
-// LibTorch's CPU kernels are not batch-invariant: the same image computed in a
-// batch of 4 differs from the batch of 1 by ~1e-6 in the latents, which can flip
-// the rounding of a pixel by one level. What is guaranteed (and tested): the
-// same noise and settings per seed, every pixel within one level, and identical
-// bytes whenever the batch composition is the same (shards, resume, regeneration).
+// A batched convolution can round differently from the same image alone (LibTorch
+// picks its algorithm by shape), so when generating every convolution runs one image
+// at a time (leaf::Conv2d): an image's bytes do not depend on the batch it was in.
 TEST(Generate, SameSeedGivesIdenticalBytesWithBatchSize1And4) {
   FAIRDIFF_REQUIRE_FIXTURES(fixtures);
   test::TempDir tmp;
