@@ -757,7 +757,26 @@ int run(const Options& o) {
   report["text_encode_s"] = median(te);
   row("text encode (CFG pair per image)", "-", median(te),
       "batch " + std::to_string(2 * o.batch) + " x 77 tokens, median of 3");
-  report["text_encode_profile"] = profile_rows("text encoder", te_profile, te[0] + te[1] + te[2], 3, peak);
+  {
+    // The text encoder is built from torch::nn layers (not profiled op by op): its FLOPs
+    // from the weights' shapes instead, 2 per weight per token of every linear layer plus
+    // the attention products (4 L^2 d per head), for the [2B, 77] tokens of one call.
+    const double tokens = 2.0 * static_cast<double>(o.batch) * 77;
+    double linear_weights = 0;
+    for (const auto& p : model.text_encoder->named_parameters())
+      if (p.value().dim() == 2 && p.key().find("embedding") == std::string::npos)
+        linear_weights += static_cast<double>(p.value().numel());
+    const auto& tc = model.text_encoder->config();
+    const double flops =
+        2 * tokens * linear_weights + 4.0 * tokens * 77 * static_cast<double>(tc.hidden_size * tc.num_hidden_layers);
+    const double s = median(te);
+    report["text_encode_gflop"] = flops / 1e9;
+    report["text_encode_gflops"] = flops / s / 1e9;
+    std::printf("  text encoder: %.1f GFLOP a call (from the weights' shapes), %.1f GFLOP/s, %.1f%% of peak\n",
+                flops / 1e9, flops / s / 1e9, peak > 0 ? 100 * flops / s / 1e9 / peak : 0.0);
+    if (te_profile[fairdiff::profile::kLinear].calls > 0)
+      report["text_encode_profile"] = profile_rows("text encoder", te_profile, te[0] + te[1] + te[2], 3, peak);
+  }
 
   // Per size: UNet steps, the fairness variant, the VAE.
   report["sizes"] = nlohmann::json::array();
