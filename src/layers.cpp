@@ -67,10 +67,10 @@ constexpr int64_t kBandBytes = int64_t(4) << 20;
 // 256 MiB output); band by band that copy is a band's. Each band reads its input rows
 // plus the kernel's halo, zero-padded only at the image's top and bottom edge: every
 // output pixel is the same dot product as in one call (measured: identical bits).
-void conv2d_banded(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t stride,
-                   int64_t padding, at::Tensor& out) {
-  // x [1,C_in,H,W] -> out [1,C_out,H',W']
-  const int64_t H = x.size(2), k = weight.size(2), Ho = out.size(2);
+template <typename Conv>
+void conv2d_banded(const at::Tensor& x, const Conv& conv, int64_t stride, int64_t padding, int64_t k, at::Tensor& out) {
+  // x [1,C_in,H,W] -> out [1,C_out,H',W']; conv(rows, pads) convolves with the layer's weight
+  const int64_t H = x.size(2), Ho = out.size(2);
   const int64_t row_bytes = std::max(x.size(1) * x.size(3) * stride, out.size(1) * out.size(3)) * x.element_size();
   const int64_t band = std::max<int64_t>(1, kBandBytes / row_bytes);
   for (int64_t o0 = 0; o0 < Ho; o0 += band) {
@@ -79,12 +79,40 @@ void conv2d_banded(const at::Tensor& x, const at::Tensor& weight, const at::Tens
     const int64_t top = std::max<int64_t>(0, -i0), bottom = std::max<int64_t>(0, i1 - H);
     at::Tensor rows = x.slice(2, std::max<int64_t>(0, i0), std::min(H, i1));  // [1,C_in,rows,W]
     if (top > 0 || bottom > 0) rows = at::constant_pad_nd(rows, {0, 0, top, bottom});
-    const std::array<int64_t, 2> strides{stride, stride}, pads{0, padding};
-    out.slice(2, o0, o1).copy_(at::conv2d(rows, weight, bias, strides, pads));  // [1,C_out,o1-o0,W']
+    const std::array<int64_t, 2> pads{0, padding};
+    out.slice(2, o0, o1).copy_(conv(rows, pads));  // [1,C_out,o1-o0,W']
   }
 }
 
 }  // namespace
+
+bool Conv2dImpl::prepack() {
+  if (packed_.defined()) return true;
+  if (!weight_.is_cpu() || !at::hasMKLDNN() ||
+      (weight_.scalar_type() != at::kFloat && weight_.scalar_type() != at::kBFloat16))
+    return false;
+  const std::array<int64_t, 2> stride{stride_, stride_}, padding{padding_, padding_}, dilation{1, 1};
+  packed_ = at::mkldnn_reorder_conv2d_weight(weight_.contiguous().to_mkldnn(), padding, stride, dilation, 1);
+  return true;
+}
+
+void Conv2dImpl::release_weight() {
+  // One element standing for all: the parameter keeps its name, shape and dtype.
+  at::NoGradGuard no_grad;
+  weight_.set_data(at::zeros({1}, weight_.options()).expand(weight_.sizes()));
+}
+
+int64_t prepack_convolutions(torch::nn::Module& module, const std::function<void(const at::Tensor&)>& on_released) {
+  int64_t n = 0;
+  for (const auto& child : module.modules(/*include_self=*/true)) {
+    auto* conv = dynamic_cast<leaf::Conv2dImpl*>(child.get());
+    if (!conv || !conv->prepack()) continue;
+    if (on_released) on_released(conv->weight());
+    conv->release_weight();
+    ++n;
+  }
+  return n;
+}
 
 at::Tensor Conv2dImpl::forward(const at::Tensor& x) const {
   // x [B,C_in,H,W] -> [B,C_out,H',W']
@@ -94,10 +122,18 @@ at::Tensor Conv2dImpl::forward(const at::Tensor& x) const {
   profile::Scope scope(profile::kConv2d, 2.0 * static_cast<double>(B * Ho * Wo) *
                                              static_cast<double>(weight_.numel()));  // weight_ = C_out C_in k k
   const std::array<int64_t, 2> stride{stride_, stride_}, padding{padding_, padding_};
-  if (!c10::InferenceMode::is_enabled()) return at::conv2d(x, weight_, bias_, stride, padding);
+  TORCH_CHECK(!packed_.defined() || (x.is_cpu() && x.scalar_type() == weight_.scalar_type()),
+              "Conv2d: the prepacked weight runs ", weight_.scalar_type(), " on the CPU only, got ", x.scalar_type(),
+              " on ", x.device());
+  if (!c10::InferenceMode::is_enabled() && !packed_.defined()) return at::conv2d(x, weight_, bias_, stride, padding);
   const int64_t image_bytes = std::max(x[0].numel(), weight_.size(0) * Ho * Wo) * x.element_size();
   const bool banded = image_bytes > kBandAbove && x.is_cpu();
-  if (B == 1 && !banded) return at::conv2d(x, weight_, bias_, stride, padding);
+  // One image (or band) through oneDNN with the prepacked weight, else at::conv2d.
+  auto conv = [&](const at::Tensor& input, at::IntArrayRef pads) {
+    if (packed_.defined()) return at::mkldnn_convolution(input, packed_, bias_, pads, stride, {1, 1}, 1);
+    return at::conv2d(input, weight_, bias_, stride, pads);
+  };
+  if (B == 1 && !banded) return conv(x, padding);
   // When generating, one image at a time: LibTorch picks a convolution algorithm by shape,
   // and on small feature maps (8x8, 16x16) a batched call rounds differently from the same
   // image alone (measured here: up to 5e-6), which can flip a pixel level. Per image, an
@@ -107,9 +143,9 @@ at::Tensor Conv2dImpl::forward(const at::Tensor& x) const {
   for (int64_t b = 0; b < B; ++b) {
     at::Tensor ob = out.slice(0, b, b + 1);
     if (banded)
-      conv2d_banded(x.slice(0, b, b + 1), weight_, bias_, stride_, padding_, ob);
+      conv2d_banded(x.slice(0, b, b + 1), conv, stride_, padding_, weight_.size(2), ob);
     else
-      ob.copy_(at::conv2d(x.slice(0, b, b + 1), weight_, bias_, stride, padding));
+      ob.copy_(conv(x.slice(0, b, b + 1), padding));
   }
   return out;  // [B,C_out,H',W']
 }

@@ -31,6 +31,10 @@ struct LoadOptions {
   // leave this process's memory (StableDiffusionModel::use): only the running network's
   // weights count in the resident set. false keeps every component resident.
   bool page_out_idle = true;
+  // CPU inference: every convolution's weight is reordered once into oneDNN's layout
+  // (leaf::Conv2d::prepack) and the dense copy let go (its pages of the file dropped).
+  // Such a model runs on the CPU only; false keeps plain weights (tests that inspect them).
+  bool prepack_convolutions = true;
 };
 
 struct ModelIndex {
@@ -76,6 +80,10 @@ struct StableDiffusionModel {
 };
 
 StableDiffusionModel load_model_folder(const std::string& model_dir, const LoadOptions& options);
+
+// LoadOptions::prepack_convolutions for a loaded model: prepacks the three networks'
+// convolutions and forgets their dense weights' mapped pages. Returns the number prepacked.
+int64_t prepack_model(StableDiffusionModel& model);
 
 // Number of scalar parameters of a module (for reports).
 int64_t parameter_count(torch::nn::Module& module);

@@ -2,6 +2,7 @@
 
 #include <torch/nn/module.h>
 
+#include <algorithm>
 #include <set>
 
 #include "fairdiff/error.h"
@@ -108,7 +109,10 @@ std::vector<const TensorView*> fill_state_dict(std::vector<std::pair<std::string
     if (owner) {
       at::Tensor src = tensor_view(view, owner);
       if (can_alias(src, to_dtype, to_device)) {
-        file.prefault(view);
+        // Convolution weights (4-D) are not prefaulted: on the CPU they are read once, to
+        // be prepacked (leaf::Conv2d::prepack), and their pages dropped; elsewhere their
+        // first use faults them in (64 KiB at a time).
+        if (view.shape.size() != 4) file.prefault(view);
         target.set_data(src);
         aliased.push_back(&view);
         continue;
@@ -149,6 +153,14 @@ void MappedWeights::page_in() {
   if (resident_) return;
   for (const TensorView* v : views_) file_->prefault(*v);
   resident_ = true;
+}
+
+bool MappedWeights::forget(const void* data) {
+  auto it = std::find_if(views_.begin(), views_.end(), [&](const TensorView* v) { return v->data == data; });
+  if (it == views_.end()) return false;
+  file_->discard(**it);
+  views_.erase(it);
+  return true;
 }
 
 size_t MappedWeights::bytes() const {

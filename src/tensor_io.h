@@ -65,6 +65,9 @@ class MappedWeights {
   MappedWeights(std::shared_ptr<const SafeTensors> file, std::vector<const TensorView*> views);
   void page_out();
   void page_in();
+  // The tensor stored at `data` is no longer used (its layer keeps another copy): its
+  // pages are dropped and never mapped in again. False when no view starts there.
+  bool forget(const void* data);
   bool resident() const { return resident_; }
   size_t bytes() const;  // of the aliased tensors
   bool empty() const { return views_.empty(); }

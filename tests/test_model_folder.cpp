@@ -165,7 +165,9 @@ TEST(ModelFolder, HalfCheckpointLoadsIntoRequestedDtype) {
 TEST(ModelFolder, WeightsAliasTheFileAndPagingChangesNothing) {
   FAIRDIFF_REQUIRE_FIXTURES(fixtures);
   c10::InferenceMode guard;
-  StableDiffusionModel m = load_model_folder(fixtures + "/models/tiny-sd1", LoadOptions{});
+  LoadOptions plain;
+  plain.prepack_convolutions = false;  // every weight a view of the file
+  StableDiffusionModel m = load_model_folder(fixtures + "/models/tiny-sd1", plain);
   ASSERT_EQ(m.mapped.size(), 3u);
   for (const auto& [name, weights] : m.mapped) EXPECT_FALSE(weights.empty()) << name;
   const SafeTensors* file = m.mapped.at("unet").file();
@@ -196,9 +198,46 @@ TEST(ModelFolder, WeightsAliasTheFileAndPagingChangesNothing) {
 
   LoadOptions resident;
   resident.page_out_idle = false;
+  resident.prepack_convolutions = false;
   StableDiffusionModel r = load_model_folder(fixtures + "/models/tiny-sd1", resident);
   r.use("unet");
   for (const auto& [name, weights] : r.mapped) EXPECT_TRUE(weights.resident()) << name;
+}
+
+// CPU inference prepacks every convolution: the dense conv weights released (their pages of
+// the file forgotten), the numbers those of at::conv2d to float rounding (on these tiny
+// shapes at::conv2d does not always pick oneDNN; on SD's it does, and the bits agree; the
+// golden parity runs the prepacked path).
+TEST(ModelFolder, PrepackedConvolutionsGiveTheSameNumbers) {
+  FAIRDIFF_REQUIRE_FIXTURES(fixtures);
+  c10::InferenceMode guard;
+  LoadOptions plain;
+  plain.prepack_convolutions = false;
+  StableDiffusionModel a = load_model_folder(fixtures + "/models/tiny-sd1", plain);
+  StableDiffusionModel b = load_model_folder(fixtures + "/models/tiny-sd1", LoadOptions{});
+  int64_t packed = 0;
+  for (const auto& child : b.unet->modules()) {
+    const auto* conv = dynamic_cast<const leaf::Conv2dImpl*>(child.get());
+    if (!conv) continue;
+    EXPECT_TRUE(conv->prepacked());
+    EXPECT_EQ(conv->weight().storage().nbytes(), sizeof(float)) << "dense weight kept";
+    ++packed;
+  }
+  EXPECT_GT(packed, 10);
+  EXPECT_LT(b.mapped.at("unet").bytes(), a.mapped.at("unet").bytes());
+  EXPECT_EQ(parameter_count(*b.unet), parameter_count(*a.unet));  // names and shapes kept
+  at::manual_seed(1);
+  const at::Tensor x = at::randn({3, 4, 8, 8}), context = at::randn({3, 77, 32});
+  const at::Tensor t = at::scalar_tensor(250.0);
+  auto expect_close = [](const at::Tensor& got, const at::Tensor& want, const char* what) {
+    const double err = (got - want).abs().max().item<double>(), top = want.abs().max().item<double>();
+    EXPECT_LE(err, 1e-5 * top) << what << ": max |error| " << err << " of " << top;
+  };
+  expect_close(b.unet->forward(x, t, context), a.unet->forward(x, t, context), "unet");
+  const at::Tensor z = at::randn({2, 4, 8, 8});
+  expect_close(b.vae->decode(z), a.vae->decode(z), "vae decode");
+  const at::Tensor image = at::rand({1, 3, 16, 16}) * 2 - 1;
+  expect_close(b.vae->encode(image).mean, a.vae->encode(image).mean, "vae encode (stride-2 convolutions)");
 }
 
 TEST(ModelFolder, PickleWeightsAreRefused) {

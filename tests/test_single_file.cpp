@@ -407,8 +407,10 @@ TEST(SingleFileTiny, LoadsTheWeightsOfTinySd1) {
   FAIRDIFF_REQUIRE_FIXTURES(fixtures);
   c10::InferenceMode guard;
   const Tiny tiny{fixtures};
-  const StableDiffusionModel ref = load_model_folder(tiny.folder(), LoadOptions{});
-  const StableDiffusionModel m = load_single_file(tiny.checkpoint(), tiny.tokenizer(), LoadOptions{});
+  LoadOptions plain;  // dense weights kept (prepacked convolutions release theirs)
+  plain.prepack_convolutions = false;
+  const StableDiffusionModel ref = load_model_folder(tiny.folder(), plain);
+  const StableDiffusionModel m = load_single_file(tiny.checkpoint(), tiny.tokenizer(), plain);
   EXPECT_EQ(m.index.class_name, "StableDiffusionPipeline");
   EXPECT_EQ(m.scheduler_config.value("_class_name", ""), "PNDMScheduler");
   EXPECT_EQ(m.tokenizer->tokenize("a photo of a cat").input_ids, ref.tokenizer->tokenize("a photo of a cat").input_ids);
@@ -496,11 +498,13 @@ TEST(SingleFileTiny, OpenClipLayoutLoadsFusedProjections) {
   test::TempDir tmp;
   write_safetensors(tmp / "openclip.safetensors", out);
 
-  const StableDiffusionModel m = load_single_file(tmp / "openclip.safetensors", tiny.tokenizer(), LoadOptions{});
+  LoadOptions plain;  // dense weights kept (prepacked convolutions release theirs)
+  plain.prepack_convolutions = false;
+  const StableDiffusionModel m = load_single_file(tmp / "openclip.safetensors", tiny.tokenizer(), plain);
   EXPECT_EQ(m.text_encoder->config().num_hidden_layers, blocks);
   EXPECT_EQ(m.text_encoder->config().hidden_act, "gelu");
   EXPECT_EQ(m.scheduler_config.value("prediction_type", ""), "v_prediction");
-  const StableDiffusionModel ref = load_model_folder(tiny.folder(), LoadOptions{});
+  const StableDiffusionModel ref = load_model_folder(tiny.folder(), plain);
   expect_same_parameters(*m.text_encoder, *ref.text_encoder, "text_encoder (OpenCLIP layout)", false);
 }
 

@@ -422,6 +422,7 @@ StableDiffusionModel random_sd15(const std::string& fixtures, const fairdiff::Lo
   fill_random(*m.vae, gen);
   sync(m.unet->parameters().front());
   *init_s = seconds_since(t1);
+  if (lo.prepack_convolutions && lo.device.is_cpu()) fairdiff::prepack_model(m);  // as loading does
   return m;
 }
 
@@ -653,7 +654,9 @@ int run(const Options& o) {
       fairdiff::throw_bad_input("--save-random-model", "the random model is written in float32 from the CPU",
                                 "drop --dtype and --device");
     double build_s = 0, init_s = 0;
-    StableDiffusionModel m = random_sd15(fixtures_root(o), lo, &build_s, &init_s);
+    fairdiff::LoadOptions dense = lo;
+    dense.prepack_convolutions = false;  // the weights are written out
+    StableDiffusionModel m = random_sd15(fixtures_root(o), dense, &build_s, &init_s);
     const auto t0 = Clock::now();
     save_random_model(m, fixtures_root(o), o.save_random_model);
     std::printf("wrote %s (random SD 1.5, float32) in %.1f s\n", o.save_random_model.c_str(), seconds_since(t0));
