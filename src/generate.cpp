@@ -38,6 +38,7 @@ bool is_single_file(const std::string& model) { return !is_directory(model); }
 LoadOptions resolve_runtime(const GenerateOptions& o) {
   LoadOptions lo;
   lo.dtype = o.dtype == "fp16" ? at::kHalf : o.dtype == "bf16" ? at::kBFloat16 : at::kFloat;
+  lo.prepack_convolutions = o.prepack_weights;
   if (o.device == "auto") {
     lo.device = at::hasCUDA() ? at::Device(at::kCUDA) : at::Device(at::kCPU);
   } else {

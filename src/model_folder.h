@@ -32,9 +32,12 @@ struct LoadOptions {
   // weights count in the resident set. false keeps every component resident.
   bool page_out_idle = true;
   // CPU inference: every convolution's weight is reordered once into oneDNN's layout
-  // (leaf::Conv2d::prepack) and the dense copy let go (its pages of the file dropped).
-  // Such a model runs on the CPU only; false keeps plain weights (tests that inspect them).
-  bool prepack_convolutions = true;
+  // (leaf::Conv2d::prepack) and the dense copy let go (its pages of the file dropped);
+  // such a model runs on the CPU only. Measured on SD 1.5 (README "Performance"): UNet
+  // steps 4-13% faster at 512x512, more at 256x256; load 2.5-3.5 s longer (the reorder);
+  // and the conv weights (2.3 GiB) become anonymous memory, which cannot leave the
+  // process while the VAE runs. Opt-in (generate --prepack-weights): worth it for long runs.
+  bool prepack_convolutions = false;
 };
 
 struct ModelIndex {

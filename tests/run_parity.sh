@@ -7,4 +7,6 @@ if [ ! -d "$fixtures" ]; then
   echo "SKIP: golden fixtures not found at $fixtures (set FAIRDIFF_FIXTURES)"
   exit 77
 fi
-exec "$parity" "$fixtures"
+# Both convolution paths: plain weights (the default) and prepacked (--prepack-weights).
+"$parity" "$fixtures" || exit 1
+exec "$parity" "$fixtures" --prepack-weights

@@ -105,6 +105,28 @@ TEST(Generate, VaeTilingIsRecordedAndDecodesInTiles) {
   EXPECT_NE(pa, pb);
 }
 
+// --prepack-weights: the same images to float rounding (tiny shapes take another oneDNN path).
+TEST(Generate, PrepackedWeightsGiveTheSameImages) {
+  FAIRDIFF_REQUIRE_FIXTURES(fixtures);
+  test::TempDir tmp;
+  GenerateOptions plain = tiny(fixtures, tmp / "plain");
+  plain.images_per_prompt = 2;
+  GenerateOptions packed = plain;
+  packed.out_dir = tmp / "packed";
+  packed.prepack_weights = true;
+  generate(plain);
+  generate(packed);
+  const auto a = pngs(tmp / "plain"), b = pngs(tmp / "packed");
+  ASSERT_EQ(a.size(), 2u);
+  for (const auto& [name, png] : a) {
+    const auto pa = pixels(png), pb = pixels(b.at(name));
+    ASSERT_EQ(pa.size(), pb.size());
+    int worst = 0;
+    for (size_t i = 0; i < pa.size(); ++i) worst = std::max(worst, std::abs(int(pa[i]) - int(pb[i])));
+    EXPECT_LE(worst, 1) << name << ": a pixel value differs by " << worst << " levels";
+  }
+}
+
 TEST(Generate, ShardsUnionEqualsTheFullRun) {
   FAIRDIFF_REQUIRE_FIXTURES(fixtures);
   test::TempDir tmp;

@@ -204,8 +204,8 @@ TEST(ModelFolder, WeightsAliasTheFileAndPagingChangesNothing) {
   for (const auto& [name, weights] : r.mapped) EXPECT_TRUE(weights.resident()) << name;
 }
 
-// CPU inference prepacks every convolution: the dense conv weights released (their pages of
-// the file forgotten), the numbers those of at::conv2d to float rounding (on these tiny
+// With prepack_convolutions every convolution is prepacked: the dense conv weights
+// released (their pages of the file forgotten), the numbers those of at::conv2d to float rounding (on these tiny
 // shapes at::conv2d does not always pick oneDNN; on SD's it does, and the bits agree; the
 // golden parity runs the prepacked path).
 TEST(ModelFolder, PrepackedConvolutionsGiveTheSameNumbers) {
@@ -213,8 +213,10 @@ TEST(ModelFolder, PrepackedConvolutionsGiveTheSameNumbers) {
   c10::InferenceMode guard;
   LoadOptions plain;
   plain.prepack_convolutions = false;
+  LoadOptions prepack = plain;
+  prepack.prepack_convolutions = true;
   StableDiffusionModel a = load_model_folder(fixtures + "/models/tiny-sd1", plain);
-  StableDiffusionModel b = load_model_folder(fixtures + "/models/tiny-sd1", LoadOptions{});
+  StableDiffusionModel b = load_model_folder(fixtures + "/models/tiny-sd1", prepack);
   int64_t packed = 0;
   for (const auto& child : b.unet->modules()) {
     const auto* conv = dynamic_cast<const leaf::Conv2dImpl*>(child.get());

@@ -175,6 +175,13 @@ TEST(Conv2d, BandsOfRowsGiveTheNumbersOfOneCall) {
     ASSERT_EQ(banded.sizes(), whole.sizes());
     const double err = (banded - whole).abs().max().item<double>(), top = whole.abs().max().item<double>();
     EXPECT_LE(err, 1e-6 * top) << "kernel " << c.kernel << " stride " << c.stride << ": max error " << err;
+    // ... and with the weight prepacked (bands are row slices: strided inputs to oneDNN)
+    ASSERT_TRUE(conv->prepack());
+    conv->release_weight();
+    const at::Tensor packed = conv(x);
+    const double packed_err = (packed - whole).abs().max().item<double>();
+    EXPECT_LE(packed_err, 1e-6 * top) << "prepacked, kernel " << c.kernel << " stride " << c.stride << ": max error "
+                                      << packed_err;
   }
 }
 

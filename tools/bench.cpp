@@ -339,6 +339,7 @@ struct Options {
   std::string scheduler;  // "" = the model's
   bool skip_vae = false;
   bool vae_only = false;
+  bool prepack = false;  // LoadOptions::prepack_convolutions
   int64_t vae_tile = 0;  // 0 off, -1 the VAE's sample_size, else pixels
   std::string save_random_model;  // write the random SD 1.5 there and exit
 };
@@ -648,6 +649,7 @@ int run(const Options& o) {
   fairdiff::LoadOptions lo;
   lo.dtype = dtype;
   lo.device = device;
+  lo.prepack_convolutions = o.prepack;
 
   if (!o.save_random_model.empty()) {
     if (dtype != at::kFloat || !device.is_cpu())
@@ -671,6 +673,7 @@ int run(const Options& o) {
                            {"thread_setting", o.libtorch_threads ? "libtorch default" : "configure_threads"},
                            {"malloc", malloc_setting},
                            {"batch", o.batch},
+                           {"prepack_weights", o.prepack},
                            {"load_average_at_start", load_average()}};
 
   std::printf("fairdiff-bench: %s, %s, %s%s, malloc %s; load average %.2f at start\n", device.str().c_str(),
@@ -697,6 +700,7 @@ int run(const Options& o) {
   std::printf("%-36s %-9s %9s  %s\n", "measurement", "size", "seconds", "notes");
 
   // Models.
+  fairdiff::release_free_memory();  // the probes' tensors are not the pipeline's
   PeakTracker peaks;
   peaks.end_phase();  // the phases below start here
   StableDiffusionModel model;
@@ -897,6 +901,7 @@ int main(int argc, char** argv) {
   app.add_option("--scheduler", o.scheduler, "scheduler override (pndm, ddim, euler, ...; default: the model's)");
   app.add_flag("--system-malloc", o.system_malloc, "keep glibc's malloc defaults (for comparison)");
   app.add_flag("--skip-vae", o.skip_vae, "do not time the VAE decode");
+  app.add_flag("--prepack-weights", o.prepack, "reorder convolution weights into oneDNN's layout at load (as generate --prepack-weights)");
   app.add_flag("--vae-only", o.vae_only, "time only the VAE decode (of noise latents), e.g. with --vae-tiling at 1024");
   app.add_flag("--vae-tiling{-1}", o.vae_tile, "decode in tiles (the VAE's sample_size, or --vae-tiling=PX)");
   app.add_option("--save-random-model", o.save_random_model,

@@ -96,6 +96,9 @@ void add_generate_flags(CLI::App* cmd, fairdiff::GenerateOptions& o) {
   cmd->add_option("--shard-index", o.shard_index, "this shard (0-based); default from SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX or RANK");
   cmd->add_option("--num-shards", o.num_shards, "number of shards; default from SLURM_ARRAY_TASK_COUNT, FAIRDIFF_NUM_SHARDS or WORLD_SIZE");
   cmd->add_option("--threads", o.threads, "CPU threads (0 = all cores)");
+  cmd->add_flag("--prepack-weights", o.prepack_weights,
+                "CPU: reorder convolution weights once into oneDNN's layout at load (faster steps, a few "
+                "seconds more to load)");
   cmd->add_flag("--vae-tiling{-1}", o.vae_tile,
                 "decode in overlapping tiles (diffusers' enable_tiling) for images larger than the VAE's "
                 "sample_size; --vae-tiling=PX sets the tile in pixels");

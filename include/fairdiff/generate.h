@@ -44,9 +44,13 @@ struct GenerateOptions {
   int threads = 0;                // CPU threads, 0 = all cores
   // VAE decode in overlapping tiles (diffusers' enable_tiling): for images larger than the
   // tile, the decoder's memory is one tile's. 0 = off; -1 = the VAE's sample_size (512 for
-  // SD 1.5); else the tile in image pixels, a multiple of 8 x 8 = 64 would do but any
-  // multiple of the VAE's scale factor of at least 4 latent pixels is accepted.
+  // SD 1.5); else the tile in image pixels: a multiple of 8 (of the VAE's scale factor) of
+  // at least 32.
   int64_t vae_tile = 0;
+  // CPU: reorder every convolution weight once into oneDNN's layout at load (faster steps,
+  // slower load; see LoadOptions::prepack_convolutions). Changes no output byte's meaning:
+  // the numbers agree to float rounding.
+  bool prepack_weights = false;
   // Fair Diffusion: each image is assigned an identity group per attribute and steered
   // toward it with semantic guidance. "gender=50:50", "gender=female:30,male:70".
   std::vector<std::string> fairness;  // --fairness, repeatable (one per attribute)

@@ -25,6 +25,7 @@ struct RunOptions {
   at::ScalarType dtype = at::kFloat;  // model dtype; tolerances scale for half precision
   bool strict_ftfy = false;
   bool verbose = false;
+  bool prepack = false;  // convolutions prepacked (LoadOptions::prepack_convolutions) in every network
 };
 
 struct OutputResult {

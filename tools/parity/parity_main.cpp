@@ -272,6 +272,7 @@ int main(int argc, char** argv) {
   app.add_option("--dtype", dtype, "model dtype: fp32, fp16 or bf16");
   app.add_flag("--strict-ftfy", options.strict_ftfy, "count ftfy tokenizer mismatches as failures");
   app.add_flag("-v,--verbose", options.verbose, "print every output of every case");
+  app.add_flag("--prepack-weights", options.prepack, "prepack every convolution (generate --prepack-weights)");
   CLI11_PARSE(app, argc, argv);
   try {
     options.device = at::Device(device);

@@ -71,8 +71,11 @@ StableDiffusionModel& model_for(const ParityCase& c) {
   static std::map<std::string, StableDiffusionModel> cache;
   const std::string dir = c.model_dir();
   auto it = cache.find(dir);
-  if (it == cache.end())
-    it = cache.emplace(dir, load_model_folder(dir, LoadOptions{c.options().dtype, c.options().device})).first;
+  if (it == cache.end()) {
+    LoadOptions lo{c.options().dtype, c.options().device};
+    lo.prepack_convolutions = c.options().prepack;
+    it = cache.emplace(dir, load_model_folder(dir, lo)).first;
+  }
   return it->second;
 }
 

@@ -23,8 +23,10 @@ UNet2DConditionModel& unet_for(const ParityCase& c) {
   static std::map<std::string, UNet2DConditionModel> cache;
   const std::string key = cache_key(c, "unet");
   auto it = cache.find(key);
-  if (it == cache.end())
+  if (it == cache.end()) {
     it = cache.emplace(key, load_unet(c.model_dir() + "/unet", {c.options().dtype, c.options().device})).first;
+    if (c.options().prepack) leaf::prepack_convolutions(*it->second, nullptr);
+  }
   return it->second;
 }
 
@@ -32,8 +34,10 @@ AutoencoderKL& vae_for(const ParityCase& c) {
   static std::map<std::string, AutoencoderKL> cache;
   const std::string key = cache_key(c, "vae");
   auto it = cache.find(key);
-  if (it == cache.end())
+  if (it == cache.end()) {
     it = cache.emplace(key, load_vae(c.model_dir() + "/vae", {c.options().dtype, c.options().device})).first;
+    if (c.options().prepack) leaf::prepack_convolutions(*it->second, nullptr);
+  }
   return it->second;
 }
 
