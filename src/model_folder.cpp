@@ -116,7 +116,10 @@ StableDiffusionModel load_model_folder(const std::string& model_dir, const LoadO
   m.unet = load_unet(model_dir + "/unet", options, &m.mapped["unet"]);
   m.vae = load_vae(model_dir + "/vae", options, &m.mapped["vae"]);
   m.page_out_idle = options.page_out_idle;
-  if (options.prepack_convolutions && options.device.is_cpu()) prepack_model(m);
+  if (options.prepack_convolutions && options.device.is_cpu())
+    prepack_model(m);
+  else
+    for (auto& [name, weights] : m.mapped) weights.prefault_all();  // ready to run
   return m;
 }
 

@@ -34,7 +34,7 @@ struct LoadOptions {
   // CPU inference: every convolution's weight is reordered once into oneDNN's layout
   // (leaf::Conv2d::prepack) and the dense copy let go (its pages of the file dropped);
   // such a model runs on the CPU only. Measured on SD 1.5 (README "Performance"): UNet
-  // steps 4-13% faster at 512x512, more at 256x256; load 2.5-3.5 s longer (the reorder);
+  // steps 0-13% faster at 512x512, about 20% at 256x256; load 2.5-3.5 s longer (the reorder);
   // and the conv weights (2.3 GiB) become anonymous memory, which cannot leave the
   // process while the VAE runs. Opt-in (generate --prepack-weights): worth it for long runs.
   bool prepack_convolutions = false;

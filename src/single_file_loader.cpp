@@ -163,7 +163,10 @@ StableDiffusionModel load_single_file(const std::string& checkpoint, const std::
   m.vae = AutoencoderKL(vae_config);
   m.mapped["vae"] = fill_module(*m.vae, "vae", plan, owner, options);
   m.page_out_idle = options.page_out_idle;
-  if (options.prepack_convolutions && options.device.is_cpu()) prepack_model(m);
+  if (options.prepack_convolutions && options.device.is_cpu())
+    prepack_model(m);
+  else
+    for (auto& [name, weights] : m.mapped) weights.prefault_all();  // ready to run
   return m;
 }
 

@@ -109,9 +109,9 @@ std::vector<const TensorView*> fill_state_dict(std::vector<std::pair<std::string
     if (owner) {
       at::Tensor src = tensor_view(view, owner);
       if (can_alias(src, to_dtype, to_device)) {
-        // Convolution weights (4-D) are not prefaulted: on the CPU they are read once, to
-        // be prepacked (leaf::Conv2d::prepack), and their pages dropped; elsewhere their
-        // first use faults them in (64 KiB at a time).
+        // Convolution weights (4-D) are not prefaulted here: prepacked ones are read once
+        // and dropped (leaf::Conv2d::prepack); otherwise the loader prefaults them after
+        // (MappedWeights::prefault_all).
         if (view.shape.size() != 4) file.prefault(view);
         target.set_data(src);
         aliased.push_back(&view);
@@ -151,6 +151,10 @@ void MappedWeights::page_out() {
 
 void MappedWeights::page_in() {
   if (resident_) return;
+  prefault_all();
+}
+
+void MappedWeights::prefault_all() {
   for (const TensorView* v : views_) file_->prefault(*v);
   resident_ = true;
 }

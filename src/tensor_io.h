@@ -65,6 +65,7 @@ class MappedWeights {
   MappedWeights(std::shared_ptr<const SafeTensors> file, std::vector<const TensorView*> views);
   void page_out();
   void page_in();
+  void prefault_all();  // maps every view's pages now (page_in regardless of the state)
   // The tensor stored at `data` is no longer used (its layer keeps another copy): its
   // pages are dropped and never mapped in again. False when no view starts there.
   bool forget(const void* data);

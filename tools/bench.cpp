@@ -720,7 +720,8 @@ int run(const Options& o) {
     const double load_s = seconds_since(t0);
     report["model"] = o.model;
     report["load_s"] = load_s;
-    row("load model folder", "-", load_s, o.model + " (mapped, prefaulted: ready to run)");
+    row("load model folder", "-", load_s,
+        o.model + (o.prepack ? " (mapped; conv weights prepacked)" : " (mapped, prefaulted: ready to run)"));
   }
   if (o.vae_tile != 0) {
     const int64_t f = model.vae->config().scale_factor();
