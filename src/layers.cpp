@@ -309,7 +309,9 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
     return scores.softmax(-1).to(dtype);
   };
 
-  if (B * heads * N * L <= max_score_elements) {
+  // The path is chosen per image (not per batch), so an image's numbers never depend on
+  // the batch it is in.
+  if (heads * N * L <= max_score_elements) {
     // Small problems: batched matmuls over B*h, as the reference's classic processor does.
     at::Tensor qh = q.reshape({B, N, heads, d}).permute({0, 2, 1, 3}).reshape({B * heads, N, d});  // [Bh,N,d]
     at::Tensor kh = k.reshape({B, L, heads, d}).permute({0, 2, 1, 3}).reshape({B * heads, L, d});  // [Bh,L,d]

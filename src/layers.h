@@ -167,8 +167,8 @@ TORCH_MODULE(Attention);
 
 // Multi-head attention core on already projected tensors, shared by every attention here.
 // q [B,N,h*d], k/v [B,L,h*d] -> [B,N,h*d]; `scale` multiplies q k^T. Without a fused
-// kernel, scores above `max_score_elements` in all (2^21 floats: 8 MiB) are computed one
-// image and head at a time, in blocks of query rows of at most that many scores.
+// kernel, when one image's scores exceed `max_score_elements` (2^21 floats: 8 MiB) they are
+// computed one image and head at a time, in blocks of query rows of at most that many.
 at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t heads,
                                 double scale, bool upcast_attention, bool upcast_softmax,
                                 int64_t max_score_elements = int64_t(1) << 21);
