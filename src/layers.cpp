@@ -126,7 +126,7 @@ at::Tensor Conv2dImpl::forward(const at::Tensor& x) const {
               "Conv2d: the prepacked weight runs ", weight_.scalar_type(), " on the CPU only, got ", x.scalar_type(),
               " on ", x.device());
   if (!c10::InferenceMode::is_enabled() && !packed_.defined()) return at::conv2d(x, weight_, bias_, stride, padding);
-  const int64_t image_bytes = std::max(x[0].numel(), weight_.size(0) * Ho * Wo) * x.element_size();
+  const int64_t image_bytes = std::max(x.numel() / B, weight_.size(0) * Ho * Wo) * x.element_size();
   const bool banded = image_bytes > kBandAbove && x.is_cpu();
   // One image (or band) through oneDNN with the prepacked weight, else at::conv2d.
   auto conv = [&](const at::Tensor& input, at::IntArrayRef pads) {
@@ -299,16 +299,6 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
   }
 #endif
 
-  // softmax(scale q k^T) v of one block of scores. Not baddbmm on an uninitialised input
-  // with beta = 0 (the reference's form): LibTorch 1.13's small-matrix CPU kernel multiplies
-  // that input by beta, so stale NaNs in reused memory leak into the scores. The product
-  // then the scale is the same up to rounding.
-  auto probs_of = [&](at::Tensor scores) {
-    scores.mul_(scale);
-    if (upcast_softmax) scores = scores.to(at::kFloat);
-    return scores.softmax(-1).to(dtype);
-  };
-
   // The path is chosen per image (not per batch), so an image's numbers never depend on
   // the batch it is in.
   if (heads * N * L <= max_score_elements) {
@@ -320,8 +310,12 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
       qh = qh.to(at::kFloat);
       kh = kh.to(at::kFloat);
     }
-    at::Tensor probs = probs_of(at::bmm(qh, kh.transpose(1, 2)));  // [Bh,N,L]
-    at::Tensor out = at::bmm(probs, vh);                          // [Bh,N,d]
+    // Not baddbmm on an uninitialised input with beta = 0 (the reference's form): LibTorch
+    // 1.13's small-matrix CPU kernel multiplies that input by beta, so stale NaNs in reused
+    // memory leak into the scores. The product then the scale is the same up to rounding.
+    at::Tensor scores = at::bmm(qh, kh.transpose(1, 2)).mul_(scale);  // [Bh,N,L]
+    if (upcast_softmax) scores = scores.to(at::kFloat);
+    at::Tensor out = at::bmm(scores.softmax(-1).to(dtype), vh);  // [Bh,N,d]
     return out.view({B, heads, N, d}).permute({0, 2, 1, 3}).reshape({B, N, inner});  // [B,N,h*d]
   }
 

@@ -39,7 +39,11 @@ Holder load_component(const std::string& dir, const std::string& component, cons
   // Shared: tensors that alias the mapping keep it alive after this returns.
   const auto weights = std::make_shared<const SafeTensors>(component_weights(dir, weights_name));
   std::vector<const TensorView*> aliased = load_state_dict(*module, weights, component, options.dtype, options.device);
-  if (mapped) *mapped = MappedWeights(weights, std::move(aliased));
+  MappedWeights views(weights, std::move(aliased));
+  // Ready to run: every page mapped now, in one call per tensor. Prepacking reads the conv
+  // weights once and drops them, so then prepack_model prefaults what is left.
+  if (!(options.prepack_convolutions && options.device.is_cpu())) views.prefault_all();
+  if (mapped) *mapped = std::move(views);
   module->eval();
   return module;
 }
@@ -116,10 +120,7 @@ StableDiffusionModel load_model_folder(const std::string& model_dir, const LoadO
   m.unet = load_unet(model_dir + "/unet", options, &m.mapped["unet"]);
   m.vae = load_vae(model_dir + "/vae", options, &m.mapped["vae"]);
   m.page_out_idle = options.page_out_idle;
-  if (options.prepack_convolutions && options.device.is_cpu())
-    prepack_model(m);
-  else
-    for (auto& [name, weights] : m.mapped) weights.prefault_all();  // ready to run
+  if (options.prepack_convolutions && options.device.is_cpu()) prepack_model(m);
   return m;
 }
 
@@ -139,6 +140,7 @@ int64_t prepack_model(StableDiffusionModel& m) {
   prepack(*m.unet, "unet");
   prepack(*m.vae, "vae");
   release_free_memory();
+  for (auto& [name, weights] : m.mapped) weights.prefault_all();  // the weights that are still the file's
   return n;
 }
 

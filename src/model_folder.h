@@ -85,7 +85,8 @@ struct StableDiffusionModel {
 StableDiffusionModel load_model_folder(const std::string& model_dir, const LoadOptions& options);
 
 // LoadOptions::prepack_convolutions for a loaded model: prepacks the three networks'
-// convolutions and forgets their dense weights' mapped pages. Returns the number prepacked.
+// convolutions, forgets their dense weights' mapped pages and prefaults the mapped weights
+// that remain. Returns the number prepacked.
 int64_t prepack_model(StableDiffusionModel& model);
 
 // Number of scalar parameters of a module (for reports).

@@ -85,12 +85,11 @@ MappedWeights fill_module(torch::nn::Module& module, const std::string& componen
     const TensorView& stored = file.at(t.source);
     // Floating tensors take the requested dtype; integer buffers keep theirs.
     const at::ScalarType dtype = at::isFloatingType(target.scalar_type()) ? options.dtype : target.scalar_type();
-    // As load_state_dict: a view of the (copy-on-write) mapping where the dtype matches on
-    // the CPU, else one copy. A fused q/k/v is split into three views of its rows. The
-    // file's pages are not dropped after a copy: a fused tensor's parts are read in turn.
+    // As load_state_dict: a view of the read-only mapping where the dtype matches on the
+    // CPU, else one copy. A fused q/k/v is split into three views of its rows. The file's
+    // pages are not dropped after a copy: a fused tensor's parts are read in turn.
     const at::Tensor src = planned_view(tensor_view(stored, owner), t);
     if (can_alias(src, dtype, options.device)) {
-      file.prefault(stored);
       target.set_data(src);
       aliased.push_back(&stored);
     } else {
@@ -163,10 +162,11 @@ StableDiffusionModel load_single_file(const std::string& checkpoint, const std::
   m.vae = AutoencoderKL(vae_config);
   m.mapped["vae"] = fill_module(*m.vae, "vae", plan, owner, options);
   m.page_out_idle = options.page_out_idle;
+  // Ready to run: every mapped page now (prepack_model prefaults what it leaves).
   if (options.prepack_convolutions && options.device.is_cpu())
     prepack_model(m);
   else
-    for (auto& [name, weights] : m.mapped) weights.prefault_all();  // ready to run
+    for (auto& [name, weights] : m.mapped) weights.prefault_all();
   return m;
 }
 

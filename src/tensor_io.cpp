@@ -109,10 +109,6 @@ std::vector<const TensorView*> fill_state_dict(std::vector<std::pair<std::string
     if (owner) {
       at::Tensor src = tensor_view(view, owner);
       if (can_alias(src, to_dtype, to_device)) {
-        // Convolution weights (4-D) are not prefaulted here: prepacked ones are read once
-        // and dropped (leaf::Conv2d::prepack); otherwise the loader prefaults them after
-        // (MappedWeights::prefault_all).
-        if (view.shape.size() != 4) file.prefault(view);
         target.set_data(src);
         aliased.push_back(&view);
         continue;

@@ -45,7 +45,8 @@ void load_state_dict(torch::nn::Module& module, const SafeTensors& file, const s
                      c10::optional<at::Device> device = c10::nullopt);
 
 // The same, without a copy where it can: a CPU tensor whose dtype equals the file's
-// becomes a read-only view of the mapping, prefaulted here, and keeps `file` alive; so a
+// becomes a read-only view of the mapping and keeps `file` alive (the caller prefaults the
+// returned views, MappedWeights::prefault_all, once it knows which it keeps); so a
 // float32 model in a float32 file is in memory once, not twice. (Such weights must not be
 // changed in place: clone one first.) Tensors that are converted or moved are copied, and
 // their pages of the file dropped right after. Returns the views that were aliased.

@@ -48,8 +48,8 @@ struct GenerateOptions {
   // at least 32.
   int64_t vae_tile = 0;
   // CPU: reorder every convolution weight once into oneDNN's layout at load (faster steps,
-  // slower load; see LoadOptions::prepack_convolutions). Changes no output byte's meaning:
-  // the numbers agree to float rounding.
+  // slower load; see LoadOptions::prepack_convolutions). Images agree with a plain run to
+  // float rounding (within one level on the tiny test model), not always bit for bit.
   bool prepack_weights = false;
   // Fair Diffusion: each image is assigned an identity group per attribute and steered
   // toward it with semantic guidance. "gender=50:50", "gender=female:30,male:70".
