@@ -7,7 +7,7 @@
 #include <cmath>
 #include <fstream>
 
-#include "audit.h"
+#include "fairdiff/audit.h"
 #include "png_io.h"
 #include "test_util.h"
 #include "toy_world.h"

@@ -9,8 +9,9 @@
 
 #include "fairdiff/error.h"
 #include "fairdiff/generate.h"
-#include "fairdiff/safetensors.h"
+#include "safetensors.h"
 #include "fairness.h"
+#include "run_plan.h"
 
 namespace fs = std::filesystem;
 

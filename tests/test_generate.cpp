@@ -6,7 +6,7 @@
 #include <set>
 
 #include "fairdiff/generate.h"
-#include "generate_internal.h"
+#include "run_plan.h"
 #include "infotext.h"
 #include "png_io.h"
 #include "test_util.h"

@@ -2,7 +2,7 @@
 #include <cstring>
 #include <fstream>
 
-#include "fairdiff/safetensors.h"
+#include "safetensors.h"
 #include "test_util.h"
 
 namespace fairdiff {

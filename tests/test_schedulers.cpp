@@ -12,14 +12,14 @@
 #include <sstream>
 
 #include "config_json.h"
-#include "fairdiff/safetensors.h"
+#include "safetensors.h"
 #include "scheduler.h"
-#include "schedulers/ddim.h"
-#include "schedulers/dpm_solver_multistep.h"
-#include "schedulers/euler.h"
-#include "schedulers/euler_ancestral.h"
-#include "schedulers/lms.h"
-#include "schedulers/pndm.h"
+#include "ddim.h"
+#include "dpm_solver_multistep.h"
+#include "euler.h"
+#include "euler_ancestral.h"
+#include "lms.h"
+#include "pndm.h"
 #include "tensor_io.h"
 #include "test_util.h"
 

@@ -27,7 +27,7 @@
 #include <vector>
 
 #include "fairdiff/error.h"
-#include "fairdiff/tokenizer.h"
+#include "tokenizer.h"
 
 namespace fs = std::filesystem;
 

@@ -20,7 +20,7 @@
 #include <unistd.h>
 
 #include "fairdiff/error.h"
-#include "fairdiff/tokenizer.h"
+#include "tokenizer.h"
 
 namespace fs = std::filesystem;
 using fairdiff::TextCleaner;

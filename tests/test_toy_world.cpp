@@ -7,7 +7,7 @@
 #include <filesystem>
 #include <map>
 
-#include "fairdiff/tokenizer.h"
+#include "tokenizer.h"
 #include "toy_world.h"
 
 namespace fs = std::filesystem;

@@ -19,7 +19,7 @@
 #include <string>
 #include <vector>
 
-#include "audit.h"
+#include "fairdiff/audit.h"
 #include "fairdiff/error.h"
 #include "fairdiff/generate.h"
 

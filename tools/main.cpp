@@ -8,11 +8,11 @@
 #include <cstdio>
 #include <string>
 
-#include "audit.h"
+#include "fairdiff/audit.h"
 #include "fairdiff/error.h"
 #include "fairdiff/generate.h"
 #include "fairdiff/inspect.h"
-#include "fairdiff/safetensors.h"
+#include "safetensors.h"
 
 namespace {
 

@@ -1,4 +1,4 @@
-#include "schedulers/ddim.h"
+#include "ddim.h"
 
 #include <nlohmann/json.hpp>
 

@@ -1,4 +1,4 @@
-#include "schedulers/dpm_solver_multistep.h"
+#include "dpm_solver_multistep.h"
 
 #include <algorithm>
 #include <cmath>

@@ -1,4 +1,4 @@
-#include "schedulers/euler.h"
+#include "euler.h"
 
 #include <cmath>
 #include <nlohmann/json.hpp>

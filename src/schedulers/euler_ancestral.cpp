@@ -1,4 +1,4 @@
-#include "schedulers/euler_ancestral.h"
+#include "euler_ancestral.h"
 
 #include <nlohmann/json.hpp>
 

@@ -1,4 +1,4 @@
-#include "schedulers/lms.h"
+#include "lms.h"
 
 #include <cmath>
 #include <functional>

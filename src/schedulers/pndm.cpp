@@ -1,4 +1,4 @@
-#include "schedulers/pndm.h"
+#include "pndm.h"
 
 #include <algorithm>
 #include <nlohmann/json.hpp>

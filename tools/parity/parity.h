@@ -16,7 +16,7 @@
 #include <string>
 #include <vector>
 
-#include "fairdiff/safetensors.h"
+#include "safetensors.h"
 
 namespace fairdiff::parity {
 

@@ -4,7 +4,7 @@
 #include <map>
 #include <memory>
 
-#include "fairdiff/tokenizer.h"
+#include "tokenizer.h"
 #include "parity.h"
 
 namespace fairdiff::parity {

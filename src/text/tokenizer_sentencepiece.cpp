@@ -40,7 +40,7 @@
 #include <vector>
 
 #include "fairdiff/error.h"
-#include "fairdiff/tokenizer.h"
+#include "tokenizer.h"
 
 namespace fairdiff {
 namespace {

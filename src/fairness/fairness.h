@@ -2,8 +2,8 @@
 // Torch-free: the attribute library, the --fairness / --fairness-file parsing and the
 // assignment of groups to images are all decided in the run plan, before sharding.
 //
-//   GenerateOptions o;  o.fairness = {"gender=30:70"};
-//   FairnessSpec spec = parse_fairness(o);                 // throws Error(BadInput), one line
+//   FairnessRequest r;  r.fairness = {"gender=30:70"};
+//   FairnessSpec spec = parse_fairness(r);                 // throws Error(BadInput), one line
 //   auto g = assign_groups(spec, o.assignment, /*seed=*/42, /*prompt_index=*/0, /*n=*/100);
 //   // g[k][a]: group index of image k for attribute a; exactly 30 "female", 70 "male"
 //
@@ -26,8 +26,6 @@
 #include <optional>
 #include <string>
 #include <vector>
-
-#include "fairdiff/generate.h"
 
 namespace fairdiff {
 
@@ -71,13 +69,23 @@ struct FairnessSpec {
   bool enabled() const { return !targets.empty(); }
 };
 
-// The attribute library: `dir` (--attributes) or, when empty, the source tree's configs/attributes.
+// The attribute library: `dir` (--attributes) or, when empty, configs/attributes found by find_data
+// (data_paths.h); BadInput when there is none.
 std::string attributes_dir(const std::string& dir);
 // Reads DIR/NAME.json; BadInput when missing, malformed, without groups or with an empty edit prompt.
 Attribute load_attribute(const std::string& name, const std::string& dir);
 
+// What a run asks for: the --fairness flags and the files they name.
+struct FairnessRequest {
+  std::vector<std::string> fairness;  // --fairness values, one per attribute: "gender=30:70"
+  std::string fairness_file;          // --fairness-file
+  std::string attributes_dir;         // --attributes ("" = the attribute library found at run time)
+  std::string assignment = "quota";   // --assignment: quota | random
+  std::string mode = "exact";         // --fairness-mode: exact | fast
+};
+
 // --fairness values, --fairness-file and --assignment, checked (one BadInput line per problem).
-FairnessSpec parse_fairness(const GenerateOptions& options);
+FairnessSpec parse_fairness(const FairnessRequest& request);
 
 // Largest remainder: integer counts summing to n, as close to shares * n as possible
 // (ties to the earlier group).
@@ -98,17 +106,5 @@ nlohmann::json targets_record(const FairnessSpec& spec);
 // The joint target as image records carry it: {"attributes": ["gender", "colour"],
 // "targets": {"female,red": 0.4, ...}} (every cell, shares summing to 1); null without one.
 nlohmann::json joint_record(const FairnessSpec& spec);
-
-// Resume safety (run_plan.cpp): `done` holds the records already in the manifest of --out.
-// Throws BadInput naming the first image whose record was made for another plan (prompt,
-// seed, steps, guidance, size, assigned groups or fairness targets) or that this plan
-// does not have, so that a changed command never mixes two runs in one folder.
-void check_resume(const std::map<int64_t, nlohmann::json>& done, const std::vector<PlannedImage>& images,
-                  const FairnessSpec& spec, const std::string& manifest_path);
-
-// With fairness on: BadInput when `model` positively has no text encoder to embed the
-// edit prompts (model_index.json lists none; a .safetensors checkpoint without
-// cond_stage_model.* tensors). Anything else wrong with the model is left to the loader.
-void check_text_encoder(const std::string& model, const std::string& flag);
 
 }  // namespace fairdiff

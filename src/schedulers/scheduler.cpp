@@ -6,12 +6,12 @@
 
 #include "config_json.h"
 #include "fairdiff/error.h"
-#include "schedulers/ddim.h"
-#include "schedulers/dpm_solver_multistep.h"
-#include "schedulers/euler.h"
-#include "schedulers/euler_ancestral.h"
-#include "schedulers/lms.h"
-#include "schedulers/pndm.h"
+#include "ddim.h"
+#include "dpm_solver_multistep.h"
+#include "euler.h"
+#include "euler_ancestral.h"
+#include "lms.h"
+#include "pndm.h"
 
 namespace fairdiff {
 namespace {

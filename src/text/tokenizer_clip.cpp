@@ -27,7 +27,7 @@
 #include <nlohmann/json.hpp>
 
 #include "fairdiff/error.h"
-#include "fairdiff/tokenizer.h"
+#include "tokenizer.h"
 
 namespace fairdiff {
 namespace {

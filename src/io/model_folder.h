@@ -18,7 +18,7 @@
 
 #include "autoencoder_kl.h"
 #include "clip_text_model.h"
-#include "fairdiff/tokenizer.h"
+#include "tokenizer.h"
 #include "tensor_io.h"
 #include "unet_2d_condition.h"
 

@@ -20,7 +20,8 @@
 #include "fairdiff/generate.h"
 #include "fairness.h"
 #include "fs_util.h"
-#include "generate_internal.h"
+#include "run_plan.h"
+#include "safetensors.h"
 
 namespace fs = std::filesystem;
 
@@ -363,6 +364,43 @@ int64_t merge_manifests(const std::string& out_dir) {
   for (const auto& [index, entry] : merged) text += entry.dump() + "\n";
   write_file_atomic(unsharded, text);
   return static_cast<int64_t>(merged.size());
+}
+
+FairnessRequest fairness_request(const GenerateOptions& o) {
+  FairnessRequest r;
+  r.fairness = o.fairness;
+  r.fairness_file = o.fairness_file;
+  r.attributes_dir = o.attributes_dir;
+  r.assignment = o.assignment;
+  r.mode = o.fairness_mode;
+  return r;
+}
+
+FairnessSpec parse_fairness(const GenerateOptions& o) { return parse_fairness(fairness_request(o)); }
+
+void check_text_encoder(const std::string& model, const std::string& flag) {
+  std::string missing;
+  if (is_directory(model)) {
+    std::ifstream in(model + "/model_index.json");
+    const nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
+    if (j.is_discarded() || !j.is_object()) return;  // the loader names what is wrong
+    const auto it = j.find("text_encoder");
+    if (it == j.end() || !it->is_array() || it->size() != 2 || (*it)[0].is_null() || (*it)[1].is_null())
+      missing = "its model_index.json lists no text_encoder";
+  } else if (model.size() > 12 && model.compare(model.size() - 12, 12, ".safetensors") == 0) {
+    try {
+      const SafeTensors st(model);  // header only: the tensors stay mapped, unread
+      bool found = false;
+      for (const TensorView& t : st.tensors()) found = found || t.name.rfind("cond_stage_model.", 0) == 0;
+      if (!found) missing = "the checkpoint has no cond_stage_model.* tensors";
+    } catch (const Error&) {
+      return;  // a broken file: the loader says how
+    }
+  }
+  if (!missing.empty())
+    throw_bad_input(flag, "needs the model's text encoder to embed the edit prompts; " + model + " has none (" +
+                              missing + ")",
+                    "use a model with a text encoder, or drop the fairness flags");
 }
 
 }  // namespace fairdiff

@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "fairdiff/safetensors.h"
+#include "safetensors.h"
 
 namespace torch::nn {
 class Module;

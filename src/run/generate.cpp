@@ -16,8 +16,9 @@
 #include "fairdiff/error.h"
 #include "fairdiff/generate.h"
 #include "fairness.h"
+#include "data_paths.h"
 #include "fs_util.h"
-#include "generate_internal.h"
+#include "run_plan.h"
 #include "infotext.h"
 #include "pipeline.h"
 #include "png_io.h"
@@ -194,8 +195,7 @@ nlohmann::json fair_record(const FairnessSpec& spec, const FairEdits& edits, con
 
 std::string default_model() {
   if (const char* env = std::getenv("FAIRDIFF_MODEL"); env && *env) return env;
-  const std::string shipped = std::string(FAIRDIFF_SOURCE_DIR) + "/models/toy";
-  return is_directory(shipped) ? shipped : std::string();
+  return find_data("models/toy");
 }
 
 RunSummary generate(GenerateOptions o) {

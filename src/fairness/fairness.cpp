@@ -12,12 +12,8 @@
 #include <set>
 
 #include "fairdiff/error.h"
-#include "fairdiff/safetensors.h"
+#include "data_paths.h"
 #include "fs_util.h"
-
-#ifndef FAIRDIFF_SOURCE_DIR
-#define FAIRDIFF_SOURCE_DIR "."
-#endif
 
 namespace fairdiff {
 namespace {
@@ -366,7 +362,15 @@ std::vector<int64_t> draw_cells(const std::vector<double>& shares, const std::st
 }  // namespace
 
 std::string attributes_dir(const std::string& dir) {
-  return dir.empty() ? std::string(FAIRDIFF_SOURCE_DIR) + "/configs/attributes" : dir;
+  if (!dir.empty()) return dir;
+  const std::string found = find_data("configs/attributes");
+  if (found.empty()) {
+    std::string looked;
+    for (const std::string& d : data_dirs()) looked += (looked.empty() ? "" : ", ") + d;
+    throw_bad_input("--attributes", "no attribute library found (looked for configs/attributes in " + looked + ")",
+                    "pass --attributes DIR or set FAIRDIFF_DATA_DIR");
+  }
+  return found;
 }
 
 Attribute load_attribute(const std::string& name, const std::string& dir) {
@@ -399,11 +403,11 @@ Attribute load_attribute(const std::string& name, const std::string& dir) {
   return a;
 }
 
-FairnessSpec parse_fairness(const GenerateOptions& o) {
+FairnessSpec parse_fairness(const FairnessRequest& o) {
   if (o.assignment != "quota" && o.assignment != "random")
     throw_bad_input("--assignment", "unknown assignment \"" + o.assignment + "\"", "use quota or random");
   FairnessSpec spec;
-  spec.mode = o.fairness_mode;
+  spec.mode = o.mode;
   for (const std::string& value : o.fairness) {
     const std::string where = "--fairness " + value;
     const size_t eq = value.find('=');
@@ -495,31 +499,6 @@ nlohmann::json joint_record(const FairnessSpec& spec) {
   for (size_t c = 0; c < spec.joint->shares.size(); ++c)
     cells[cell_name(spec, *spec.joint, static_cast<int64_t>(c))] = spec.joint->shares[c];
   return {{"attributes", names}, {"targets", cells}};
-}
-
-void check_text_encoder(const std::string& model, const std::string& flag) {
-  std::string missing;
-  if (is_directory(model)) {
-    std::ifstream in(model + "/model_index.json");
-    const nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
-    if (j.is_discarded() || !j.is_object()) return;  // the loader names what is wrong
-    const auto it = j.find("text_encoder");
-    if (it == j.end() || !it->is_array() || it->size() != 2 || (*it)[0].is_null() || (*it)[1].is_null())
-      missing = "its model_index.json lists no text_encoder";
-  } else if (model.size() > 12 && model.compare(model.size() - 12, 12, ".safetensors") == 0) {
-    try {
-      const SafeTensors st(model);  // header only: the tensors stay mapped, unread
-      bool found = false;
-      for (const TensorView& t : st.tensors()) found = found || t.name.rfind("cond_stage_model.", 0) == 0;
-      if (!found) missing = "the checkpoint has no cond_stage_model.* tensors";
-    } catch (const Error&) {
-      return;  // a broken file: the loader says how
-    }
-  }
-  if (!missing.empty())
-    throw_bad_input(flag, "needs the model's text encoder to embed the edit prompts; " + model + " has none (" +
-                              missing + ")",
-                    "use a model with a text encoder, or drop the fairness flags");
 }
 
 }  // namespace fairdiff

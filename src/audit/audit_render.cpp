@@ -5,7 +5,7 @@
 #include <cmath>
 #include <cstdio>
 
-#include "audit.h"
+#include "fairdiff/audit.h"
 #include "png_io.h"
 
 namespace fairdiff {

@@ -1,6 +1,6 @@
 // The audit: manifest records -> classified images -> per-prompt shares against the
 // targets. Drawing the chart and the sheet lives in audit_render.cpp.
-#include "audit.h"
+#include "fairdiff/audit.h"
 
 #include <nlohmann/json.hpp>
 

@@ -1,0 +1,41 @@
+// Pieces of `fairdiff generate` shared between the torch-free planner
+// (run_plan.cpp) and the sampling side (generate.cpp).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "fairdiff/generate.h"
+#include "fairness.h"
+
+namespace fairdiff {
+
+// The --sampling-method names (stable-diffusion.cpp's spellings where they exist).
+const std::vector<std::string>& sampling_methods();
+
+// --sampling-method + --scheduler -> the scheduler factory's override name ("" = the model's own).
+std::string scheduler_override(const std::string& method, const std::string& schedule);
+
+// Manifest lines by image index; unparsable (torn) lines are skipped.
+std::map<int64_t, nlohmann::json> read_manifest(const std::string& path);
+
+// The fairness part of the options, and parse_fairness over it.
+FairnessRequest fairness_request(const GenerateOptions& options);
+FairnessSpec parse_fairness(const GenerateOptions& options);
+
+// Resume safety (run_plan.cpp): `done` holds the records already in the manifest of --out.
+// Throws BadInput naming the first image whose record was made for another plan (prompt,
+// seed, steps, guidance, size, assigned groups or fairness targets) or that this plan
+// does not have, so that a changed command never mixes two runs in one folder.
+void check_resume(const std::map<int64_t, nlohmann::json>& done, const std::vector<PlannedImage>& images,
+                  const FairnessSpec& spec, const std::string& manifest_path);
+
+// With fairness on: BadInput when `model` positively has no text encoder to embed the
+// edit prompts (model_index.json lists none; a .safetensors checkpoint without
+// cond_stage_model.* tensors). Anything else wrong with the model is left to the loader.
+void check_text_encoder(const std::string& model, const std::string& flag);
+
+}  // namespace fairdiff
