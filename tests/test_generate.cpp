@@ -26,6 +26,10 @@ std::string slurp(const std::string& path) {
 }
 
 GenerateOptions tiny(const std::string& fixtures, const std::string& out) {
+  // Once per test process: 16x16 tensors gain nothing from more threads, and on a busy
+  // machine idle workers spin (runtime.h).
+  static const bool configured = (configure_process(1), true);
+  (void)configured;
   GenerateOptions o;
   o.model = fixtures + "/models/tiny-sd1";
   o.prompt = "a photo of the face of a firefighter";
@@ -35,7 +39,6 @@ GenerateOptions tiny(const std::string& fixtures, const std::string& out) {
   o.seed = 1234;
   o.out_dir = out;
   o.device = "cpu";
-  o.threads = 1;  // 16x16 tensors gain nothing from more; on a busy machine idle workers spin (runtime.h)
   o.quiet = true;
   return o;
 }

@@ -404,7 +404,7 @@ class SemanticGuidancePipeline : public ::testing::Test {
               const std::vector<std::vector<EditConcept>>& concepts, bool evaluate_all = false) {
     c10::InferenceMode guard;
     StableDiffusionPipeline pipe(*model_);
-    const at::Tensor table = encode_edit_prompts(*model_, {"male person", "female person"});
+    const Conditioning table = encode_edit_prompts(*model_, {"male person", "female person"});
     SemanticGuidanceSettings s;
     s.images = concepts;
     s.momentum_scale = 0.3;

@@ -6,34 +6,32 @@
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <filesystem>
 #include <string>
 
 #include "fairdiff/audit.h"
 #include "fairdiff/error.h"
 #include "fairdiff/generate.h"
 #include "fairdiff/inspect.h"
-#include "safetensors.h"
+#include "fairdiff/model.h"
 
 namespace {
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 int inspect(const std::string& path) {
-  if (ends_with(path, ".ckpt") || ends_with(path, ".pt") || ends_with(path, ".bin"))
+  const std::string ext = std::filesystem::path(path).extension().string();
+  if (ext == ".ckpt" || ext == ".pt" || ext == ".bin")
     fairdiff::throw_unsupported(path, "PyTorch pickle files are never loaded: unpickling can execute code",
                                 "use the model's .safetensors file");
-  if (ends_with(path, ".safetensors")) {
-    const fairdiff::SafeTensors st(path);
+  if (ext == ".safetensors") {
+    const std::vector<fairdiff::TensorSummary> tensors = fairdiff::inspect_safetensors(path);
     int64_t params = 0;
-    for (const auto& t : st.tensors()) {
+    for (const auto& t : tensors) {
       std::string shape;
       for (int64_t d : t.shape) shape += (shape.empty() ? "" : ",") + std::to_string(d);
-      std::printf("%-70s %-4s [%s]\n", t.name.c_str(), fairdiff::dtype_name(t.dtype), shape.c_str());
-      params += t.numel();
+      std::printf("%-70s %-4s [%s]\n", t.name.c_str(), t.dtype.c_str(), shape.c_str());
+      params += t.numel;
     }
-    std::printf("%zu tensors, %lld values\n", st.tensors().size(), static_cast<long long>(params));
+    std::printf("%zu tensors, %lld values\n", tensors.size(), static_cast<long long>(params));
     return 0;
   }
   const fairdiff::ModelSummary s = fairdiff::inspect_model(path);
@@ -59,7 +57,7 @@ void add_audit_flags(CLI::App* cmd, AuditFlags& f) {
   cmd->add_option("dir", f.options.dir, "the --out folder of a generate run")->required();
   cmd->add_option("--attribute", f.options.attribute, "the attribute to audit (default: the one the run assigns)");
   cmd->add_option("--classifier", f.options.classifier, "how images are put into groups: " + classifiers)->capture_default_str();
-  cmd->add_flag("--json", f.json, "print the report as JSON (schema in src/audit.h)");
+  cmd->add_flag("--json", f.json, "print the report as JSON (schema in include/fairdiff/audit.h)");
   cmd->add_option("--chart", f.options.chart_path, "bar chart PNG (default: DIR/audit-chart.png)");
   cmd->add_option("--sheet", f.options.sheet_path, "contact sheet PNG (default: DIR/audit-sheet.png)");
 }
@@ -70,11 +68,11 @@ int run_audit(const AuditFlags& f) {
   return 0;
 }
 
-void add_generate_flags(CLI::App* cmd, fairdiff::GenerateOptions& o) {
+void add_generate_flags(CLI::App* cmd, fairdiff::GenerateOptions& o, int& threads) {
   // Spellings follow stable-diffusion.cpp where the meaning is the same.
   cmd->add_option("-m,--model", o.model,
                   "diffusers model folder or single-file .safetensors checkpoint (default: $FAIRDIFF_MODEL, else "
-                  "the toy model shipped in models/toy)");
+                  "the toy model shipped in share/fairdiff/models/toy)");
   cmd->add_option("--tokenizer", o.tokenizer_dir, "tokenizer/ folder for a single-file checkpoint");
   cmd->add_option("--prediction-type", o.prediction_type, "single-file SD 2.x: epsilon (512-base) or v_prediction");
   cmd->add_option("-p,--prompt", o.prompt, "the prompt");
@@ -95,7 +93,7 @@ void add_generate_flags(CLI::App* cmd, fairdiff::GenerateOptions& o) {
   cmd->add_option("-o,--out", o.out_dir, "output folder (PNGs + manifest.jsonl)")->capture_default_str();
   cmd->add_option("--shard-index", o.shard_index, "this shard (0-based); default from SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX or RANK");
   cmd->add_option("--num-shards", o.num_shards, "number of shards; default from SLURM_ARRAY_TASK_COUNT, FAIRDIFF_NUM_SHARDS or WORLD_SIZE");
-  cmd->add_option("--threads", o.threads, "CPU threads (0 = all cores)");
+  cmd->add_option("--threads", threads, "CPU threads (0 = all cores)");
   cmd->add_flag("--prepack-weights", o.prepack_weights,
                 "CPU: reorder convolution weights once into oneDNN's layout at load (faster steps, a few "
                 "seconds more to load)");
@@ -106,7 +104,7 @@ void add_generate_flags(CLI::App* cmd, fairdiff::GenerateOptions& o) {
                   "ATTRIBUTE=RATIOS, repeatable: steer each image toward an assigned group (gender=50:50, gender=female:30,male:70)")
       ->allow_extra_args(false);
   cmd->add_option("--fairness-file", o.fairness_file, "JSON {\"attributes\": [{\"name\", \"targets\", edit overrides}]}");
-  cmd->add_option("--attributes", o.attributes_dir, "attribute library folder (default: the source tree's configs/attributes)");
+  cmd->add_option("--attributes", o.attributes_dir, "attribute library folder (default: share/fairdiff/configs/attributes beside the binary or in the install prefix)");
   cmd->add_option("--assignment", o.assignment, "quota (exact counts per prompt, shuffled) or random (independent draws)")
       ->capture_default_str();
   cmd->add_option("--fairness-mode", o.fairness_mode,
@@ -123,8 +121,9 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   std::string inspect_path, merge_dir;
   fairdiff::GenerateOptions gen;
+  int threads = 0;
   auto* generate_cmd = app.add_subcommand("generate", "generate images (PNG + manifest.jsonl)");
-  add_generate_flags(generate_cmd, gen);
+  add_generate_flags(generate_cmd, gen, threads);
   auto* merge_cmd = app.add_subcommand("merge", "join the shard manifests of an output folder into manifest.jsonl");
   merge_cmd->add_option("dir", merge_dir, "the --out folder of the shards")->required();
   auto* inspect_cmd = app.add_subcommand("inspect", "validate and describe a model folder or a .safetensors file");
@@ -153,6 +152,7 @@ int main(int argc, char** argv) {
     if (*audit_cmd) return run_audit(audit_flags);
     if (*generate_cmd) {
       if (gen.model.empty()) gen.model = fairdiff::default_model();
+      fairdiff::configure_process(threads);
       const fairdiff::RunSummary s = fairdiff::generate(gen);
       if (!gen.quiet)
         spdlog::info("{} images: {} generated, {} already done; manifest {}", s.planned, s.generated, s.skipped,
@@ -163,7 +163,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "fairdiff: error: %s\n", e.what());
     return fairdiff::exit_code(e.kind());
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "fairdiff: error: %s\n", e.what());
+    // One line: LibTorch's errors (c10::Error) carry a backtrace after the first.
+    const std::string what = e.what();
+    std::fprintf(stderr, "fairdiff: error: %s\n", what.substr(0, what.find('\n')).c_str());
     return 1;
   }
   return 0;

@@ -9,7 +9,8 @@
 // unclassified); the audit counts the groups per prompt, with 95% Wilson intervals, and
 // compares them with the targets and the per-image assignments that `generate --fairness`
 // recorded in the manifest. Classifiers come by name from make_classifier(), so a CLIP
-// zero-shot classifier can join the hue classifier of the toy world. Torch-free.
+// zero-shot classifier can join the hue classifier of the toy world (register_classifier).
+// Torch-free.
 //
 // JSON (audit_json), schema 1: fields may be added, never renamed or removed. Shares,
 // interval bounds, targets and errors are fractions in [0, 1]; error = share - target.
@@ -30,6 +31,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -79,9 +81,31 @@ class HueClassifier : public GroupClassifier {
   std::vector<double> hues_;  // degrees, per group
 };
 
-// Names make_classifier() knows, for help and error messages.
+// The classifier registry. The torch-free library registers "hue"; the LibTorch library
+// and embedders add theirs with register_classifier (explicitly, at start-up: a static
+// initialiser in a static library is dropped by the linker when nothing else refers to it).
+struct ClassifierOptions {
+  std::string attribute;       // the attribute to tell: "colour", "gender"
+  std::string model;           // the classifier's own model folder, "" when it needs none
+  std::string device = "cpu";  // where a network classifier runs
+  double margin = 0;           // a best probability below this leaves the image unclassified
+  std::string attributes_dir;  // attribute library (class prompts), "" = the one found at run time
+};
+// Returns nullptr when the classifier cannot tell options.attribute.
+using ClassifierFactory = std::function<std::unique_ptr<GroupClassifier>(const ClassifierOptions&)>;
+struct ClassifierInfo {
+  std::string name;   // --classifier NAME
+  std::string tells;  // the attributes it tells, for error messages: "colour (the toy world's red, green, blue)"
+  ClassifierFactory make;
+};
+// Adds a classifier, or replaces the one of the same name.
+void register_classifier(ClassifierInfo info);
+// Names the registry knows, in registration order, for help and error messages.
 std::vector<std::string> classifier_names();
+// BadInput naming the available classifiers when `name` is unknown.
+void check_classifier_name(const std::string& name);
 // BadInput naming the available classifiers (or the attributes this one tells) on failure.
+std::unique_ptr<GroupClassifier> make_classifier(const std::string& name, const ClassifierOptions& options);
 std::unique_ptr<GroupClassifier> make_classifier(const std::string& name, const std::string& attribute);
 
 // Wilson score interval of the proportion k / n (z = 1.959964: 95%); [0, 1] when n = 0.
@@ -94,6 +118,7 @@ struct AuditOptions {
   std::string dir;                 // the run's --out folder
   std::string attribute;           // "" = the one the records assign (fairness.groups)
   std::string classifier = "hue";
+  ClassifierOptions classifier_options;  // its model, device and margin (the attribute is filled in)
   std::string chart_path;          // "" = DIR/audit-chart.png
   std::string sheet_path;          // "" = DIR/audit-sheet.png
 };

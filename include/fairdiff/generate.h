@@ -9,7 +9,10 @@
 //   fairdiff::validate(o);                       // throws Error(BadInput) before any work
 //   fairdiff::RunSummary s = fairdiff::generate(o);
 //
-// Torch-free header: the CLI maps flags to GenerateOptions and errors to exit codes.
+// The job API, on top of Model (model.h): a whole run of planned images written to a
+// folder, shardable and resumable. Torch-free header: the CLI maps flags to
+// GenerateOptions and errors to exit codes. Process-wide settings (threads, allocator)
+// are the caller's: configure_process (model.h).
 #pragma once
 
 #include <cstdint>
@@ -17,6 +20,8 @@
 #include <string>
 #include <utility>
 #include <vector>
+
+#include "fairdiff/model.h"
 
 namespace fairdiff {
 
@@ -41,7 +46,6 @@ struct GenerateOptions {
   std::string out_dir = "out";
   int64_t shard_index = -1;       // -1: from the environment (SLURM, Kubernetes, RANK), else unsharded
   int64_t num_shards = 0;
-  int threads = 0;                // CPU threads, 0 = all cores
   // VAE decode in overlapping tiles (diffusers' enable_tiling): for images larger than the
   // tile, the decoder's memory is one tile's. 0 = off; -1 = the VAE's sample_size (512 for
   // SD 1.5); else the tile in image pixels: a multiple of 8 (of the VAE's scale factor) of
@@ -55,7 +59,7 @@ struct GenerateOptions {
   // toward it with semantic guidance. "gender=50:50", "gender=female:30,male:70".
   std::vector<std::string> fairness;  // --fairness, repeatable (one per attribute)
   std::string fairness_file;          // --fairness-file: JSON {"attributes": [{"name", "targets", ...}]}
-  std::string attributes_dir;         // --attributes: attribute library ("" = configs/attributes)
+  std::string attributes_dir;         // --attributes: attribute library ("" = configs/attributes found at run time)
   std::string assignment = "quota";   // quota (exact counts per prompt, shuffled) | random (independent draws)
   // exact: Fair Diffusion as published (the assigned group's concepts forward, every other
   // group's reversed: 2 + groups UNet rows per image); fast: the assigned group's concepts
@@ -75,7 +79,7 @@ struct PlannedImage {
   int64_t width = 0, height = 0;
   std::string file;          // file name inside out_dir: "00012-1234.png"
   // With --fairness: attribute -> assigned group, in the order the attributes were given.
-  std::vector<std::pair<std::string, std::string>> groups;
+  GroupAssignment groups;
 };
 
 struct RunPlan {
@@ -85,11 +89,6 @@ struct RunPlan {
   std::string manifest_name;         // "manifest.jsonl" or "manifest-shard-K-of-N.jsonl"
   std::vector<PlannedImage> shard() const;  // this shard's images (index % num_shards == shard_index)
 };
-
-// The model `generate` uses when --model is not given: $FAIRDIFF_MODEL when set, else the
-// toy model that ships in the source tree (models/toy, see scripts/train-toy); "" when
-// neither exists.
-std::string default_model();
 
 // Checks every option that can be checked without the model (exit 2 on failure);
 // resolves the shard from the environment; nothing is written.

@@ -3,6 +3,7 @@
 //
 //   fairdiff::ModelSummary s = fairdiff::inspect_model("./stable-diffusion-v1-5");
 //   for (const auto& c : s.components) printf("%s %lld\n", c.name.c_str(), c.parameters);
+//   for (const auto& t : fairdiff::inspect_safetensors("unet.safetensors")) printf("%s\n", t.name.c_str());
 #pragma once
 
 #include <cstdint>
@@ -28,5 +29,15 @@ struct ModelSummary {
 
 // Loads the whole model folder on the CPU in float32; throws fairdiff::Error on any problem.
 ModelSummary inspect_model(const std::string& model_dir);
+
+struct TensorSummary {
+  std::string name;
+  std::string dtype;           // "F32", "F16", "BF16", ...
+  std::vector<int64_t> shape;
+  int64_t numel = 0;
+};
+
+// The tensors of a .safetensors file, from its header (every field validated; no tensor read).
+std::vector<TensorSummary> inspect_safetensors(const std::string& path);
 
 }  // namespace fairdiff

@@ -27,46 +27,10 @@ namespace fs = std::filesystem;
 namespace fairdiff {
 namespace {
 
-// Hue classifier. The world's background is exactly grey (saturation 0) and its objects
-// have saturation >= 0.75 and value >= 0.65; mixing with grey keeps the hue, so edge pixels
-// vote like the object's inside, and only the weak ones drop out.
-constexpr double kMinSaturation = 0.3;
-constexpr double kMinChroma = 0.15;     // (max - min) / 255: the hue of dim or greyish pixels is noise
-constexpr double kHueTolerance = 40;    // degrees from a group's hue; the world jitters by at most 12
-constexpr double kMajority = 0.6;       // share of all voting pixels the winning group needs
-constexpr double kMinArea = 0.004;      // share of the picture the winner must cover (the smallest object: 8%)
-constexpr int64_t kMinPixels = 4;
-
-double hue_distance(double a, double b) {
-  const double d = std::fmod(std::abs(a - b), 360.0);
-  return std::min(d, 360.0 - d);
-}
-
 std::string join(const std::vector<std::string>& names) {
   std::string out;
   for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
   return out;
-}
-
-// Classifiers by name. A factory returns nullptr for an attribute its classifier cannot tell.
-struct ClassifierEntry {
-  const char* name;
-  const char* attributes;  // what it tells, for the error message
-  std::unique_ptr<GroupClassifier> (*make)(const std::string& attribute);
-};
-
-const ClassifierEntry kClassifiers[] = {
-    {"hue", "colour (the toy world's red, green, blue)",
-     [](const std::string& attribute) -> std::unique_ptr<GroupClassifier> {
-       if (attribute != "colour") return nullptr;
-       return std::make_unique<HueClassifier>();
-     }},
-};
-
-const ClassifierEntry& find_classifier(const std::string& name) {
-  for (const auto& e : kClassifiers)
-    if (name == e.name) return e;
-  throw_bad_input("--classifier " + name, "unknown classifier", "available: " + join(classifier_names()));
 }
 
 // One manifest line.
@@ -289,60 +253,6 @@ RgbImage read_png_rgb(const std::string& path) {
   return image;
 }
 
-Rgb GroupClassifier::display_colour(int group) const {
-  static const Rgb kPalette[] = {{31, 119, 180}, {255, 127, 14}, {44, 160, 44},  {214, 39, 40},  {148, 103, 189},
-                                 {140, 86, 75},  {227, 119, 194}, {127, 127, 127}, {188, 189, 34}, {23, 190, 207}};
-  return kPalette[static_cast<size_t>(group) % (sizeof kPalette / sizeof kPalette[0])];
-}
-
-HueClassifier::HueClassifier() {
-  const toy::World world;
-  for (const toy::Colour& c : world.colours()) {
-    groups_.push_back(c.name);
-    hues_.push_back(c.hue);
-  }
-}
-
-int HueClassifier::classify(const uint8_t* rgb, int width, int height) const {
-  if (width <= 0 || height <= 0) return -1;
-  const int64_t area = static_cast<int64_t>(width) * height;
-  std::vector<int64_t> votes(hues_.size(), 0);
-  int64_t voters = 0;  // every coloured pixel, also those far from any group's hue
-  for (int64_t i = 0; i < area; ++i) {
-    double h, s, v;
-    toy::rgb_to_hsv(rgb + 3 * i, &h, &s, &v);
-    if (s < kMinSaturation || s * v < kMinChroma) continue;  // s * v = (max - min) / 255
-    ++voters;
-    size_t best = 0;
-    for (size_t g = 1; g < hues_.size(); ++g)
-      if (hue_distance(h, hues_[g]) < hue_distance(h, hues_[best])) best = g;
-    if (hue_distance(h, hues_[best]) <= kHueTolerance) ++votes[best];
-  }
-  const auto winner = std::max_element(votes.begin(), votes.end());
-  const int64_t need = std::max<int64_t>(kMinPixels, static_cast<int64_t>(std::ceil(kMinArea * static_cast<double>(area))));
-  if (*winner < need || static_cast<double>(*winner) < kMajority * static_cast<double>(voters)) return -1;
-  return static_cast<int>(winner - votes.begin());
-}
-
-Rgb HueClassifier::display_colour(int group) const {
-  Rgb out;
-  toy::hsv_to_rgb(hues_[static_cast<size_t>(group)], 0.85, 0.85, out.data());
-  return out;
-}
-
-std::vector<std::string> classifier_names() {
-  std::vector<std::string> names;
-  for (const auto& e : kClassifiers) names.push_back(e.name);
-  return names;
-}
-
-std::unique_ptr<GroupClassifier> make_classifier(const std::string& name, const std::string& attribute) {
-  const ClassifierEntry& e = find_classifier(name);
-  if (auto c = e.make(attribute)) return c;
-  throw_bad_input("--attribute " + attribute, "the " + name + " classifier cannot tell this attribute",
-                  std::string("it tells ") + e.attributes);
-}
-
 Interval wilson_interval(int64_t k, int64_t n, double z) {
   if (n <= 0) return {0, 1};
   const double nn = static_cast<double>(n), p = static_cast<double>(k) / nn, z2 = z * z;
@@ -357,12 +267,14 @@ std::optional<double> AuditReport::hit_rate() const { return rate(assigned_hits,
 
 AuditReport audit(const AuditOptions& o) {
   if (!is_directory(o.dir)) throw_bad_input(o.dir, "run folder not found", "give the --out folder of a fairdiff generate run");
-  find_classifier(o.classifier);  // a mistyped name fails before any image is read
+  check_classifier_name(o.classifier);  // a mistyped name fails before any image is read
   const std::vector<Record> records = read_records(o.dir);
   AuditReport r;
   r.dir = o.dir;
   r.attribute = resolve_attribute(records, o.attribute, o.dir);
-  const std::unique_ptr<GroupClassifier> classifier = make_classifier(o.classifier, r.attribute);
+  ClassifierOptions co = o.classifier_options;
+  co.attribute = r.attribute;
+  const std::unique_ptr<GroupClassifier> classifier = make_classifier(o.classifier, co);
   r.classifier = classifier->name();
   r.groups = classifier->groups();
   for (size_t g = 0; g < r.groups.size(); ++g) r.colours.push_back(classifier->display_colour(static_cast<int>(g)));

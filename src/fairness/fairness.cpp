@@ -403,7 +403,7 @@ Attribute load_attribute(const std::string& name, const std::string& dir) {
   return a;
 }
 
-FairnessSpec parse_fairness(const FairnessRequest& o) {
+FairnessSpec parse_fairness(const FairnessOptions& o) {
   if (o.assignment != "quota" && o.assignment != "random")
     throw_bad_input("--assignment", "unknown assignment \"" + o.assignment + "\"", "use quota or random");
   FairnessSpec spec;

@@ -2,7 +2,7 @@
 // Torch-free: the attribute library, the --fairness / --fairness-file parsing and the
 // assignment of groups to images are all decided in the run plan, before sharding.
 //
-//   FairnessRequest r;  r.fairness = {"gender=30:70"};
+//   FairnessOptions r;  r.fairness = {"gender=30:70"};
 //   FairnessSpec spec = parse_fairness(r);                 // throws Error(BadInput), one line
 //   auto g = assign_groups(spec, o.assignment, /*seed=*/42, /*prompt_index=*/0, /*n=*/100);
 //   // g[k][a]: group index of image k for attribute a; exactly 30 "female", 70 "male"
@@ -26,6 +26,8 @@
 #include <optional>
 #include <string>
 #include <vector>
+
+#include "fairdiff/options.h"
 
 namespace fairdiff {
 
@@ -75,17 +77,9 @@ std::string attributes_dir(const std::string& dir);
 // Reads DIR/NAME.json; BadInput when missing, malformed, without groups or with an empty edit prompt.
 Attribute load_attribute(const std::string& name, const std::string& dir);
 
-// What a run asks for: the --fairness flags and the files they name.
-struct FairnessRequest {
-  std::vector<std::string> fairness;  // --fairness values, one per attribute: "gender=30:70"
-  std::string fairness_file;          // --fairness-file
-  std::string attributes_dir;         // --attributes ("" = the attribute library found at run time)
-  std::string assignment = "quota";   // --assignment: quota | random
-  std::string mode = "exact";         // --fairness-mode: exact | fast
-};
-
-// --fairness values, --fairness-file and --assignment, checked (one BadInput line per problem).
-FairnessSpec parse_fairness(const FairnessRequest& request);
+// --fairness values, --fairness-file and --assignment (FairnessOptions, fairdiff/options.h),
+// checked (one BadInput line per problem).
+FairnessSpec parse_fairness(const FairnessOptions& options);
 
 // Largest remainder: integer counts summing to n, as close to shares * n as possible
 // (ties to the earlier group).

@@ -1,6 +1,7 @@
 #include "fairdiff/inspect.h"
 
 #include "model_folder.h"
+#include "safetensors.h"
 
 namespace fairdiff {
 namespace {
@@ -39,6 +40,13 @@ ModelSummary inspect_model(const std::string& model_dir) {
   sched.class_name = m.index.components.at("scheduler").second;
   s.components.push_back(sched);
   return s;
+}
+
+std::vector<TensorSummary> inspect_safetensors(const std::string& path) {
+  const SafeTensors st(path);
+  std::vector<TensorSummary> out;
+  for (const auto& t : st.tensors()) out.push_back({t.name, dtype_name(t.dtype), t.shape, t.numel()});
+  return out;
 }
 
 }  // namespace fairdiff

@@ -155,11 +155,14 @@ CLIPTextOutput CLIPTextModelImpl::forward(const at::Tensor& input_ids) {
 }
 
 at::Tensor CLIPTextModelImpl::prompt_embeds(const at::Tensor& input_ids, int64_t clip_skip) {
-  CLIPTextOutput out = forward(input_ids);
+  return skip_layers(forward(input_ids), clip_skip);
+}
+
+at::Tensor CLIPTextModelImpl::skip_layers(const CLIPTextOutput& out, int64_t clip_skip) {
   if (clip_skip <= 0) return out.last_hidden_state;
   const int64_t n = static_cast<int64_t>(out.hidden_states.size());
-  TORCH_CHECK(clip_skip < n - 1, "clip_skip ", clip_skip, " exceeds the ", n - 1, " text encoder layers");
-  return final_layer_norm(out.hidden_states[n - 1 - clip_skip]);
+  TORCH_CHECK(clip_skip < n - 1, "clip skip ", clip_skip, " exceeds the ", n - 1, " text encoder layers");
+  return final_layer_norm(out.hidden_states[static_cast<size_t>(n - 1 - clip_skip)]);
 }
 
 }  // namespace fairdiff

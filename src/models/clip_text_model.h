@@ -96,6 +96,8 @@ class CLIPTextModelImpl : public torch::nn::Module {
   // Prompt embeddings as diffusers computes them: clip_skip 0 is the last hidden
   // state; clip_skip k is final_layer_norm(hidden_states[-(k + 1)]).
   at::Tensor prompt_embeds(const at::Tensor& input_ids, int64_t clip_skip = 0);
+  // The same from an output already computed (one encoder call for prompts and negatives).
+  at::Tensor skip_layers(const CLIPTextOutput& output, int64_t clip_skip);
 
   at::Tensor final_layer_norm(const at::Tensor& x) { return text_model_->final_layer_norm_(x); }
   const CLIPTextConfig& config() const { return config_; }

@@ -309,6 +309,13 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
 }
 
 at::Tensor UNet2DConditionModelImpl::forward(const at::Tensor& sample, const at::Tensor& timestep,
+                                             const Conditioning& conditioning) {
+  TORCH_CHECK(!conditioning.pooled.defined() && !conditioning.time_ids.defined(),
+              "UNet2DConditionModel: pooled embeddings or time ids given to a UNet without addition_embed_type");
+  return forward(sample, timestep, conditioning.context);
+}
+
+at::Tensor UNet2DConditionModelImpl::forward(const at::Tensor& sample, const at::Tensor& timestep,
                                              const at::Tensor& encoder_hidden_states) {
   // sample [B,C,H,W], timestep [] / [1] / [B], encoder_hidden_states [B,L,D] -> [B,C_out,H,W]
   TORCH_CHECK(sample.dim() == 4, "UNet2DConditionModel: sample must be [B,C,H,W], got ", sample.sizes());

@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "conditioning.h"
 #include "layers.h"
 #include "unet_2d_blocks.h"
 
@@ -81,6 +82,10 @@ class UNet2DConditionModelImpl : public torch::nn::Module {
   // sample [B,C_in,H,W]; timestep 0-dim, [1] or [B], integer or floating (broadcast to B);
   // encoder_hidden_states [B,L,D] -> noise prediction [B,C_out,H,W]
   at::Tensor forward(const at::Tensor& sample, const at::Tensor& timestep, const at::Tensor& encoder_hidden_states);
+  // The same with a Conditioning: its context is encoder_hidden_states; pooled embeddings and
+  // added time ids feed the addition embedding of a UNet that has one (SDXL's text_time),
+  // and a UNet without one refuses them rather than ignore them.
+  at::Tensor forward(const at::Tensor& sample, const at::Tensor& timestep, const Conditioning& conditioning);
 
   const UNet2DConditionConfig& config() const { return config_; }
 

@@ -8,7 +8,8 @@
 
 namespace fairdiff {
 
-StableDiffusionPipeline::StableDiffusionPipeline(StableDiffusionModel& model) : model_(model) {}
+StableDiffusionPipeline::StableDiffusionPipeline(StableDiffusionModel& model)
+    : model_(model), conditioner_(make_text_conditioner(model)) {}
 
 at::Device StableDiffusionPipeline::device() const { return model_.unet->parameters().front().device(); }
 
@@ -22,52 +23,13 @@ int64_t StableDiffusionPipeline::latent_channels() const { return model_.unet->c
 
 at::Tensor StableDiffusionPipeline::token_ids(const std::vector<std::string>& prompts, bool truncate,
                                               std::vector<bool>* truncated) const {
-  const Tokenizer& tok = *model_.tokenizer;
-  const int64_t L = tok.model_max_length();
-  at::Tensor ids = at::empty({static_cast<int64_t>(prompts.size()), L}, at::kLong);  // [N, L]
-  if (truncated) truncated->clear();
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    TokenizedText t;
-    if (truncate) {
-      t = tok.tokenize(prompts[i], L);
-    } else {
-      // BOS + every token + EOS, padded, then the first L ids: a long prompt loses its EOS.
-      t = tok.tokenize(prompts[i], std::max<int64_t>(L, static_cast<int64_t>(tok.encode_ids(prompts[i]).size()) + 2));
-      t.input_ids.resize(static_cast<size_t>(L));
-    }
-    std::memcpy(ids[static_cast<int64_t>(i)].data_ptr<int64_t>(), t.input_ids.data(), L * sizeof(int64_t));
-    if (truncated) truncated->push_back(t.truncated());
-  }
-  return ids;
+  return clip_token_ids(*model_.tokenizer, prompts, truncate, truncated);
 }
 
 PromptEmbeddings StableDiffusionPipeline::encode_prompts(const std::vector<std::string>& prompts,
                                                          const std::vector<std::string>& negatives,
                                                          int64_t clip_skip, bool classifier_free_guidance) {
-  PromptEmbeddings out;
-  const int64_t B = static_cast<int64_t>(prompts.size());
-  at::Tensor ids = token_ids(prompts, /*truncate=*/true, &out.truncated);  // [B, L]
-  if (classifier_free_guidance) {
-    TORCH_CHECK(negatives.size() == prompts.size(), "one negative prompt per prompt");
-    ids = at::cat({token_ids(negatives, /*truncate=*/true, nullptr), ids});  // [2B, L]: negatives first
-  }
-  // One text-encoder call for prompts and negatives together.
-  model_.use("text_encoder");
-  const CLIPTextOutput enc = model_.text_encoder->forward(ids.to(device()));
-  at::Tensor cond = enc.last_hidden_state;
-  if (clip_skip > 0) {
-    const auto& hs = enc.hidden_states;
-    TORCH_CHECK(clip_skip < static_cast<int64_t>(hs.size()) - 1, "clip skip ", clip_skip, " exceeds the ",
-                hs.size() - 1, " text encoder layers");
-    cond = model_.text_encoder->final_layer_norm(hs[hs.size() - 1 - static_cast<size_t>(clip_skip)]);
-  }
-  if (classifier_free_guidance) {
-    out.uncond = enc.last_hidden_state.narrow(0, 0, B);  // the reference skips no layer here
-    out.cond = cond.narrow(0, B, B);
-  } else {
-    out.cond = cond;
-  }
-  return out;
+  return conditioner_->encode_prompts(prompts, negatives, clip_skip, classifier_free_guidance);
 }
 
 at::Tensor StableDiffusionPipeline::initial_noise(const std::vector<int64_t>& seeds, int64_t height, int64_t width,
@@ -91,22 +53,21 @@ at::Tensor StableDiffusionPipeline::denoise(Scheduler& scheduler, const at::Tens
   TORCH_CHECK(!cfg || embeddings.uncond.defined(), "classifier-free guidance needs negative prompt embeddings");
   const int64_t B = noise.size(0);
   at::Tensor latents = noise * scheduler.init_noise_sigma();  // [B, C, h, w]
-  const at::Tensor base_cond = cfg ? at::cat({embeddings.uncond, embeddings.cond}) : embeddings.cond;  // [2B|B, L, D]
+  const Conditioning base_cond = cfg ? Conditioning::cat({embeddings.uncond, embeddings.cond}) : embeddings.cond;  // [2B|B, ...]
   const auto& timesteps = scheduler.timesteps();
   if (cfg && extension) extension->begin(timesteps.size(), B);
   model_.use("unet");
   for (size_t i = 0; i < timesteps.size(); ++i) {
     // The UNet sees [x; x] (+ the extension's rows) for CFG: one batched call per step.
     at::Tensor x = cfg ? at::cat({latents, latents}) : latents;  // [2B|B, C, h, w]
-    at::Tensor cond = base_cond;
+    Conditioning cond = base_cond;
     std::vector<int64_t> extra_rows;
-    at::Tensor extra;
     if (cfg && extension) {
-      extra = extension->embeddings(i, &extra_rows);
-      if (extra.defined() && extra.size(0) > 0) {
+      const Conditioning extra = extension->embeddings(i, &extra_rows);
+      if (extra.rows() > 0) {
         const at::Tensor rows = at::tensor(extra_rows, at::kLong).to(latents.device());
         x = at::cat({x, latents.index_select(0, rows)});  // [2B + E, C, h, w]
-        cond = at::cat({cond, extra});
+        cond = Conditioning::cat({cond, extra});
       }
     }
     x = scheduler.scale_model_input(x, i);

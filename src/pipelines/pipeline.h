@@ -20,14 +20,10 @@
 
 #include "model_folder.h"
 #include "scheduler.h"
+#include "text_conditioner.h"
 
 namespace fairdiff {
 
-struct PromptEmbeddings {
-  at::Tensor cond;                // [B, 77, D] prompt embeddings (clip skip applied)
-  at::Tensor uncond;              // [B, 77, D] negative prompt embeddings; undefined without CFG
-  std::vector<bool> truncated;    // per prompt: longer than the tokenizer's max length
-};
 
 // Extra conditioning evaluated in the same batched UNet call as CFG, and a rule
 // that turns all the estimates into the guidance term (semantic guidance).
@@ -37,9 +33,9 @@ class GuidanceExtension {
   // Called by denoise once before the first step: the number of steps (loop indices
   // 0 .. steps-1) and of images. A run starts here: reset per-run state.
   virtual void begin(size_t /*steps*/, int64_t /*batch_size*/) {}
-  // Rows of extra conditioning [E, 77, D] to evaluate at `step` (E may be 0), and
-  // for each row the batch item whose latents it is evaluated on.
-  virtual at::Tensor embeddings(size_t step, std::vector<int64_t>* latent_rows) = 0;
+  // Rows of extra conditioning (E rows, E may be 0) to evaluate at `step`, and for each
+  // row the batch item whose latents it is evaluated on.
+  virtual Conditioning embeddings(size_t step, std::vector<int64_t>* latent_rows) = 0;
   // g: the CFG term s_g (eps_t - eps_u) [B,C,h,w]; returns g plus this extension's term.
   virtual at::Tensor apply(size_t step, const at::Tensor& eps_uncond, const at::Tensor& eps_text,
                            const at::Tensor& eps_extra, const at::Tensor& g) = 0;
@@ -56,13 +52,12 @@ class StableDiffusionPipeline {
   int64_t vae_scale_factor() const;   // 2^(len(vae block_out_channels) - 1): 8 for SD
   int64_t latent_channels() const;    // the UNet's in_channels
 
-  // Token ids [N, 77] padded with the tokenizer's pad token; `truncate`: keep BOS +
-  // 75 tokens + EOS (StableDiffusionPipeline), else cut after 77 ids (the semantic
-  // pipeline's quirk: the EOS of a long prompt is lost).
+  // clip_token_ids (text_conditioner.h) with the model's tokenizer.
   at::Tensor token_ids(const std::vector<std::string>& prompts, bool truncate, std::vector<bool>* truncated) const;
 
-  // Prompt and negative prompt embeddings as encode_prompt computes them: clip skip
-  // applies to the prompts only (the reference encodes negatives without it).
+  // Prompt and negative prompt conditioning as encode_prompt computes them, by the model's
+  // TextConditioner: clip skip applies to the prompts only (the reference encodes
+  // negatives without it).
   PromptEmbeddings encode_prompts(const std::vector<std::string>& prompts, const std::vector<std::string>& negatives,
                                   int64_t clip_skip, bool classifier_free_guidance);
 
@@ -89,6 +84,7 @@ class StableDiffusionPipeline {
 
  private:
   StableDiffusionModel& model_;
+  std::unique_ptr<TextConditioner> conditioner_;
 };
 
 }  // namespace fairdiff

@@ -179,23 +179,18 @@ SemanticStep semantic_guidance_step(const SemanticGuidanceSettings& s, int64_t s
   return out;
 }
 
-at::Tensor encode_edit_prompts(StableDiffusionModel& model, const std::vector<std::string>& prompts) {
-  if (prompts.empty()) return {};
-  const StableDiffusionPipeline pipe(model);
-  const at::Tensor ids = pipe.token_ids(prompts, /*truncate=*/false, nullptr);  // [N, L]
-  const at::Device device = model.text_encoder->parameters().front().device();
-  model.use("text_encoder");
-  return model.text_encoder->forward(ids.to(device)).last_hidden_state;  // [N, L, D]
+Conditioning encode_edit_prompts(StableDiffusionModel& model, const std::vector<std::string>& prompts) {
+  return make_text_conditioner(model)->encode_edits(prompts);
 }
 
-SemanticGuidance::SemanticGuidance(at::Tensor edit_embeddings, SemanticGuidanceSettings settings)
+SemanticGuidance::SemanticGuidance(Conditioning edit_embeddings, SemanticGuidanceSettings settings)
     : table_(std::move(edit_embeddings)), settings_(std::move(settings)) {
-  if (table_.defined() && table_.dim() != 3) {
+  if (table_.defined() && table_.context.dim() != 3) {
     std::ostringstream ss;
-    ss << "edit embeddings must be [K, 77, D], got " << table_.sizes();
+    ss << "edit embeddings must be [K, 77, D], got " << table_.context.sizes();
     throw_bad_input("semantic guidance", ss.str());
   }
-  validate(settings_, table_.defined() ? table_.size(0) : 0, "semantic guidance");
+  validate(settings_, table_.rows(), "semantic guidance");
 }
 
 void SemanticGuidance::begin(size_t steps, int64_t batch_size) {
@@ -212,7 +207,7 @@ void SemanticGuidance::begin(size_t steps, int64_t batch_size) {
   rows_per_step_.clear();
 }
 
-at::Tensor SemanticGuidance::embeddings(size_t step, std::vector<int64_t>* latent_rows) {
+Conditioning SemanticGuidance::embeddings(size_t step, std::vector<int64_t>* latent_rows) {
   rows_ = edit_rows(settings_, static_cast<int64_t>(step), num_steps_, evaluate_all_);
   rows_step_ = step;
   if (rows_per_step_.size() <= step) rows_per_step_.resize(step + 1, 0);
@@ -224,8 +219,7 @@ at::Tensor SemanticGuidance::embeddings(size_t step, std::vector<int64_t>* laten
     latent_rows->push_back(r.image);
     embedding.push_back(r.embedding);
   }
-  const at::Tensor idx = at::tensor(embedding, at::TensorOptions(at::kLong)).to(table_.device());
-  return table_.index_select(0, idx);  // [E, L, D]
+  return table_.index_select(at::tensor(embedding, at::TensorOptions(at::kLong)));  // E rows
 }
 
 at::Tensor SemanticGuidance::apply(size_t step, const at::Tensor& eps_uncond, const at::Tensor& eps_text,

@@ -3,7 +3,7 @@
 // toward one group and image 1 toward another (Fair Diffusion).
 //
 //   // One embedding per edit prompt, encoded as the semantic pipeline encodes them.
-//   at::Tensor table = fairdiff::encode_edit_prompts(model, {"male person", "female person"});  // [K, 77, D]
+//   fairdiff::Conditioning table = fairdiff::encode_edit_prompts(model, {"male person", "female person"});  // K rows
 //   fairdiff::EditConcept base;                   // reference defaults; Fair Diffusion's settings:
 //   base.guidance_scale = 4; base.warmup_steps = 5; base.threshold = 0.95;
 //   fairdiff::SemanticGuidanceSettings s;
@@ -102,10 +102,10 @@ SemanticStep semantic_guidance_step(const SemanticGuidanceSettings& settings, in
                                     const at::Tensor& eps_uncond, const at::Tensor& eps_edit,
                                     const std::vector<EditRow>& rows, const at::Tensor& momentum);
 
-// Token ids without truncation cut after 77 ids (a long prompt loses its EOS), then the
-// text encoder's last hidden state: how the semantic pipeline encodes its prompts and
-// edit concepts. [N, 77, D] on the text encoder's device and dtype.
-at::Tensor encode_edit_prompts(StableDiffusionModel& model, const std::vector<std::string>& prompts);
+// How the semantic pipeline encodes its prompts and edit concepts (TextConditioner::
+// encode_edits; for CLIP: token ids cut after 77, so a long prompt loses its EOS, then the
+// last hidden state): N rows on the text encoder's device and dtype.
+Conditioning encode_edit_prompts(StableDiffusionModel& model, const std::vector<std::string>& prompts);
 
 // What one step saw and did (for parity checks and diagnostics).
 struct SemanticStepRecord {
@@ -121,11 +121,12 @@ struct SemanticStepRecord {
 // UNet call per step, and turns the estimates into guidance with semantic_guidance_step.
 class SemanticGuidance : public GuidanceExtension {
  public:
-  // edit_embeddings: [K, L, D] on the UNet's device and dtype; settings are validated here.
-  SemanticGuidance(at::Tensor edit_embeddings, SemanticGuidanceSettings settings);
+  // edit_embeddings: K rows ([K, L, D] context, and pooled / time ids where the model takes
+  // them) on the UNet's device and dtype; settings are validated here.
+  SemanticGuidance(Conditioning edit_embeddings, SemanticGuidanceSettings settings);
 
   void begin(size_t steps, int64_t batch_size) override;
-  at::Tensor embeddings(size_t step, std::vector<int64_t>* latent_rows) override;
+  Conditioning embeddings(size_t step, std::vector<int64_t>* latent_rows) override;
   at::Tensor apply(size_t step, const at::Tensor& eps_uncond, const at::Tensor& eps_text,
                    const at::Tensor& eps_extra, const at::Tensor& g) override;
 
@@ -143,7 +144,7 @@ class SemanticGuidance : public GuidanceExtension {
   const at::Tensor& momentum() const { return momentum_; }
 
  private:
-  at::Tensor table_;  // [K, L, D]
+  Conditioning table_;  // K rows
   SemanticGuidanceSettings settings_;
   int64_t num_steps_ = 0;  // 0 until begin(): unknown
   int64_t batch_ = 0;

@@ -366,8 +366,8 @@ int64_t merge_manifests(const std::string& out_dir) {
   return static_cast<int64_t>(merged.size());
 }
 
-FairnessRequest fairness_request(const GenerateOptions& o) {
-  FairnessRequest r;
+FairnessOptions fairness_options(const GenerateOptions& o) {
+  FairnessOptions r;
   r.fairness = o.fairness;
   r.fairness_file = o.fairness_file;
   r.attributes_dir = o.attributes_dir;
@@ -376,7 +376,7 @@ FairnessRequest fairness_request(const GenerateOptions& o) {
   return r;
 }
 
-FairnessSpec parse_fairness(const GenerateOptions& o) { return parse_fairness(fairness_request(o)); }
+FairnessSpec parse_fairness(const GenerateOptions& o) { return parse_fairness(fairness_options(o)); }
 
 void check_text_encoder(const std::string& model, const std::string& flag) {
   std::string missing;

@@ -23,7 +23,7 @@ std::string scheduler_override(const std::string& method, const std::string& sch
 std::map<int64_t, nlohmann::json> read_manifest(const std::string& path);
 
 // The fairness part of the options, and parse_fairness over it.
-FairnessRequest fairness_request(const GenerateOptions& options);
+FairnessOptions fairness_options(const GenerateOptions& options);
 FairnessSpec parse_fairness(const GenerateOptions& options);
 
 // Resume safety (run_plan.cpp): `done` holds the records already in the manifest of --out.

@@ -1,1 +1,405 @@
-// placeholder
+// The embedding API: Model::load, set_fairness, generate. A batch is the reference's
+// pipeline call: encode prompts, per-image noise, denoise with CFG and each image's edit
+// concepts in one UNet call per step, decode, and the record of everything that made it.
+#include <c10/core/InferenceMode.h>
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <filesystem>
+#include <map>
+
+#include "data_paths.h"
+#include "fairdiff/error.h"
+#include "fs_util.h"
+#include "model_impl.h"
+#include "run_plan.h"
+#include "runtime.h"
+#include "sha256.h"
+#include "single_file.h"
+
+namespace fs = std::filesystem;
+
+namespace fairdiff {
+namespace {
+
+constexpr const char* kVersion = "fairdiff 0.1.0";
+
+bool is_single_file(const std::string& model) { return !is_directory(model); }
+
+// 1. Where and in what precision the networks run.
+LoadOptions resolve_runtime(const ModelOptions& o) {
+  LoadOptions lo;
+  lo.dtype = o.dtype == "fp16" ? at::kHalf : o.dtype == "bf16" ? at::kBFloat16 : at::kFloat;
+  lo.prepack_convolutions = o.prepack_weights;
+  if (o.device == "auto") {
+    lo.device = at::hasCUDA() ? at::Device(at::kCUDA) : at::Device(at::kCPU);
+  } else {
+    try {
+      lo.device = at::Device(o.device);
+    } catch (const std::exception&) {
+      throw_bad_input("--device", "\"" + o.device + "\" is not a device", "use cpu, cuda or cuda:N");
+    }
+    if (lo.device.is_cuda() && !at::hasCUDA())
+      throw_bad_input("--device", "CUDA is not available in this build or on this machine", "use --device cpu");
+  }
+  if (lo.device.is_cpu() && lo.dtype == at::kHalf)
+    throw_bad_input("--dtype", "fp16 needs a CUDA device", "use --dtype bf16 or fp32 on the CPU");
+  return lo;
+}
+
+// 2. The networks, from a diffusers folder or a single-file checkpoint.
+StableDiffusionModel load_networks(const ModelOptions& o, const LoadOptions& lo) {
+  StableDiffusionModel model;
+  if (is_single_file(o.model)) {
+    if (o.tokenizer_dir.empty())
+      throw_bad_input(o.model, "a single-file checkpoint carries no tokenizer",
+                      "pass --tokenizer DIR (the tokenizer/ folder of a diffusers release of the same family)");
+    SingleFileOptions sf;
+    sf.prediction_type = o.prediction_type;
+    model = load_single_file(o.model, o.tokenizer_dir, lo, sf);
+  } else {
+    model = load_model_folder(o.model, lo);
+  }
+  // As diffusers does: a half-precision SD VAE overflows, so it decodes in float32.
+  if (lo.dtype == at::kHalf && model.vae->config().force_upcast) model.vae->to(at::kFloat);
+  if (o.vae_tile != 0) {
+    const int64_t f = model.vae->config().scale_factor();
+    if (o.vae_tile > 0 && o.vae_tile % f != 0)
+      throw_bad_input("--vae-tiling", "a tile of " + std::to_string(o.vae_tile) +
+                                          " pixels is not a multiple of the VAE's scale factor " + std::to_string(f));
+    model.vae->enable_tiling(o.vae_tile < 0 ? -1 : o.vae_tile / f);
+  }
+  return model;
+}
+
+std::string weights_file(const std::string& model) {
+  return is_single_file(model) ? model : component_weights(model + "/unet", "diffusion_pytorch_model");
+}
+
+std::string model_name(const std::string& model) {
+  fs::path p = fs::path(model).lexically_normal();
+  if (p.filename().empty()) p = p.parent_path();
+  return is_single_file(model) ? p.stem().string() : p.filename().string();
+}
+
+// A1111's sampler and schedule names for what will run.
+std::pair<std::string, std::string> a1111_sampler(const Scheduler& s, bool karras) {
+  static const std::map<std::string, std::string> kNames = {
+      {"PNDMScheduler", "PLMS"},           {"DDIMScheduler", "DDIM"},
+      {"EulerDiscreteScheduler", "Euler"}, {"EulerAncestralDiscreteScheduler", "Euler a"},
+      {"DPMSolverMultistepScheduler", "DPM++ 2M"}, {"LMSDiscreteScheduler", "LMS"}};
+  auto it = kNames.find(s.name());
+  return {it == kNames.end() ? s.name() : it->second, karras ? "Karras" : "Automatic"};
+}
+
+FairEdits fair_edits(const FairnessSpec& spec) {
+  FairEdits e;
+  for (size_t a = 0; a < spec.targets.size(); ++a) {
+    const Attribute& attr = spec.targets[a].attribute;
+    e.rows.emplace_back(attr.groups.size());
+    for (size_t g = 0; g < attr.groups.size(); ++g)
+      for (const std::string& prompt : attr.groups[g].edit_prompts) {
+        e.rows[a][g].push_back(static_cast<int64_t>(e.prompts.size()));
+        e.prompts.push_back(prompt);
+        e.owner.emplace_back(a, g);
+      }
+  }
+  return e;
+}
+
+// Index of each assigned group in its attribute; BadInput when an image names another
+// attribute or an unknown group.
+std::vector<int64_t> group_indices(const FairnessSpec& spec, const GroupAssignment& groups) {
+  if (groups.size() != spec.targets.size())
+    throw_bad_input("fairness", "an image assigns " + std::to_string(groups.size()) + " attributes, the instruction has " +
+                                    std::to_string(spec.targets.size()),
+                    "assign one group per attribute, in the instruction's order (Model::assign_groups)");
+  std::vector<int64_t> out;
+  for (size_t a = 0; a < spec.targets.size(); ++a) {
+    const Attribute& attr = spec.targets[a].attribute;
+    if (groups[a].first != attr.name)
+      throw_bad_input("fairness", "attribute " + std::to_string(a) + " is \"" + attr.name + "\", the image names \"" +
+                                      groups[a].first + "\"");
+    int64_t target = -1;
+    for (size_t g = 0; g < attr.groups.size(); ++g)
+      if (attr.groups[g].name == groups[a].second) target = static_cast<int64_t>(g);
+    if (target < 0) throw_bad_input("fairness", "\"" + groups[a].second + "\" is not a group of " + attr.name);
+    out.push_back(target);
+  }
+  return out;
+}
+
+// One image's concepts: per attribute, the assigned group's prompts forward, every other
+// group's reversed (exact), or the assigned group's only (fast).
+std::vector<EditConcept> fair_concepts(const FairnessSpec& spec, const FairEdits& edits, const GroupAssignment& groups) {
+  std::vector<EditConcept> concepts;
+  if (groups.empty()) return concepts;
+  const std::vector<int64_t> targets = group_indices(spec, groups);
+  const bool fast = spec.mode == "fast";
+  for (size_t a = 0; a < spec.targets.size(); ++a) {
+    const Attribute& attr = spec.targets[a].attribute;
+    EditConcept base;
+    base.guidance_scale = attr.defaults.edit_guidance_scale;
+    base.threshold = attr.defaults.edit_threshold;
+    base.warmup_steps = attr.defaults.edit_warmup_steps;
+    // steer_toward gives concept k for group k; each group's prompts share its direction.
+    const std::vector<EditConcept> per_group =
+        steer_toward(targets[a], static_cast<int64_t>(attr.groups.size()), base);
+    for (size_t g = 0; g < attr.groups.size(); ++g)
+      for (int64_t row : edits.rows[a][g]) {
+        if (fast && static_cast<int64_t>(g) != targets[a]) continue;
+        EditConcept c = per_group[g];
+        c.embedding = row;
+        concepts.push_back(c);
+      }
+  }
+  return concepts;
+}
+
+nlohmann::json fair_record(const FairnessSpec& spec, const FairEdits& edits, const std::string& assignment,
+                           const GroupAssignment& assigned, const std::vector<EditConcept>& concepts) {
+  nlohmann::json groups = nlohmann::json::object(), list = nlohmann::json::array();
+  for (const auto& [attribute, group] : assigned) groups[attribute] = group;
+  for (const EditConcept& c : concepts) {
+    const auto [a, g] = edits.owner[static_cast<size_t>(c.embedding)];
+    list.push_back({{"attribute", spec.targets[a].attribute.name},
+                    {"group", spec.targets[a].attribute.groups[g].name},
+                    {"prompt", edits.prompts[static_cast<size_t>(c.embedding)]},
+                    {"reverse", c.reverse},
+                    {"guidance_scale", c.guidance_scale},
+                    {"threshold", c.threshold},
+                    {"warmup_steps", c.warmup_steps}});
+  }
+  const EditDefaults& d = spec.targets.front().attribute.defaults;
+  // targets: the instruction itself, so an audit can compare what came out with what was asked
+  // (and resume can tell another run's folder: run_plan.cpp compares the same record).
+  nlohmann::json record = {{"assignment", assignment}, {"mode", spec.mode},           {"groups", groups},
+                           {"targets", targets_record(spec)}, {"edits", list},
+                           {"momentum_scale", d.edit_momentum_scale}, {"momentum_beta", d.edit_mom_beta}};
+  if (spec.joint) record["joint"] = joint_record(spec);
+  return record;
+}
+
+void check_settings(const SamplingSettings& s) {
+  if (s.steps < 1) throw_bad_input("steps", std::to_string(s.steps) + " is less than 1", "use e.g. 50 steps");
+  for (auto [name, v] : {std::pair{"width", s.width}, {"height", s.height}})
+    if (v < 8 || v % 8 != 0)
+      throw_bad_input(name, std::to_string(v) + " is not a positive multiple of 8", "use a size such as 512 or 768");
+  if (s.clip_skip < 0) throw_bad_input("clip_skip", "must be non-negative");
+}
+
+}  // namespace
+
+std::string default_model() {
+  if (const char* env = std::getenv("FAIRDIFF_MODEL"); env && *env) return env;
+  return find_data("models/toy");
+}
+
+void configure_process(int threads) {
+  configure_threads(threads);  // LibTorch alone may use one thread on 2-vCPU machines (see runtime.h)
+  configure_allocator();       // keep freed activations for reuse: page faults cost more than the math
+}
+
+// ---------------------------------------------------------------------------------------
+// Model::Impl
+// ---------------------------------------------------------------------------------------
+
+const std::string& Model::Impl::model_hash() {
+  if (hash_.empty()) hash_ = sha256_file(weights_file(options.model)).substr(0, 10);
+  return hash_;
+}
+
+GeneratedBatch Model::Impl::generate(const std::vector<ImageRequest>& batch, const SamplingSettings& in,
+                                     const ProgressCallback& on_step) {
+  c10::InferenceMode inference;
+  SamplingSettings s = in;
+  if (s.width == 0) s.width = native_width;
+  if (s.height == 0) s.height = native_height;
+  check_settings(s);
+  const int64_t B = static_cast<int64_t>(batch.size());
+  GeneratedBatch out;
+  if (B == 0) return out;
+
+  // 1. The instruction: each image's concepts (checked before any work).
+  const bool cfg = s.cfg_scale > 1.0;
+  std::vector<std::vector<EditConcept>> concepts;
+  bool steered = false;
+  for (const ImageRequest& r : batch) {
+    if (!r.groups.empty() && !fairness.enabled())
+      throw_bad_input("fairness", "an image is assigned groups but no fairness instruction is set",
+                      "call set_fairness first");
+    concepts.push_back(fair_concepts(fairness, edits, r.groups));
+    steered = steered || !r.groups.empty();
+  }
+  if (steered && !cfg)
+    throw_bad_input("cfg_scale", python_float(s.cfg_scale) + ": semantic guidance needs it above 1",
+                    "use e.g. a guidance scale of 7");
+
+  // 2. The scheduler, fresh for the batch.
+  const std::string override_name = scheduler_override(s.sampling_method, s.scheduler);
+  const std::string where =
+      is_single_file(options.model) ? options.model : options.model + "/scheduler/scheduler_config.json";
+  auto scheduler = make_scheduler(sd.scheduler_config, override_name, where);
+  const bool karras = override_name.find("karras") != std::string::npos ||
+                      (override_name.empty() && sd.scheduler_config.value("use_karras_sigmas", false));
+  const auto [sampler_name, schedule_type] = a1111_sampler(*scheduler, karras);
+  scheduler->set_timesteps(s.steps);
+
+  // 3. Prompts, noise and the edit rows.
+  std::vector<std::string> prompts, negatives;
+  std::vector<int64_t> seeds;
+  for (const ImageRequest& r : batch) {
+    prompts.push_back(r.prompt);
+    negatives.push_back(r.negative_prompt);
+    seeds.push_back(r.seed);
+  }
+  const PromptEmbeddings emb = pipe->encode_prompts(prompts, negatives, s.clip_skip, cfg);
+  for (int64_t i = 0; i < B; ++i)
+    if (emb.truncated[static_cast<size_t>(i)] && warned_truncated.insert(prompts[static_cast<size_t>(i)]).second)
+      spdlog::warn("prompt truncated at {} tokens: \"{}\"", sd.tokenizer->model_max_length(), prompts[static_cast<size_t>(i)]);
+  std::vector<at::Generator> generators;
+  const at::Tensor noise = pipe->initial_noise(seeds, s.height, s.width, &generators);
+  std::unique_ptr<SemanticGuidance> sega;
+  if (steered) {
+    // Every group's edit prompts, encoded once per instruction.
+    if (!edit_table.defined()) edit_table = encode_edit_prompts(sd, edits.prompts).to(pipe->device(), pipe->dtype());
+    SemanticGuidanceSettings settings;
+    settings.momentum_scale = fairness.targets.front().attribute.defaults.edit_momentum_scale;
+    settings.momentum_beta = fairness.targets.front().attribute.defaults.edit_mom_beta;
+    settings.images = concepts;
+    sega = std::make_unique<SemanticGuidance>(edit_table, std::move(settings));
+  }
+
+  // 4. Denoise, 5. decode.
+  auto last = std::chrono::steady_clock::now();
+  const at::Tensor latents = pipe->denoise(
+      *scheduler, noise, emb, s.cfg_scale, &generators,
+      [&](size_t step, size_t steps, const at::Tensor&) {
+        const auto now = std::chrono::steady_clock::now();
+        if (on_step) on_step({step, steps, B, std::chrono::duration<double>(now - last).count()});
+        last = now;
+      },
+      sega.get());
+  out.pixels = StableDiffusionPipeline::to_uint8(StableDiffusionPipeline::to_image(pipe->decode(latents)));
+
+  // 6. What made each image: A1111's parameters and the full record (nothing that varies
+  // between runs, so an image's bytes depend only on the image).
+  const std::string& hash = model_hash();
+  for (int64_t i = 0; i < B; ++i) {
+    const ImageRequest& r = batch[static_cast<size_t>(i)];
+    Infotext info;
+    info.prompt = r.prompt;
+    info.negative_prompt = r.negative_prompt;
+    info.params = {{"Steps", std::to_string(s.steps)},
+                   {"Sampler", sampler_name},
+                   {"Schedule type", schedule_type},
+                   {"CFG scale", python_float(s.cfg_scale)},
+                   {"Seed", std::to_string(r.seed)},
+                   {"Size", std::to_string(s.width) + "x" + std::to_string(s.height)},
+                   {"Model hash", hash},
+                   {"Model", name}};
+    // diffusers' clip_skip k skips k layers; A1111 counts the last layer as 1.
+    if (s.clip_skip > 0) info.params.emplace_back("Clip skip", std::to_string(s.clip_skip + 1));
+    if (!r.groups.empty()) info.params.emplace_back("Fairness", fairness_label(r.groups));
+    info.params.emplace_back("Version", kVersion);
+    nlohmann::json record = {{"prompt", r.prompt},         {"negative_prompt", r.negative_prompt},
+                             {"seed", r.seed},             {"steps", s.steps},
+                             {"scheduler", scheduler->name()}, {"sampler", sampler_name},
+                             {"schedule_type", schedule_type}, {"guidance_scale", s.cfg_scale},
+                             {"width", s.width},           {"height", s.height},
+                             {"clip_skip", s.clip_skip},   {"model", name},
+                             {"model_hash", hash},         {"dtype", options.dtype},
+                             {"version", kVersion}};
+    if (!r.groups.empty())
+      record["fairness"] = fair_record(fairness, edits, fairness_options.assignment, r.groups,
+                                       concepts[static_cast<size_t>(i)]);
+    // Tiles change the pixels near their seams: recorded (in pixels) when used.
+    if (sd.vae->tiling()) record["vae_tile"] = sd.vae->tile_latent_size() * sd.vae->config().scale_factor();
+    out.infotexts.push_back(std::move(info));
+    out.records.push_back(std::move(record));
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// Model
+// ---------------------------------------------------------------------------------------
+
+Model::Model(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Model::Model(Model&&) noexcept = default;
+Model& Model::operator=(Model&&) noexcept = default;
+Model::~Model() = default;
+
+Model Model::load(const ModelOptions& options) {
+  c10::InferenceMode inference;
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  if (impl->options.model.empty()) impl->options.model = default_model();
+  if (impl->options.model.empty())
+    throw_bad_input("--model", "no model given and none found (FAIRDIFF_MODEL, share/fairdiff/models/toy)",
+                    "pass --model DIR (a diffusers folder) or FILE.safetensors");
+  if (!fs::exists(impl->options.model))
+    throw_bad_input(impl->options.model, "model not found", "pass a diffusers model folder or a .safetensors checkpoint");
+  const LoadOptions lo = resolve_runtime(impl->options);
+  impl->sd = load_networks(impl->options, lo);
+  impl->pipe = std::make_unique<StableDiffusionPipeline>(impl->sd);
+  impl->name = model_name(impl->options.model);
+  impl->device_name = lo.device.str();
+  const int64_t f = impl->pipe->vae_scale_factor();
+  const auto& sample_size = impl->sd.unet->config().sample_size;  // latent pixels: [size] or [height, width]
+  impl->native_height = (sample_size.empty() ? 64 : sample_size.front()) * f;
+  impl->native_width = (sample_size.empty() ? 64 : sample_size.back()) * f;
+  return Model(std::move(impl));
+}
+
+const ModelOptions& Model::options() const { return impl_->options; }
+std::string Model::name() const { return impl_->name; }
+std::string Model::device() const { return impl_->device_name; }
+int64_t Model::native_width() const { return impl_->native_width; }
+int64_t Model::native_height() const { return impl_->native_height; }
+Model::Impl& Model::impl() { return *impl_; }
+
+void Model::set_fairness(const FairnessOptions& options) {
+  FairnessSpec spec = parse_fairness(options);
+  if (spec.enabled() && !impl_->sd.text_encoder)
+    throw_bad_input("fairness", "needs the model's text encoder to embed the edit prompts; " + impl_->options.model +
+                                    " has none", "use a model with a text encoder");
+  impl_->fairness_options = options;
+  impl_->fairness = std::move(spec);
+  impl_->edits = fair_edits(impl_->fairness);
+  impl_->edit_table = Conditioning();
+}
+
+bool Model::fairness_enabled() const { return impl_->fairness.enabled(); }
+
+std::vector<GroupAssignment> Model::assign_groups(int64_t n, int64_t seed, int64_t prompt_index) const {
+  const FairnessSpec& spec = impl_->fairness;
+  const auto indices = fairdiff::assign_groups(spec, impl_->fairness_options.assignment, seed, prompt_index, n);
+  std::vector<GroupAssignment> out(static_cast<size_t>(n));
+  if (!spec.enabled()) return out;
+  for (size_t k = 0; k < out.size(); ++k)
+    for (size_t a = 0; a < spec.targets.size(); ++a) {
+      const Attribute& attr = spec.targets[a].attribute;
+      out[k].emplace_back(attr.name, attr.groups[static_cast<size_t>(indices[k][a])].name);
+    }
+  return out;
+}
+
+std::vector<Image> Model::generate(const std::vector<ImageRequest>& batch, const SamplingSettings& settings,
+                                   const ProgressCallback& on_step) {
+  const GeneratedBatch g = impl_->generate(batch, settings, on_step);
+  std::vector<Image> images;
+  for (size_t i = 0; i < g.records.size(); ++i) {
+    const at::Tensor rgb = g.pixels[static_cast<int64_t>(i)].contiguous();  // [H, W, 3]
+    Image im;
+    im.height = rgb.size(0);
+    im.width = rgb.size(1);
+    im.rgb.assign(rgb.data_ptr<uint8_t>(), rgb.data_ptr<uint8_t>() + rgb.numel());
+    im.parameters = format_infotext(g.infotexts[i]);
+    im.record = g.records[i].dump();
+    images.push_back(std::move(im));
+  }
+  return images;
+}
+
+}  // namespace fairdiff

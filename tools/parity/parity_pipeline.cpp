@@ -44,8 +44,8 @@ void sd_pipeline(ParityCase& c) {
   const at::Tensor latents = pipe.denoise(*scheduler, noise, emb, guidance, generators.empty() ? nullptr : &generators,
                                           [&](size_t, size_t, const at::Tensor& x) { step_latents.push_back(x); });
   const at::Tensor decoded = pipe.decode(latents);
-  if (c.has_output("prompt_embeds")) c.check("prompt_embeds", emb.cond);
-  if (c.has_output("negative_prompt_embeds") && emb.uncond.defined()) c.check("negative_prompt_embeds", emb.uncond);
+  if (c.has_output("prompt_embeds")) c.check("prompt_embeds", emb.cond.context);
+  if (c.has_output("negative_prompt_embeds") && emb.uncond.defined()) c.check("negative_prompt_embeds", emb.uncond.context);
   if (c.has_output("step_latents")) c.check("step_latents", at::stack(step_latents));
   c.check("latents", latents);
   if (c.has_output("decoded")) c.check("decoded", decoded);

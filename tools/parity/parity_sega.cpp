@@ -66,7 +66,7 @@ void sega_pipeline(ParityCase& c) {
   emb.uncond = model.text_encoder->forward(pipe.token_ids(negatives, /*truncate=*/true, nullptr).to(pipe.device()))
                    .last_hidden_state;
   const std::vector<std::string> concepts = strings_param(p, "editing_prompt");
-  const at::Tensor table = encode_edit_prompts(model, concepts);  // [K, 77, D], concept k = row k
+  const Conditioning table = encode_edit_prompts(model, concepts);  // K rows, concept k = row k
 
   // The reference's per-concept arguments, the same for every image.
   SemanticGuidanceSettings settings;

@@ -1,0 +1,47 @@
+// The settings shared by the embedding API (model.h) and the job API (generate.h).
+// Torch-free; defaults are the reference's (diffusers) or stable-diffusion.cpp's.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace fairdiff {
+
+// Which model, on which device, in which precision. Fixed when the model is loaded.
+struct ModelOptions {
+  std::string model;            // diffusers folder or single-file .safetensors ("" = default_model())
+  std::string tokenizer_dir;    // for single-file checkpoints (a diffusers tokenizer/ folder)
+  std::string prediction_type;  // override for single-file SD 2.x: epsilon | v_prediction
+  std::string dtype = "fp32";   // fp32 | fp16 (CUDA) | bf16
+  std::string device = "auto";  // auto | cpu | cuda | cuda:N
+  // VAE decode in overlapping tiles (diffusers' enable_tiling): 0 = off; -1 = the VAE's
+  // sample_size; else the tile in image pixels, a multiple of the VAE's scale factor.
+  int64_t vae_tile = 0;
+  // CPU: every convolution weight reordered once into oneDNN's layout at load (faster steps,
+  // slower load). Images agree with a plain run to float rounding, not always bit for bit.
+  bool prepack_weights = false;
+};
+
+// How one batch of images is sampled: every image of a batch shares these.
+struct SamplingSettings {
+  int64_t steps = 50;
+  double cfg_scale = 7.5;
+  int64_t width = 0, height = 0;  // 0 = the model's native size
+  int64_t clip_skip = 0;          // diffusers' meaning: layers skipped from the end (A1111 "Clip skip" - 1)
+  std::string sampling_method;    // "" = the model's scheduler; pndm, ddim, euler, euler_a, dpm++2m, lms
+  std::string scheduler;          // "" / discrete or karras
+};
+
+// Fair Diffusion's instruction: which attributes to balance and toward which shares.
+struct FairnessOptions {
+  std::vector<std::string> fairness;  // "gender=50:50", "gender=female:30,male:70"; one per attribute
+  std::string fairness_file;          // JSON {"attributes": [{"name", "targets", ...}], "joint": ...}
+  std::string attributes_dir;         // attribute library ("" = configs/attributes found at run time)
+  std::string assignment = "quota";   // quota (exact counts per prompt, shuffled) | random (independent draws)
+  // exact: the assigned group's concepts forward, every other group's reversed (2 + groups
+  // UNet rows per image); fast: the assigned group's concepts only (3 rows per image).
+  std::string mode = "exact";
+};
+
+}  // namespace fairdiff
