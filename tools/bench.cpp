@@ -74,6 +74,7 @@
 #include "runtime.h"
 #include "scheduler.h"
 #include "tensor_io.h"
+#include "tool_main.h"
 
 namespace {
 
@@ -907,22 +908,5 @@ int main(int argc, char** argv) {
   app.add_flag("--vae-tiling{-1}", o.vae_tile, "decode in tiles (the VAE's sample_size, or --vae-tiling=PX)");
   app.add_option("--save-random-model", o.save_random_model,
                  "write the random SD 1.5 (float32) as a diffusers folder DIR and exit; bench it with --model DIR");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    const int rc = app.exit(e);
-    return rc == 0 ? 0 : 2;
-  }
-  try {
-    return run(o);
-  } catch (const fairdiff::Error& e) {
-    std::fprintf(stderr, "fairdiff-bench: error: %s\n", e.what());
-    return fairdiff::exit_code(e.kind());
-  } catch (const c10::Error& e) {
-    std::fprintf(stderr, "fairdiff-bench: error: %s\n", e.what_without_backtrace());
-    return 1;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "fairdiff-bench: error: %s\n", e.what());
-    return 1;
-  }
+  return fairdiff::tools::run_tool("fairdiff-bench", app, argc, argv, [&] { return run(o); });
 }

@@ -25,6 +25,7 @@
 #include "fairdiff/audit.h"
 #include "fairdiff/error.h"
 #include "fairdiff/generate.h"
+#include "tool_main.h"
 
 namespace fs = std::filesystem;
 
@@ -173,20 +174,8 @@ int main(int argc, char** argv) {
   app.add_option("--seed", o.seed, "seed of image 0")->capture_default_str();
   app.add_option("--threads", o.threads, "CPU threads")->capture_default_str();
   app.add_option("--out", o.out, "where the runs are written")->capture_default_str();
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    const int rc = app.exit(e);
-    return rc == 0 ? 0 : 2;
-  }
-  try {
+  return fairdiff::tools::run_tool("fairdiff-dtype-error", app, argc, argv, [&] {
     if (o.model.empty()) fairdiff::throw_bad_input("--model", "no model given and models/toy not found");
     return run(o);
-  } catch (const fairdiff::Error& e) {
-    std::fprintf(stderr, "fairdiff-dtype-error: error: %s\n", e.what());
-    return fairdiff::exit_code(e.kind());
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "fairdiff-dtype-error: error: %s\n", e.what());
-    return 1;
-  }
+  });
 }

@@ -22,6 +22,7 @@
 #include "fairdiff/audit.h"
 #include "fairdiff/error.h"
 #include "fairdiff/generate.h"
+#include "tool_main.h"
 
 namespace fs = std::filesystem;
 
@@ -170,16 +171,9 @@ int main(int argc, char** argv) {
   app.add_option("--check", o.check,
                  "fail unless every guided share is within this many points of its target and the unguided "
                  "runs of targets against the bias miss by twice as much");
-  CLI11_PARSE(app, argc, argv);
-  try {
+  return fairdiff::tools::run_tool("fairdiff-fairness-bench", app, argc, argv, [&] {
     if (o.model.empty()) o.model = fairdiff::default_model();
     if (o.model.empty()) throw fairdiff::Error(fairdiff::ErrorKind::BadInput, "--model", "models/toy is missing: pass --model");
     return run(o);
-  } catch (const fairdiff::Error& e) {
-    std::fprintf(stderr, "fairdiff-fairness-bench: error: %s\n", e.what());
-    return fairdiff::exit_code(e.kind());
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "fairdiff-fairness-bench: error: %s\n", e.what());
-    return 1;
-  }
+  });
 }
