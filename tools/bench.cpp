@@ -74,6 +74,7 @@
 #include "runtime.h"
 #include "scheduler.h"
 #include "tensor_io.h"
+#include "tool_main.h"
 
 namespace {
 
@@ -147,49 +148,88 @@ struct PeakTracker {
 // The machine's arithmetic peak: independent FMA chains, enough of them to cover the FMA
 // latency on two ports, on every thread at once. No memory traffic: an upper bound that no
 // real kernel reaches, and the yardstick for "share of peak".
+//
+// One loop, chains(), for every instruction set; an Isa names its vector type and its
+// instructions. Each Isa's functions carry its target attribute, and the entry points
+// (fma_avx512, ...) carry it too and flatten: everything is inlined into a function built
+// for that instruction set, which the caller picks at run time.
 
-__attribute__((target("avx512f"))) double fma_avx512(int64_t iters) {
-  __m512 acc[16];
-  for (int j = 0; j < 16; ++j) acc[j] = _mm512_set1_ps(1.0f + 1e-3f * static_cast<float>(j));
-  const __m512 a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-7f);
+template <class Isa>
+double chains(int64_t iters) {
+  typename Isa::Acc acc[16];
+  typename Isa::Operand a, b;
+  for (int j = 0; j < 16; ++j) Isa::start(acc[j], j);
+  Isa::operands(a, b);
   for (int64_t i = 0; i < iters; ++i)
-    for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(acc[j], a, b);
+    for (int j = 0; j < 16; ++j) Isa::step(acc[j], a, b);
   float sum = 0;
-  for (int j = 0; j < 16; ++j) sum += _mm512_reduce_add_ps(acc[j]);
+  for (int j = 0; j < 16; ++j) sum += Isa::sum(acc[j]);
   volatile float sink = sum;
   (void)sink;
-  return static_cast<double>(iters) * 16 * 16 * 2;  // FLOPs
+  return static_cast<double>(iters) * 16 * Isa::kFlops;  // FLOPs
 }
 
-__attribute__((target("avx2,fma"))) double fma_avx2(int64_t iters) {
-  __m256 acc[16];
-  for (int j = 0; j < 16; ++j) acc[j] = _mm256_set1_ps(1.0f + 1e-3f * static_cast<float>(j));
-  const __m256 a = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-7f);
-  for (int64_t i = 0; i < iters; ++i)
-    for (int j = 0; j < 16; ++j) acc[j] = _mm256_fmadd_ps(acc[j], a, b);
-  alignas(32) float lanes[8];
-  float sum = 0;
-  for (int j = 0; j < 16; ++j) {
-    _mm256_store_ps(lanes, acc[j]);
-    for (float v : lanes) sum += v;
+// FMA chains on a vector of Vec::kLanes floats: start at 1 + j/1000, multiply by 0.999999
+// and add 1e-7 (no overflow, no denormals), 2 FLOPs a lane an instruction.
+template <class Vec>
+struct Fma {
+  using Acc = typename Vec::V;
+  using Operand = typename Vec::V;
+  static constexpr double kFlops = Vec::kLanes * 2;
+  static void start(Acc& acc, int j) { Vec::set1(acc, 1.0f + 1e-3f * static_cast<float>(j)); }
+  static void operands(Operand& a, Operand& b) {
+    Vec::set1(a, 0.999999f);
+    Vec::set1(b, 1e-7f);
   }
-  volatile float sink = sum;
-  (void)sink;
-  return static_cast<double>(iters) * 16 * 8 * 2;
-}
+  static void step(Acc& acc, const Operand& a, const Operand& b) { Vec::fmadd(acc, a, b); }
+  static float sum(const Acc& acc) { return Vec::sum(acc); }
+};
+
+// The instructions of the two FMA instruction sets.
+struct Avx512 {
+  using V = __m512;
+  static constexpr int kLanes = 16;
+  __attribute__((target("avx512f"))) static void set1(V& v, float x) { v = _mm512_set1_ps(x); }
+  __attribute__((target("avx512f"))) static void fmadd(V& acc, const V& a, const V& b) { acc = _mm512_fmadd_ps(acc, a, b); }
+  __attribute__((target("avx512f"))) static float sum(const V& v) { return _mm512_reduce_add_ps(v); }
+};
+
+struct Avx2 {
+  using V = __m256;
+  static constexpr int kLanes = 8;
+  __attribute__((target("avx2,fma"))) static void set1(V& v, float x) { v = _mm256_set1_ps(x); }
+  __attribute__((target("avx2,fma"))) static void fmadd(V& acc, const V& a, const V& b) { acc = _mm256_fmadd_ps(acc, a, b); }
+  __attribute__((target("avx2,fma"))) static float sum(const V& v) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, v);
+    float s = 0;
+    for (float x : lanes) s += x;
+    return s;
+  }
+};
 
 // vdpbf16ps: 32 bf16 products summed pairwise into 16 float lanes, 64 FLOPs an instruction.
-__attribute__((target("avx512f,avx512bf16"))) double dot_bf16(int64_t iters) {
-  __m512 acc[16];
-  for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
-  const __m512bh a = (__m512bh)_mm512_set1_epi16(0x3f80), b = (__m512bh)_mm512_set1_epi16(0x3380);  // 1, ~6e-8
-  for (int64_t i = 0; i < iters; ++i)
-    for (int j = 0; j < 16; ++j) acc[j] = _mm512_dpbf16_ps(acc[j], a, b);
-  float sum = 0;
-  for (int j = 0; j < 16; ++j) sum += _mm512_reduce_add_ps(acc[j]);
-  volatile float sink = sum;
-  (void)sink;
-  return static_cast<double>(iters) * 16 * 64;
+struct Avx512Bf16Dot {
+  using Acc = __m512;
+  using Operand = __m512bh;
+  static constexpr double kFlops = 64;
+  __attribute__((target("avx512f,avx512bf16"))) static void start(Acc& acc, int) { acc = _mm512_setzero_ps(); }
+  __attribute__((target("avx512f,avx512bf16"))) static void operands(Operand& a, Operand& b) {
+    a = (__m512bh)_mm512_set1_epi16(0x3f80);  // 1
+    b = (__m512bh)_mm512_set1_epi16(0x3380);  // ~6e-8
+  }
+  __attribute__((target("avx512f,avx512bf16"))) static void step(Acc& acc, const Operand& a, const Operand& b) {
+    acc = _mm512_dpbf16_ps(acc, a, b);
+  }
+  __attribute__((target("avx512f,avx512bf16"))) static float sum(const Acc& acc) {
+    return _mm512_reduce_add_ps(acc);
+  }
+};
+
+__attribute__((target("avx512f"), flatten)) double fma_avx512(int64_t iters) { return chains<Fma<Avx512>>(iters); }
+__attribute__((target("avx2,fma"), flatten)) double fma_avx2(int64_t iters) { return chains<Fma<Avx2>>(iters); }
+__attribute__((target("avx512f,avx512bf16"), flatten)) double dot_bf16(int64_t iters) {
+  return chains<Avx512Bf16Dot>(iters);
 }
 
 // AMX (Sapphire Rapids and later): tdpbf16ps multiplies a 16x32 bf16 tile by a 32x16 one
@@ -541,6 +581,13 @@ std::function<void()> profile_sync(const at::Device& device) {
   return [device] { sync(at::ones({1}, at::TensorOptions().device(device))); };
 }
 
+// The initial noise of the benchmark's `batch` images (seeds 42, 43, ...) at size x size.
+at::Tensor bench_noise(StableDiffusionPipeline& pipe, int64_t batch, int64_t size, std::vector<at::Generator>* gens) {
+  std::vector<int64_t> seeds;
+  for (int64_t b = 0; b < batch; ++b) seeds.push_back(42 + b);
+  return pipe.initial_noise(seeds, size, size, gens);
+}
+
 // Runs the library's sampling loop over 1 + `steps` UNet calls and times each call.
 StepTimes time_steps(StableDiffusionPipeline& pipe, StableDiffusionModel& model, const Options& o,
                      const fairdiff::PromptEmbeddings& emb, int64_t size, int64_t steps,
@@ -552,9 +599,7 @@ StepTimes time_steps(StableDiffusionPipeline& pipe, StableDiffusionModel& model,
     if (static_cast<int64_t>(sched->timesteps().size()) >= 1 + steps) break;
   }
   std::vector<at::Generator> gens;
-  std::vector<int64_t> seeds;
-  for (int64_t b = 0; b < o.batch; ++b) seeds.push_back(42 + b);
-  const at::Tensor noise = pipe.initial_noise(seeds, size, size, &gens);
+  const at::Tensor noise = bench_noise(pipe, o.batch, size, &gens);
   StepTimes out;
   auto last = Clock::now();
   auto timed_start = last;
@@ -623,7 +668,17 @@ nlohmann::json kernels(const at::TensorOptions& to) {
           {"conv3x3_2x320x64x64_gflops", conv_flops / conv / 1e9}};
 }
 
-int run(const Options& o) {
+// The benchmark, as the steps of a generation (diffusers numbers those of __call__):
+//   1. check_options, load_options      the flags, once, before anything runs
+//   2. configure_runtime                threads and malloc
+//   3. measure_machine                  arithmetic peak and two kernels: the yardsticks
+//   4. load_model, describe_weights     build (random SD 1.5) or load a folder
+//   5. bench_text_encoder               a CFG pair of prompts per image
+//   6. bench_size, for each size:       UNet steps (bench_unet, bench_extra_rows), then
+//                                       the VAE decode (bench_vae)
+//   7. report                           peak memory, then the JSON line
+
+void check_options(const Options& o) {
   for (int64_t s : o.sizes)
     if (s <= 0 || s % 64 != 0)
       fairdiff::throw_bad_input("--sizes", "expected image sizes that are positive multiples of 64, found " +
@@ -633,38 +688,46 @@ int run(const Options& o) {
   if (o.fairness_rows < 0) fairdiff::throw_bad_input("--fairness-rows", "expected 0 or more rows per image");
   if (o.vae_tile < -1 || (o.vae_tile > 0 && (o.vae_tile < 32 || o.vae_tile % 8 != 0)))
     fairdiff::throw_bad_input("--vae-tiling", "expected a tile of at least 32 pixels, a multiple of 8");
-  const at::ScalarType dtype = parse_dtype(o.dtype);
-  const at::Device device = parse_device(o.device);
-  if (dtype == at::kHalf && device.is_cpu())
+}
+
+fairdiff::LoadOptions load_options(const Options& o) {
+  fairdiff::LoadOptions lo;
+  lo.dtype = parse_dtype(o.dtype);
+  lo.device = parse_device(o.device);
+  if (lo.dtype == at::kHalf && lo.device.is_cpu())
     fairdiff::throw_unsupported("--dtype fp16", "LibTorch 1.13 has no half-precision matmul on the CPU",
                                 "use --dtype bf16 or fp32 on the CPU, fp16 with --device cuda");
+  lo.prepack_convolutions = o.prepack;
+  return lo;
+}
 
+// Sets the threads and malloc as asked; returns the malloc setting, in words.
+std::string configure_runtime(const Options& o) {
   if (!o.libtorch_threads) fairdiff::configure_threads(o.threads);
   const bool allocator = !o.system_malloc && fairdiff::configure_allocator();
   const char* tunables = std::getenv("GLIBC_TUNABLES");
-  const std::string malloc_setting = allocator             ? "configure_allocator"
-                                     : tunables && *tunables ? std::string("GLIBC_TUNABLES=") + tunables
-                                                             : "glibc defaults";
-  c10::InferenceMode inference;
-  fairdiff::LoadOptions lo;
-  lo.dtype = dtype;
-  lo.device = device;
-  lo.prepack_convolutions = o.prepack;
+  return allocator               ? "configure_allocator"
+         : tunables && *tunables ? std::string("GLIBC_TUNABLES=") + tunables
+                                 : "glibc defaults";
+}
 
-  if (!o.save_random_model.empty()) {
-    if (dtype != at::kFloat || !device.is_cpu())
-      fairdiff::throw_bad_input("--save-random-model", "the random model is written in float32 from the CPU",
-                                "drop --dtype and --device");
-    double build_s = 0, init_s = 0;
-    fairdiff::LoadOptions dense = lo;
-    dense.prepack_convolutions = false;  // the weights are written out
-    StableDiffusionModel m = random_sd15(fixtures_root(o), dense, &build_s, &init_s);
-    const auto t0 = Clock::now();
-    save_random_model(m, fixtures_root(o), o.save_random_model);
-    std::printf("wrote %s (random SD 1.5, float32) in %.1f s\n", o.save_random_model.c_str(), seconds_since(t0));
-    return 0;
-  }
+// --save-random-model DIR: writes the random SD 1.5 and stops there.
+int save_random(const Options& o, const fairdiff::LoadOptions& lo) {
+  if (lo.dtype != at::kFloat || !lo.device.is_cpu())
+    fairdiff::throw_bad_input("--save-random-model", "the random model is written in float32 from the CPU",
+                              "drop --dtype and --device");
+  double build_s = 0, init_s = 0;
+  fairdiff::LoadOptions dense = lo;
+  dense.prepack_convolutions = false;  // the weights are written out
+  StableDiffusionModel m = random_sd15(fixtures_root(o), dense, &build_s, &init_s);
+  const auto t0 = Clock::now();
+  save_random_model(m, fixtures_root(o), o.save_random_model);
+  std::printf("wrote %s (random SD 1.5, float32) in %.1f s\n", o.save_random_model.c_str(), seconds_since(t0));
+  return 0;
+}
 
+// The first line of the output and of the report: where and how the benchmark runs.
+nlohmann::json start_report(const Options& o, const at::Device& device, const std::string& malloc_setting) {
   nlohmann::json report = {{"bench", "fairdiff"},
                            {"device", device.str()},
                            {"dtype", o.dtype},
@@ -675,15 +738,20 @@ int run(const Options& o) {
                            {"batch", o.batch},
                            {"prepack_weights", o.prepack},
                            {"load_average_at_start", load_average()}};
-
   std::printf("fairdiff-bench: %s, %s, %s%s, malloc %s; load average %.2f at start\n", device.str().c_str(),
               o.dtype.c_str(), fairdiff::thread_summary().c_str(), o.libtorch_threads ? " (LibTorch's default)" : "",
               malloc_setting.c_str(), load_average());
+  return report;
+}
+
+// The machine's peak and two kernels. Returns the peak GFLOP/s of this run's dtype: bf16
+// products run on the dot-product units where the CPU has them. On CUDA the CPU peak means
+// nothing: 0, and shares of peak are left out.
+double measure_machine(const Options& o, const fairdiff::LoadOptions& lo, nlohmann::json& report) {
   const MachinePeak mp = machine_peak(at::get_num_threads());
-  // The yardstick for this run's dtype: bf16 products run on the dot-product units where
-  // the CPU has them. On CUDA the CPU peak means nothing; shares are left out there.
-  const double peak = !device.is_cpu() ? 0 : dtype == at::kBFloat16 && mp.bf16_peak() > 0 ? mp.bf16_peak()
-                                                                                           : mp.fp32_gflops;
+  const double peak = !lo.device.is_cpu()                             ? 0
+                      : lo.dtype == at::kBFloat16 && mp.bf16_peak() > 0 ? mp.bf16_peak()
+                                                                        : mp.fp32_gflops;
   report["machine_peak"] = {{"fp32_kernel", mp.fp32_kernel},
                             {"fp32_gflops", mp.fp32_gflops},
                             {"bf16_dot_gflops", mp.bf16_gflops},
@@ -693,16 +761,15 @@ int run(const Options& o) {
               mp.fp32_gflops,
               mp.bf16_gflops > 0 ? (", bf16 dot product " + fmt("%.1f", mp.bf16_gflops) + " GFLOP/s").c_str() : "",
               mp.amx_gflops > 0 ? (", bf16 AMX tiles " + fmt("%.1f", mp.amx_gflops) + " GFLOP/s").c_str() : "");
-  const auto kern = kernels(at::TensorOptions(dtype).device(device));
+  const auto kern = kernels(at::TensorOptions(lo.dtype).device(lo.device));
   report["kernels"] = kern;
   std::printf("kernels (%s): matmul 2048x2048 %.1f GFLOP/s, conv3x3 2x320x64x64 %.1f GFLOP/s\n\n", o.dtype.c_str(),
               kern["matmul2048_gflops"].get<double>(), kern["conv3x3_2x320x64x64_gflops"].get<double>());
-  std::printf("%-36s %-9s %9s  %s\n", "measurement", "size", "seconds", "notes");
+  return peak;
+}
 
-  // Models.
-  fairdiff::release_free_memory();  // the probes' tensors are not the pipeline's
-  PeakTracker peaks;
-  peaks.end_phase();  // the phases below start here
+// The random SD 1.5 (no --model) or the model folder, with VAE tiling as asked.
+StableDiffusionModel load_model(const Options& o, const fairdiff::LoadOptions& lo, nlohmann::json& report) {
   StableDiffusionModel model;
   if (o.model.empty()) {
     double build_s = 0, init_s = 0;
@@ -711,7 +778,7 @@ int run(const Options& o) {
     report["build_s"] = build_s;
     report["random_init_s"] = init_s;
     row("build networks (from configs)", "-", build_s,
-        "SD 1.5 architecture, uninitialised" + std::string(dtype == at::kFloat ? "" : ", converted to " + o.dtype));
+        "SD 1.5 architecture, uninitialised" + std::string(lo.dtype == at::kFloat ? "" : ", converted to " + o.dtype));
     row("random init (normal_ fill)", "-", init_s, "not a cost of real use");
   } else {
     const auto t0 = Clock::now();
@@ -731,6 +798,11 @@ int run(const Options& o) {
     model.vae->enable_tiling(o.vae_tile < 0 ? -1 : o.vae_tile / f);
     report["vae_tile"] = model.vae->tile_latent_size() * f;
   }
+  return model;
+}
+
+// Parameters, weights and memory after loading (ends the load phase). Returns the GiB of weights.
+double describe_weights(StableDiffusionModel& model, PeakTracker& peaks, nlohmann::json& report) {
   const int64_t p_text = fairdiff::parameter_count(*model.text_encoder), p_unet = fairdiff::parameter_count(*model.unet),
                 p_vae = fairdiff::parameter_count(*model.vae);
   const double weights_gib =
@@ -744,16 +816,33 @@ int run(const Options& o) {
               "", "", "", status_gib("RssFile"), status_gib("RssAnon"));
   std::printf("%-36s %-9s %9s  text %.1fM, unet %.1fM, vae %.1fM parameters = %.2f GiB of weights; peak RSS %.2f GiB\n",
               "", "", "", p_text / 1e6, p_unet / 1e6, p_vae / 1e6, weights_gib, load_peak);
-  StableDiffusionPipeline pipe(model);
+  return weights_gib;
+}
 
-  // Text encoder: prompts and negatives in one call, as the pipeline does for CFG.
+// FLOPs of one text encoder call on [2B, 77] tokens. The text encoder is built from
+// torch::nn layers (not profiled op by op): its FLOPs from the weights' shapes instead,
+// 2 per weight per token of every linear layer plus the attention products (4 L^2 d per head).
+double text_encoder_flops(StableDiffusionModel& model, int64_t batch) {
+  const double tokens = 2.0 * static_cast<double>(batch) * 77;
+  double linear_weights = 0;
+  for (const auto& p : model.text_encoder->named_parameters())
+    if (p.value().dim() == 2 && p.key().find("embedding") == std::string::npos)
+      linear_weights += static_cast<double>(p.value().numel());
+  const auto& tc = model.text_encoder->config();
+  return 2 * tokens * linear_weights + 4.0 * tokens * 77 * static_cast<double>(tc.hidden_size * tc.num_hidden_layers);
+}
+
+// Text encoder: prompts and negatives in one call, as the pipeline does for CFG. Returns
+// the embeddings the UNet steps use.
+fairdiff::PromptEmbeddings bench_text_encoder(StableDiffusionPipeline& pipe, StableDiffusionModel& model,
+                                              const Options& o, double peak, nlohmann::json& report) {
   const std::vector<std::string> prompts(static_cast<size_t>(o.batch), "a photo of a doctor, portrait, studio light");
   const std::vector<std::string> negatives(static_cast<size_t>(o.batch), "");
   fairdiff::PromptEmbeddings emb = pipe.encode_prompts(prompts, negatives, 0, true);  // warm-up
   std::vector<double> te;
   fairdiff::profile::Totals te_profile{};
   {
-    fairdiff::profile::Session session(profile_sync(device));
+    fairdiff::profile::Session session(profile_sync(pipe.device()));
     for (int i = 0; i < 3; ++i) {
       const auto t0 = Clock::now();
       emb = pipe.encode_prompts(prompts, negatives, 0, true);
@@ -762,118 +851,164 @@ int run(const Options& o) {
     }
     te_profile = session.totals();
   }
-  report["text_encode_s"] = median(te);
-  row("text encode (CFG pair per image)", "-", median(te),
-      "batch " + std::to_string(2 * o.batch) + " x 77 tokens, median of 3");
-  {
-    // The text encoder is built from torch::nn layers (not profiled op by op): its FLOPs
-    // from the weights' shapes instead, 2 per weight per token of every linear layer plus
-    // the attention products (4 L^2 d per head), for the [2B, 77] tokens of one call.
-    const double tokens = 2.0 * static_cast<double>(o.batch) * 77;
-    double linear_weights = 0;
-    for (const auto& p : model.text_encoder->named_parameters())
-      if (p.value().dim() == 2 && p.key().find("embedding") == std::string::npos)
-        linear_weights += static_cast<double>(p.value().numel());
-    const auto& tc = model.text_encoder->config();
-    const double flops =
-        2 * tokens * linear_weights + 4.0 * tokens * 77 * static_cast<double>(tc.hidden_size * tc.num_hidden_layers);
-    const double s = median(te);
-    report["text_encode_gflop"] = flops / 1e9;
-    report["text_encode_gflops"] = flops / s / 1e9;
-    std::printf("  text encoder: %.1f GFLOP a call (from the weights' shapes), %.1f GFLOP/s, %.1f%% of peak\n",
-                flops / 1e9, flops / s / 1e9, peak > 0 ? 100 * flops / s / 1e9 / peak : 0.0);
-    if (te_profile[fairdiff::profile::kLinear].calls > 0)
-      report["text_encode_profile"] = profile_rows("text encoder", te_profile, te[0] + te[1] + te[2], 3, peak);
-  }
+  const double s = median(te);
+  report["text_encode_s"] = s;
+  row("text encode (CFG pair per image)", "-", s, "batch " + std::to_string(2 * o.batch) + " x 77 tokens, median of 3");
+  const double flops = text_encoder_flops(model, o.batch);
+  report["text_encode_gflop"] = flops / 1e9;
+  report["text_encode_gflops"] = flops / s / 1e9;
+  std::printf("  text encoder: %.1f GFLOP a call (from the weights' shapes), %.1f GFLOP/s, %.1f%% of peak\n",
+              flops / 1e9, flops / s / 1e9, peak > 0 ? 100 * flops / s / 1e9 / peak : 0.0);
+  if (te_profile[fairdiff::profile::kLinear].calls > 0)
+    report["text_encode_profile"] = profile_rows("text encoder", te_profile, te[0] + te[1] + te[2], 3, peak);
+  return emb;
+}
 
-  // Per size: UNet steps, the fairness variant, the VAE.
+// What the measurements of one size share.
+struct SizeBench {
+  StableDiffusionPipeline& pipe;
+  StableDiffusionModel& model;
+  const Options& o;
+  const fairdiff::PromptEmbeddings& emb;
+  double peak;  // GFLOP/s, 0 on CUDA
+  PeakTracker& peaks;
+  int64_t size;
+  std::string sz;  // "512x512"
+  int64_t steps;   // timed UNet steps
+};
+
+struct UNetResult {
+  double step_s = 0;  // mean of the timed steps
+  at::Tensor latents;
+  bool finite = true;
+};
+
+// CFG UNet steps at one size.
+UNetResult bench_unet(const SizeBench& b, nlohmann::json& r) {
+  const Options& o = b.o;
+  b.peaks.end_phase();
+  const StepTimes st = time_steps(b.pipe, b.model, o, b.emb, b.size, b.steps, nullptr, "CFG");
+  const double step_s = mean(st.timed);
+  r["warmup_step_s"] = st.warmup;
+  r["timed_steps"] = st.timed.size();
+  r["step_s"] = step_s;
+  const double step_min = st.timed.empty() ? 0 : *std::min_element(st.timed.begin(), st.timed.end());
+  r["step_min_s"] = step_min;
+  r["step_per_image_s"] = step_s / static_cast<double>(o.batch);
+  r["step_cpu_per_wall"] = st.cpu_per_wall;
+  r["step_page_faults"] = st.faults_per_step;
+  const double unet_peak = b.peaks.end_phase();
+  r["peak_rss_unet_gib"] = unet_peak;
+  row("UNet step (CFG)", b.sz, step_s,
+      "UNet batch " + std::to_string(2 * o.batch) + ", mean of " + std::to_string(st.timed.size()) + " (min " +
+          fmt("%.3f", step_min) + "), warm-up " + fmt("%.3f", st.warmup) + " s, " + fmt("%.2f", st.cpu_per_wall) +
+          " cores busy, " + fmt("%.0f", st.faults_per_step) + " page faults, peak RSS " + fmt("%.2f", unet_peak) +
+          " GiB");
+  if (!st.timed.empty()) {
+    double wall = 0;
+    for (double t : st.timed) wall += t;
+    r["unet_profile"] = profile_rows("UNet step", st.profile, wall, static_cast<double>(st.timed.size()), b.peak);
+  }
+  const bool finite = st.latents.isfinite().all().item<bool>();
+  r["latents_finite"] = finite;
+  return {step_s, st.latents, finite};
+}
+
+// The same steps with --fairness-rows extra rows per image, against the CFG step of step_s.
+void bench_extra_rows(const SizeBench& b, double step_s, nlohmann::json& r) {
+  const Options& o = b.o;
+  ExtraRows extra(b.emb.cond, o.fairness_rows);
+  const StepTimes ft = time_steps(b.pipe, b.model, o, b.emb, b.size, b.steps, &extra, "CFG+rows");
+  const double f_s = mean(ft.timed);
+  const int64_t fb = (2 + o.fairness_rows) * o.batch;
+  r["fairness_rows"] = o.fairness_rows;
+  r["fairness_unet_batch"] = fb;
+  r["fairness_warmup_step_s"] = ft.warmup;
+  r["fairness_step_s"] = f_s;
+  r["fairness_step_per_image_s"] = f_s / static_cast<double>(o.batch);
+  r["fairness_extra_per_image_s"] = (f_s - step_s) / static_cast<double>(o.batch);
+  r["fairness_step_ratio"] = f_s / step_s;
+  r["peak_rss_fairness_gib"] = b.peaks.end_phase();
+  row("UNet step (CFG + " + std::to_string(o.fairness_rows) + " rows/image)", b.sz, f_s,
+      "UNet batch " + std::to_string(fb) + ", x" + fmt("%.2f", f_s / step_s) + " the CFG step, +" +
+          fmt("%.3f", (f_s - step_s) / static_cast<double>(o.batch)) + " s per image per step");
+}
+
+// VAE decode of `latents` (the first call at this size). Returns whether the image is finite.
+bool bench_vae(const SizeBench& b, const at::Tensor& latents, nlohmann::json& r) {
+  fairdiff::profile::Session session(profile_sync(b.pipe.device()));
+  const auto t0 = Clock::now();
+  const at::Tensor image = b.pipe.decode(latents);
+  sync(image);
+  const double vae_s = seconds_since(t0);
+  const fairdiff::profile::Totals vae_profile = session.totals();
+  const bool image_finite = image.isfinite().all().item<bool>();
+  const double vae_peak = b.peaks.end_phase();
+  r["vae_decode_s"] = vae_s;
+  r["image_finite"] = image_finite;
+  r["peak_rss_vae_gib"] = vae_peak;
+  const auto& vae = b.model.vae;
+  const std::string tiles =
+      vae->tiling() ? ", tiles of " + std::to_string(vae->tile_latent_size() * vae->config().scale_factor()) + " px" : "";
+  row("VAE decode", b.sz, vae_s,
+      std::to_string(b.o.batch) + " image(s), first call at this size" + tiles + ", peak RSS " +
+          fmt("%.2f", vae_peak) + " GiB");
+  r["vae_profile"] = profile_rows("VAE decode", vae_profile, vae_s, 1, b.peak);
+  return image_finite;
+}
+
+// One size: UNet steps (and the fairness variant), then the VAE. Returns its report entry.
+nlohmann::json bench_size(const SizeBench& b, double weights_gib) {
+  const Options& o = b.o;
+  nlohmann::json r = {{"size", b.size}, {"unet_batch", 2 * o.batch}};
+  at::Tensor latents;  // what the VAE decodes
+  bool finite = true;
+  if (o.vae_only) {
+    // Latents of the scale the UNet leaves (the VAE sees latents / scaling_factor ~ N(0,1)).
+    std::vector<at::Generator> gens;
+    latents = bench_noise(b.pipe, o.batch, b.size, &gens) * b.model.vae->config().scaling_factor;
+    b.model.use("vae");  // as after denoising: the decode phase's peak is the VAE's own
+    b.peaks.end_phase();
+  } else {
+    const UNetResult unet = bench_unet(b, r);
+    latents = unet.latents;
+    finite = unet.finite;
+    if (o.fairness_rows > 0) bench_extra_rows(b, unet.step_s, r);
+  }
+  if (!o.skip_vae) finite = bench_vae(b, latents, r) && finite;
+  const double rss = b.peaks.overall;
+  r["peak_rss_gib"] = rss;
+  std::printf("%-36s %-9s %9s  peak RSS so far %.2f GiB = %.2fx the weights; outputs finite: %s\n", "", b.sz.c_str(),
+              "", rss, rss / weights_gib, finite ? "yes" : "NO");
+  return r;
+}
+
+int run(const Options& o) {
+  check_options(o);
+  const fairdiff::LoadOptions lo = load_options(o);
+  const std::string malloc_setting = configure_runtime(o);
+  c10::InferenceMode inference;
+  if (!o.save_random_model.empty()) return save_random(o, lo);
+
+  nlohmann::json report = start_report(o, lo.device, malloc_setting);
+  const double peak = measure_machine(o, lo, report);
+  std::printf("%-36s %-9s %9s  %s\n", "measurement", "size", "seconds", "notes");
+
+  fairdiff::release_free_memory();  // the probes' tensors are not the pipeline's
+  PeakTracker peaks;
+  peaks.end_phase();  // the phases below start here
+  StableDiffusionModel model = load_model(o, lo, report);
+  const double weights_gib = describe_weights(model, peaks, report);
+  StableDiffusionPipeline pipe(model);
+  const fairdiff::PromptEmbeddings emb = bench_text_encoder(pipe, model, o, peak, report);
+
   report["sizes"] = nlohmann::json::array();
   for (int64_t size : o.sizes) {
-    const std::string sz = std::to_string(size) + "x" + std::to_string(size);
     const int64_t steps = o.steps > 0 ? o.steps : (size * size >= 512 * 512 ? 2 : 3);
-    nlohmann::json r = {{"size", size}, {"unet_batch", 2 * o.batch}};
-    at::Tensor latents;  // what the VAE decodes
-    bool finite = true;
-    if (o.vae_only) {
-      // Latents of the scale the UNet leaves (the VAE sees latents / scaling_factor ~ N(0,1)).
-      std::vector<at::Generator> gens;
-      std::vector<int64_t> seeds;
-      for (int64_t b = 0; b < o.batch; ++b) seeds.push_back(42 + b);
-      latents = pipe.initial_noise(seeds, size, size, &gens) * model.vae->config().scaling_factor;
-      model.use("vae");  // as after denoising: the decode phase's peak is the VAE's own
-      peaks.end_phase();
-    } else {
-      peaks.end_phase();
-      const StepTimes st = time_steps(pipe, model, o, emb, size, steps, nullptr, "CFG");
-      const double step_s = mean(st.timed);
-      r["warmup_step_s"] = st.warmup;
-      r["timed_steps"] = st.timed.size();
-      r["step_s"] = step_s;
-      const double step_min = st.timed.empty() ? 0 : *std::min_element(st.timed.begin(), st.timed.end());
-      r["step_min_s"] = step_min;
-      r["step_per_image_s"] = step_s / static_cast<double>(o.batch);
-      r["step_cpu_per_wall"] = st.cpu_per_wall;
-      r["step_page_faults"] = st.faults_per_step;
-      const double unet_peak = peaks.end_phase();
-      r["peak_rss_unet_gib"] = unet_peak;
-      row("UNet step (CFG)", sz, step_s,
-          "UNet batch " + std::to_string(2 * o.batch) + ", mean of " + std::to_string(st.timed.size()) + " (min " +
-              fmt("%.3f", step_min) + "), warm-up " + fmt("%.3f", st.warmup) + " s, " +
-              fmt("%.2f", st.cpu_per_wall) + " cores busy, " + fmt("%.0f", st.faults_per_step) +
-              " page faults, peak RSS " + fmt("%.2f", unet_peak) + " GiB");
-      if (!st.timed.empty()) {
-        double wall = 0;
-        for (double t : st.timed) wall += t;
-        r["unet_profile"] = profile_rows("UNet step", st.profile, wall, static_cast<double>(st.timed.size()), peak);
-      }
-      finite = st.latents.isfinite().all().item<bool>();
-      r["latents_finite"] = finite;
-
-      if (o.fairness_rows > 0) {
-        ExtraRows extra(emb.cond, o.fairness_rows);
-        const StepTimes ft = time_steps(pipe, model, o, emb, size, steps, &extra, "CFG+rows");
-        const double f_s = mean(ft.timed);
-        const int64_t fb = (2 + o.fairness_rows) * o.batch;
-        r["fairness_rows"] = o.fairness_rows;
-        r["fairness_unet_batch"] = fb;
-        r["fairness_warmup_step_s"] = ft.warmup;
-        r["fairness_step_s"] = f_s;
-        r["fairness_step_per_image_s"] = f_s / static_cast<double>(o.batch);
-        r["fairness_extra_per_image_s"] = (f_s - step_s) / static_cast<double>(o.batch);
-        r["fairness_step_ratio"] = f_s / step_s;
-        r["peak_rss_fairness_gib"] = peaks.end_phase();
-        row("UNet step (CFG + " + std::to_string(o.fairness_rows) + " rows/image)", sz, f_s,
-            "UNet batch " + std::to_string(fb) + ", x" + fmt("%.2f", f_s / step_s) + " the CFG step, +" +
-                fmt("%.3f", (f_s - step_s) / static_cast<double>(o.batch)) + " s per image per step");
-      }
-      latents = st.latents;
-    }
-
-    if (!o.skip_vae) {
-      fairdiff::profile::Session session(profile_sync(device));
-      const auto t0 = Clock::now();
-      const at::Tensor image = pipe.decode(latents);
-      sync(image);
-      const double vae_s = seconds_since(t0);
-      const fairdiff::profile::Totals vae_profile = session.totals();
-      const bool image_finite = image.isfinite().all().item<bool>();
-      finite = finite && image_finite;
-      const double vae_peak = peaks.end_phase();
-      r["vae_decode_s"] = vae_s;
-      r["image_finite"] = image_finite;
-      r["peak_rss_vae_gib"] = vae_peak;
-      row("VAE decode", sz, vae_s,
-          std::to_string(o.batch) + " image(s), first call at this size" +
-              (model.vae->tiling() ? ", tiles of " + std::to_string(model.vae->tile_latent_size() * model.vae->config().scale_factor()) + " px" : "") +
-              ", peak RSS " + fmt("%.2f", vae_peak) + " GiB");
-      r["vae_profile"] = profile_rows("VAE decode", vae_profile, vae_s, 1, peak);
-    }
-    const double rss = peaks.overall;
-    r["peak_rss_gib"] = rss;
-    std::printf("%-36s %-9s %9s  peak RSS so far %.2f GiB = %.2fx the weights; outputs finite: %s\n", "", sz.c_str(),
-                "", rss, rss / weights_gib, finite ? "yes" : "NO");
-    report["sizes"].push_back(r);
+    const SizeBench b{pipe, model, o, emb, peak, peaks, size, std::to_string(size) + "x" + std::to_string(size), steps};
+    report["sizes"].push_back(bench_size(b, weights_gib));
   }
+
   peaks.end_phase();
   report["peak_rss_gib"] = peaks.overall;
   report["peak_rss_over_weights"] = peaks.overall / weights_gib;
@@ -907,22 +1042,5 @@ int main(int argc, char** argv) {
   app.add_flag("--vae-tiling{-1}", o.vae_tile, "decode in tiles (the VAE's sample_size, or --vae-tiling=PX)");
   app.add_option("--save-random-model", o.save_random_model,
                  "write the random SD 1.5 (float32) as a diffusers folder DIR and exit; bench it with --model DIR");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    const int rc = app.exit(e);
-    return rc == 0 ? 0 : 2;
-  }
-  try {
-    return run(o);
-  } catch (const fairdiff::Error& e) {
-    std::fprintf(stderr, "fairdiff-bench: error: %s\n", e.what());
-    return fairdiff::exit_code(e.kind());
-  } catch (const c10::Error& e) {
-    std::fprintf(stderr, "fairdiff-bench: error: %s\n", e.what_without_backtrace());
-    return 1;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "fairdiff-bench: error: %s\n", e.what());
-    return 1;
-  }
+  return fairdiff::tools::run_tool("fairdiff-bench", app, argc, argv, [&] { return run(o); });
 }

@@ -25,6 +25,8 @@
 #include "fairdiff/audit.h"
 #include "fairdiff/error.h"
 #include "fairdiff/generate.h"
+#include "toy_runs.h"
+#include "tool_main.h"
 
 namespace fs = std::filesystem;
 
@@ -42,9 +44,8 @@ const std::vector<Case> kCases = {
 };
 
 struct Options {
-  std::string model, out = "runs/dtype-error", dtype = "bf16";
-  int64_t images = 32, steps = 25, batch = 8, seed = 2000;
-  int threads = 1;
+  fairdiff::tools::ToyRunSettings run{"", /*images=*/32, /*steps=*/25, /*batch=*/8, /*seed=*/2000, /*threads=*/1};
+  std::string out = "runs/dtype-error", dtype = "bf16";
 };
 
 // Pixel statistics of one pair of images, accumulated over a case.
@@ -78,19 +79,9 @@ struct PairStats {
 
 void generate_run(const Options& o, const Case& c, const std::string& dtype, const std::string& dir) {
   fs::remove_all(dir);
-  fairdiff::GenerateOptions g;
-  g.model = o.model;
-  g.prompt = c.prompt;
-  g.images_per_prompt = o.images;
-  g.batch_size = o.batch;
-  g.steps = o.steps;
-  g.seed = o.seed;
+  fairdiff::GenerateOptions g = fairdiff::tools::toy_run(o.run, c.prompt, c.fairness, dir);
   g.dtype = dtype;
   g.device = "cpu";
-  g.out_dir = dir;
-  g.threads = o.threads;
-  g.quiet = true;
-  if (!c.fairness.empty()) g.fairness = {c.fairness};
   fairdiff::generate(g);
 }
 
@@ -115,11 +106,12 @@ std::string shares_text(const fairdiff::AuditReport& r) {
 
 int run(const Options& o) {
   std::printf("dtype error: %s against fp32, model %s, %lld images per case, %lld steps, %d thread(s)\n",
-              o.dtype.c_str(), o.model.c_str(), (long long)o.images, (long long)o.steps, o.threads);
+              o.dtype.c_str(), o.run.model.c_str(), (long long)o.run.images, (long long)o.run.steps, o.run.threads);
   std::printf("%-20s %-22s | %9s %10s %8s %9s | %10s | %-22s %-22s\n", "prompt", "fairness", "max lvls", "mean lvls",
               "PSNR dB", ">8 lvls", "same group", "fp32 shares", (o.dtype + " shares").c_str());
   fairdiff::HueClassifier hue;
-  nlohmann::json report = {{"dtype", o.dtype}, {"model", o.model}, {"images", o.images}, {"steps", o.steps}};
+  nlohmann::json report = {
+      {"dtype", o.dtype}, {"model", o.run.model}, {"images", o.run.images}, {"steps", o.run.steps}};
   report["cases"] = nlohmann::json::array();
   for (size_t k = 0; k < kCases.size(); ++k) {
     const Case& c = kCases[k];
@@ -164,29 +156,17 @@ int run(const Options& o) {
 int main(int argc, char** argv) {
   CLI::App app{"fairdiff-dtype-error: images of a reduced-precision run against float32's on the toy model"};
   Options o;
-  o.model = fairdiff::default_model();
-  app.add_option("--model", o.model, "model folder (default: models/toy or $FAIRDIFF_MODEL)");
+  o.run.model = fairdiff::default_model();
+  app.add_option("--model", o.run.model, "model folder (default: models/toy or $FAIRDIFF_MODEL)");
   app.add_option("--dtype", o.dtype, "the precision to compare with fp32 (bf16 on the CPU)")->capture_default_str();
-  app.add_option("--images", o.images, "images per case")->capture_default_str();
-  app.add_option("--steps", o.steps, "denoising steps")->capture_default_str();
-  app.add_option("--batch", o.batch, "images per UNet call")->capture_default_str();
-  app.add_option("--seed", o.seed, "seed of image 0")->capture_default_str();
-  app.add_option("--threads", o.threads, "CPU threads")->capture_default_str();
+  app.add_option("--images", o.run.images, "images per case")->capture_default_str();
+  app.add_option("--steps", o.run.steps, "denoising steps")->capture_default_str();
+  app.add_option("--batch", o.run.batch, "images per UNet call")->capture_default_str();
+  app.add_option("--seed", o.run.seed, "seed of image 0")->capture_default_str();
+  app.add_option("--threads", o.run.threads, "CPU threads")->capture_default_str();
   app.add_option("--out", o.out, "where the runs are written")->capture_default_str();
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    const int rc = app.exit(e);
-    return rc == 0 ? 0 : 2;
-  }
-  try {
-    if (o.model.empty()) fairdiff::throw_bad_input("--model", "no model given and models/toy not found");
+  return fairdiff::tools::run_tool("fairdiff-dtype-error", app, argc, argv, [&] {
+    if (o.run.model.empty()) fairdiff::throw_bad_input("--model", "no model given and models/toy not found");
     return run(o);
-  } catch (const fairdiff::Error& e) {
-    std::fprintf(stderr, "fairdiff-dtype-error: error: %s\n", e.what());
-    return fairdiff::exit_code(e.kind());
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "fairdiff-dtype-error: error: %s\n", e.what());
-    return 1;
-  }
+  });
 }

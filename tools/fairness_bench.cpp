@@ -22,6 +22,8 @@
 #include "fairdiff/audit.h"
 #include "fairdiff/error.h"
 #include "fairdiff/generate.h"
+#include "toy_runs.h"
+#include "tool_main.h"
 
 namespace fs = std::filesystem;
 
@@ -43,10 +45,9 @@ const std::vector<Case> kCases = {
 };
 
 struct Options {
-  std::string model, out = "runs/fairness-bench";
-  int64_t images = 200, steps = 50, batch = 16, seed = 1000;
+  fairdiff::tools::ToyRunSettings run{"", /*images=*/200, /*steps=*/50, /*batch=*/16, /*seed=*/1000, /*threads=*/1};
+  std::string out = "runs/fairness-bench";
   double cfg = 7.0;
-  int threads = 1;
   double check = 0;  // percentage points; 0 = report only
   std::string mode = "exact";  // --fairness-mode of the guided runs
 };
@@ -58,23 +59,13 @@ struct RunResult {
 
 RunResult run_case(const Options& o, const Case& c, const std::string& dir, bool fair) {
   fs::remove_all(dir);
-  fairdiff::GenerateOptions g;
-  g.model = o.model;
-  g.prompt = c.prompt;
-  g.images_per_prompt = o.images;
-  g.batch_size = o.batch;
-  g.steps = o.steps;
+  fairdiff::GenerateOptions g = fairdiff::tools::toy_run(o.run, c.prompt, fair ? c.fairness : "", dir);
   g.cfg_scale = o.cfg;
-  g.seed = o.seed;
-  g.out_dir = dir;
-  g.threads = o.threads;
-  g.quiet = true;
-  if (fair) g.fairness = {c.fairness};
   g.fairness_mode = o.mode;
   const auto t0 = std::chrono::steady_clock::now();
   fairdiff::generate(g);
   RunResult r;
-  r.seconds_per_image = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / o.images;
+  r.seconds_per_image = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / o.run.images;
   fairdiff::AuditOptions a;
   a.dir = dir;
   a.attribute = "colour";
@@ -105,7 +96,8 @@ double max_error(const fairdiff::PromptAudit& run, const fairdiff::PromptAudit& 
 int run(const Options& o) {
   std::printf(
       "fairness benchmark: model %s, %lld images per run, %lld steps, CFG %g, batch %lld, %d thread(s), %s mode\n",
-      o.model.c_str(), (long long)o.images, (long long)o.steps, o.cfg, (long long)o.batch, o.threads, o.mode.c_str());
+      o.run.model.c_str(), (long long)o.run.images, (long long)o.run.steps, o.cfg, (long long)o.run.batch,
+      o.run.threads, o.mode.c_str());
   std::fflush(stdout);
   std::printf("%-20s %-26s | %-22s | %-22s | %-22s | %6s %6s | %5s | %6s %6s | %s\n", "prompt", "target", "unguided (bias)",
               "target %", "guided", "|err|", "max", "hit", "s/img", "fair", "UNet/img");
@@ -126,7 +118,8 @@ int run(const Options& o) {
     // assigned group only). Momentum makes warm-up steps count too.
     const size_t concepts = o.mode == "fast" ? 1 : f.groups.size();
     char unet[32];
-    std::snprintf(unet, sizeof unet, "%lld -> %lld", (long long)(2 * o.steps), (long long)((2 + concepts) * o.steps));
+    std::snprintf(unet, sizeof unet, "%lld -> %lld", (long long)(2 * o.run.steps),
+                  (long long)((2 + concepts) * o.run.steps));
     std::printf("%-20s %-26s | %-22s | %-22s | %-22s | %5.1f%% %5.1f%% | %4.0f%% | %6.2f %6.2f | %s\n", c.prompt.c_str(),
                 c.fairness.c_str(), shares(p, false).c_str(), shares(f, true).c_str(), shares(f, false).c_str(),
                 100 * mean, 100 * worst, 100 * f.hit_rate().value_or(0.0), plain.seconds_per_image,
@@ -156,30 +149,24 @@ int run(const Options& o) {
 int main(int argc, char** argv) {
   CLI::App app{"fairdiff-fairness-bench: unguided vs fair-guided colour proportions on the shipped toy model"};
   Options o;
-  app.add_option("--model", o.model, "model folder (default: models/toy)");
+  app.add_option("--model", o.run.model, "model folder (default: models/toy)");
   app.add_option("--out", o.out, "folder for the runs (each case's folders are replaced)")->capture_default_str();
-  app.add_option("-N,--images", o.images, "images per run")->capture_default_str();
-  app.add_option("--steps", o.steps, "denoising steps")->capture_default_str();
+  app.add_option("-N,--images", o.run.images, "images per run")->capture_default_str();
+  app.add_option("--steps", o.run.steps, "denoising steps")->capture_default_str();
   app.add_option("--cfg-scale", o.cfg, "classifier-free guidance scale")->capture_default_str();
-  app.add_option("--batch-size", o.batch, "images per UNet call")->capture_default_str();
-  app.add_option("--seed", o.seed, "seed of the first image (both runs of a case use the same seeds)")
+  app.add_option("--batch-size", o.run.batch, "images per UNet call")->capture_default_str();
+  app.add_option("--seed", o.run.seed, "seed of the first image (both runs of a case use the same seeds)")
       ->capture_default_str();
   app.add_option("--fairness-mode", o.mode, "exact or fast (see fairdiff generate --help)")->capture_default_str();
-  app.add_option("--threads", o.threads, "CPU threads (the toy model's layers are too small to share)")
+  app.add_option("--threads", o.run.threads, "CPU threads (the toy model's layers are too small to share)")
       ->capture_default_str();
   app.add_option("--check", o.check,
                  "fail unless every guided share is within this many points of its target and the unguided "
                  "runs of targets against the bias miss by twice as much");
-  CLI11_PARSE(app, argc, argv);
-  try {
-    if (o.model.empty()) o.model = fairdiff::default_model();
-    if (o.model.empty()) throw fairdiff::Error(fairdiff::ErrorKind::BadInput, "--model", "models/toy is missing: pass --model");
+  return fairdiff::tools::run_tool("fairdiff-fairness-bench", app, argc, argv, [&] {
+    if (o.run.model.empty()) o.run.model = fairdiff::default_model();
+    if (o.run.model.empty())
+      throw fairdiff::Error(fairdiff::ErrorKind::BadInput, "--model", "models/toy is missing: pass --model");
     return run(o);
-  } catch (const fairdiff::Error& e) {
-    std::fprintf(stderr, "fairdiff-fairness-bench: error: %s\n", e.what());
-    return fairdiff::exit_code(e.kind());
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "fairdiff-fairness-bench: error: %s\n", e.what());
-    return 1;
-  }
+  });
 }

@@ -35,6 +35,7 @@
 #include "fs_util.h"
 #include "runtime.h"
 #include "tensor_io.h"
+#include "tool_main.h"
 #include "toy_world.h"
 #include "unet_2d_condition.h"
 
@@ -460,14 +461,5 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--log-every", o.log_every, "steps between progress lines")->capture_default_str();
   app.add_option("--threads", o.threads, "CPU threads (0 = all CPUs)")->capture_default_str();
-  CLI11_PARSE(app, argc, argv);
-  try {
-    return run(o);
-  } catch (const fairdiff::Error& e) {
-    std::fprintf(stderr, "fairdiff-train-toy: error: %s\n", e.what());
-    return fairdiff::exit_code(e.kind());
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "fairdiff-train-toy: error: %s\n", e.what());
-    return 1;
-  }
+  return fairdiff::tools::run_tool("fairdiff-train-toy", app, argc, argv, [&] { return run(o); });
 }

@@ -16,6 +16,7 @@
 #include "fairdiff/error.h"
 #include "parity.h"
 #include "tensor_io.h"
+#include "tool_main.h"
 
 namespace fs = std::filesystem;
 
@@ -273,16 +274,9 @@ int main(int argc, char** argv) {
   app.add_flag("--strict-ftfy", options.strict_ftfy, "count ftfy tokenizer mismatches as failures");
   app.add_flag("-v,--verbose", options.verbose, "print every output of every case");
   app.add_flag("--prepack-weights", options.prepack, "prepack every convolution (generate --prepack-weights)");
-  CLI11_PARSE(app, argc, argv);
-  try {
+  return fairdiff::tools::run_tool("fairdiff-parity", app, argc, argv, [&] {
     options.device = at::Device(device);
     options.dtype = fairdiff::parity::parse_dtype(dtype);
     return fairdiff::parity::run(dir, filter, options);
-  } catch (const fairdiff::Error& e) {
-    std::fprintf(stderr, "fairdiff-parity: %s\n", e.what());
-    return fairdiff::exit_code(e.kind());
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "fairdiff-parity: %s\n", e.what());
-    return 1;
-  }
+  });
 }

@@ -15,31 +15,25 @@ void register_unet_vae_ops(OpRegistry& registry);
 
 namespace {
 
-std::string cache_key(const ParityCase& c, const std::string& component) {
-  return c.model_dir() + "/" + component + "|" + c10::toString(c.options().dtype) + "|" + c.options().device.str();
-}
-
-UNet2DConditionModel& unet_for(const ParityCase& c) {
-  static std::map<std::string, UNet2DConditionModel> cache;
-  const std::string key = cache_key(c, "unet");
+// The `component` (unet, vae) of the case's model folder in its dtype and on its device,
+// loaded once (and prepacked when asked) per folder, dtype and device.
+template <class Model>
+Model& cached(const ParityCase& c, const std::string& component,
+              Model (*load)(const std::string&, const LoadOptions&, MappedWeights*)) {
+  static std::map<std::string, Model> cache;
+  const std::string dir = c.model_dir() + "/" + component;
+  const std::string key = dir + "|" + c10::toString(c.options().dtype) + "|" + c.options().device.str();
   auto it = cache.find(key);
   if (it == cache.end()) {
-    it = cache.emplace(key, load_unet(c.model_dir() + "/unet", {c.options().dtype, c.options().device})).first;
+    it = cache.emplace(key, load(dir, {c.options().dtype, c.options().device}, nullptr)).first;
     if (c.options().prepack) leaf::prepack_convolutions(*it->second, nullptr);
   }
   return it->second;
 }
 
-AutoencoderKL& vae_for(const ParityCase& c) {
-  static std::map<std::string, AutoencoderKL> cache;
-  const std::string key = cache_key(c, "vae");
-  auto it = cache.find(key);
-  if (it == cache.end()) {
-    it = cache.emplace(key, load_vae(c.model_dir() + "/vae", {c.options().dtype, c.options().device})).first;
-    if (c.options().prepack) leaf::prepack_convolutions(*it->second, nullptr);
-  }
-  return it->second;
-}
+UNet2DConditionModel& unet_for(const ParityCase& c) { return cached<UNet2DConditionModel>(c, "unet", load_unet); }
+
+AutoencoderKL& vae_for(const ParityCase& c) { return cached<AutoencoderKL>(c, "vae", load_vae); }
 
 // An input in the model's dtype and device.
 at::Tensor model_input(const ParityCase& c, const std::string& name) {
