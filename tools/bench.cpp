@@ -546,14 +546,13 @@ nlohmann::json profile_rows(const std::string& what, const fairdiff::profile::To
 // elementwise ops on [R B, C, h, w]) is left out: it is noise next to the UNet.
 class ExtraRows : public fairdiff::GuidanceExtension {
  public:
-  ExtraRows(const at::Tensor& cond, int64_t rows) {
-    const int64_t B = cond.size(0);
+  ExtraRows(const fairdiff::Conditioning& cond, int64_t rows) {
+    const int64_t B = cond.rows();
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t b = 0; b < B; ++b) latent_rows_.push_back(b);
-    const at::Tensor idx = at::tensor(latent_rows_, at::kLong).to(cond.device());
-    extra_ = cond.index_select(0, idx);  // [R B, L, D]
+    extra_ = cond.index_select(at::tensor(latent_rows_, at::kLong));  // R B rows
   }
-  at::Tensor embeddings(size_t, std::vector<int64_t>* latent_rows) override {
+  fairdiff::Conditioning embeddings(size_t, std::vector<int64_t>* latent_rows) override {
     *latent_rows = latent_rows_;
     return extra_;
   }
@@ -563,7 +562,7 @@ class ExtraRows : public fairdiff::GuidanceExtension {
 
  private:
   std::vector<int64_t> latent_rows_;
-  at::Tensor extra_;
+  fairdiff::Conditioning extra_;
 };
 
 struct StepTimes {
@@ -846,7 +845,7 @@ fairdiff::PromptEmbeddings bench_text_encoder(StableDiffusionPipeline& pipe, Sta
     for (int i = 0; i < 3; ++i) {
       const auto t0 = Clock::now();
       emb = pipe.encode_prompts(prompts, negatives, 0, true);
-      sync(emb.cond);
+      sync(emb.cond.context);
       te.push_back(seconds_since(t0));
     }
     te_profile = session.totals();

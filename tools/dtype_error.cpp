@@ -167,6 +167,7 @@ int main(int argc, char** argv) {
   app.add_option("--out", o.out, "where the runs are written")->capture_default_str();
   return fairdiff::tools::run_tool("fairdiff-dtype-error", app, argc, argv, [&] {
     if (o.run.model.empty()) fairdiff::throw_bad_input("--model", "no model given and models/toy not found");
+    fairdiff::configure_process(o.run.threads);
     return run(o);
   });
 }

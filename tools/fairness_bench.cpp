@@ -167,6 +167,7 @@ int main(int argc, char** argv) {
     if (o.run.model.empty()) o.run.model = fairdiff::default_model();
     if (o.run.model.empty())
       throw fairdiff::Error(fairdiff::ErrorKind::BadInput, "--model", "models/toy is missing: pass --model");
+    fairdiff::configure_process(o.run.threads);
     return run(o);
   });
 }

@@ -13,7 +13,7 @@ namespace fairdiff::tools {
 struct ToyRunSettings {
   std::string model;
   int64_t images = 0, steps = 0, batch = 0, seed = 0;
-  int threads = 1;
+  int threads = 1;  // process-wide: configure_process, once, before the first run
 };
 
 // The options of one run: `prompt`, guided by `fairness` ("" = unguided), written to `dir`.
@@ -28,7 +28,6 @@ inline GenerateOptions toy_run(const ToyRunSettings& s, const std::string& promp
   g.steps = s.steps;
   g.seed = s.seed;
   g.out_dir = dir;
-  g.threads = s.threads;
   g.quiet = true;
   if (!fairness.empty()) g.fairness = {fairness};
   return g;
