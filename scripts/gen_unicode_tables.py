@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Generate src/unicode_tables.inc: the Unicode data the CLIP tokenizer needs.
+"""Generate src/text/unicode_tables.inc: the Unicode data the CLIP tokenizer needs.
 
 The tokenizer must reproduce Python's `unicodedata` and `str.lower()` exactly (the
 reference tokenizer is Python), so the tables are taken from the running Python rather
 than from the UCD text files. Run with the Python whose Unicode version you want:
 
-    python3 scripts/gen_unicode_tables.py > src/unicode_tables.inc
+    python3 scripts/gen_unicode_tables.py > src/text/unicode_tables.inc
 
 The build never runs this script; the generated file is committed.
 
