@@ -15,6 +15,7 @@
 #include "fairdiff/error.h"
 #include "fs_util.h"
 #include "png_io.h"
+#include "string_util.h"
 #include "toy_world.h"
 
 #define STB_IMAGE_IMPLEMENTATION
@@ -40,12 +41,6 @@ constexpr int64_t kMinPixels = 4;
 double hue_distance(double a, double b) {
   const double d = std::fmod(std::abs(a - b), 360.0);
   return std::min(d, 360.0 - d);
-}
-
-std::string join(const std::vector<std::string>& names) {
-  std::string out;
-  for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
-  return out;
 }
 
 // Classifiers by name. A factory returns nullptr for an attribute its classifier cannot tell.
@@ -84,7 +79,7 @@ std::vector<std::string> manifest_files(const std::string& dir) {
   std::vector<std::string> shards;
   for (const auto& e : fs::directory_iterator(dir)) {
     const std::string name = e.path().filename().string();
-    if (name.rfind("manifest-shard-", 0) == 0 && e.path().extension() == ".jsonl") shards.push_back(e.path().string());
+    if (starts_with(name, "manifest-shard-") && e.path().extension() == ".jsonl") shards.push_back(e.path().string());
   }
   if (shards.empty())
     throw_bad_input(dir, "has no manifest.jsonl (nor manifest-shard-*.jsonl)", "give the --out folder of a fairdiff generate run");
