@@ -9,6 +9,7 @@
 #include "cpu_kernels.h"
 #include "layers.h"
 #include "profile.h"
+#include "string_util.h"
 #include "test_util.h"
 #include "unet_2d_condition.h"
 
@@ -226,7 +227,7 @@ TEST(Attention, VaeVariantIsResidualOverChannels) {
   c10::InferenceMode guard;
   // With a zero output projection, the block is the identity (residual only).
   for (auto& p : attention->named_parameters())
-    if (p.key().rfind("to_out", 0) == 0) p.value().zero_();
+    if (starts_with(p.key(), "to_out")) p.value().zero_();
   const at::Tensor x = at::randn({2, 32, 3, 5});
   EXPECT_TRUE(at::equal(attention->forward(x), x));
 }

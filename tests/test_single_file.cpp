@@ -15,6 +15,7 @@
 #include "config_json.h"
 #include "model_folder.h"
 #include "single_file.h"
+#include "string_util.h"
 #include "tensor_io.h"
 #include "test_util.h"
 
@@ -29,12 +30,6 @@ TensorShapes read_shapes(const std::string& path) {
   TensorShapes shapes;
   for (auto it = j.begin(); it != j.end(); ++it) shapes.emplace_back(it.key(), it.value().get<std::vector<int64_t>>());
   return shapes;
-}
-
-std::string shape_str(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? "," : "") + std::to_string(shape[i]);
-  return s + "]";
 }
 
 // The plan's tensors of `component` must be exactly `expected` (target name -> shape).
@@ -195,7 +190,7 @@ TEST(SingleFilePlan, Sd2OpenClipLayoutDropsLastBlockAndHead) {
   for (const auto& [name, shape] : read_shapes(dir + "/single_file.keys.json")) {
     std::string n = name;
     auto swap_prefix = [&](const std::string& from, const std::string& to) {
-      if (n.rfind(from, 0) == 0) n = to + n.substr(from.size());
+      if (starts_with(n, from)) n = to + n.substr(from.size());
     };
     swap_prefix(o + "resblocks.", o + "transformer.resblocks.");
     swap_prefix(o + "text_model.embeddings.token_embedding.", o + "token_embedding.");
@@ -203,7 +198,7 @@ TEST(SingleFilePlan, Sd2OpenClipLayoutDropsLastBlockAndHead) {
     swap_prefix(o + "text_model.final_layer_norm.", o + "ln_final.");
     shapes.emplace_back(n, shape);
     const std::string block22 = o + "transformer.resblocks.22.";
-    if (n.rfind(block22, 0) == 0) {
+    if (starts_with(n, block22)) {
       const std::string last = o + "transformer.resblocks.23." + n.substr(block22.size());
       shapes.emplace_back(last, shape);
       dropped.insert(last);
@@ -301,7 +296,7 @@ TEST(SingleFilePlan, ErrorsNameTheTensors) {
   test::expect_error([&] { plan_single_file(inpaint, "m.safetensors"); }, ErrorKind::Unsupported, {"9", "inpainting"});
   const TensorShapes no_text = edited([&](TensorShapes& s) {
     s.erase(
-        std::remove_if(s.begin(), s.end(), [](const auto& t) { return t.first.rfind("cond_stage_model.", 0) == 0; }),
+        std::remove_if(s.begin(), s.end(), [](const auto& t) { return starts_with(t.first, "cond_stage_model."); }),
         s.end());
   });
   test::expect_error([&] { plan_single_file(no_text, "m.safetensors"); }, ErrorKind::BadInput, {"has no text encoder"});
@@ -448,12 +443,12 @@ TEST(SingleFileTiny, OpenClipLayoutLoadsFusedProjections) {
   int64_t blocks = 0;
   for (const auto& t : sd1.tensors()) {
     TensorData d{t.name, t.dtype, t.shape, std::vector<uint8_t>(t.data, t.data + t.nbytes)};
-    if (t.name.rfind(clip, 0) != 0) {
+    if (!starts_with(t.name, clip)) {
       out.push_back(std::move(d));
       continue;
     }
     std::string rest = t.name.substr(clip.size());
-    if (rest.rfind("encoder.layers.", 0) == 0) {
+    if (starts_with(rest, "encoder.layers.")) {
       rest = "transformer.resblocks." + rest.substr(std::strlen("encoder.layers."));
       blocks = std::max<int64_t>(blocks, std::stoll(rest.substr(std::strlen("transformer.resblocks."))) + 1);
     }
@@ -467,7 +462,7 @@ TEST(SingleFileTiny, OpenClipLayoutLoadsFusedProjections) {
       out.push_back({o + rest, t.dtype, t.shape, std::move(d.bytes)});
       continue;
     }
-    const bool weight = rest.size() >= 6 && rest.compare(rest.size() - 6, 6, "weight") == 0;
+    const bool weight = ends_with(rest, "weight");
     const std::string name =
         o + rest.substr(0, rest.find("self_attn.")) + (weight ? "attn.in_proj_weight" : "attn.in_proj_bias");
     fused[name + "/" + kind] = std::move(d);
@@ -488,7 +483,7 @@ TEST(SingleFileTiny, OpenClipLayoutLoadsFusedProjections) {
   std::vector<TensorData> extra;
   const std::string last = o + "transformer.resblocks." + std::to_string(blocks - 1) + ".";
   for (const auto& d : out)
-    if (d.name.rfind(last, 0) == 0) {
+    if (starts_with(d.name, last)) {
       extra.push_back(d);
       extra.back().name = o + "transformer.resblocks." + std::to_string(blocks) + "." + d.name.substr(last.size());
     }

@@ -15,6 +15,7 @@
 #include "fairdiff/error.h"
 #include "fs_util.h"
 #include "png_io.h"
+#include "string_util.h"
 #include "toy_world.h"
 
 #define STB_IMAGE_IMPLEMENTATION
@@ -26,12 +27,6 @@ namespace fs = std::filesystem;
 
 namespace fairdiff {
 namespace {
-
-std::string join(const std::vector<std::string>& names) {
-  std::string out;
-  for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
-  return out;
-}
 
 // One manifest line.
 struct Record {
@@ -48,7 +43,7 @@ std::vector<std::string> manifest_files(const std::string& dir) {
   std::vector<std::string> shards;
   for (const auto& e : fs::directory_iterator(dir)) {
     const std::string name = e.path().filename().string();
-    if (name.rfind("manifest-shard-", 0) == 0 && e.path().extension() == ".jsonl") shards.push_back(e.path().string());
+    if (starts_with(name, "manifest-shard-") && e.path().extension() == ".jsonl") shards.push_back(e.path().string());
   }
   if (shards.empty())
     throw_bad_input(dir, "has no manifest.jsonl (nor manifest-shard-*.jsonl)", "give the --out folder of a fairdiff generate run");

@@ -3,11 +3,11 @@
 // through register_classifier, so the audit never needs to know which ones exist.
 #include <algorithm>
 #include <cmath>
-#include <map>
 #include <mutex>
 
 #include "fairdiff/audit.h"
 #include "fairdiff/error.h"
+#include "string_util.h"
 #include "toy_world.h"
 
 namespace fairdiff {
@@ -46,12 +46,6 @@ Registry& registry() {
   return r;
 }
 
-std::string names_list() {
-  std::string out;
-  for (const std::string& n : classifier_names()) out += (out.empty() ? "" : ", ") + n;
-  return out;
-}
-
 ClassifierInfo find_classifier(const std::string& name) {
   Registry& r = registry();
   {
@@ -59,7 +53,7 @@ ClassifierInfo find_classifier(const std::string& name) {
     for (const ClassifierInfo& e : r.entries)
       if (e.name == name) return e;
   }
-  throw_bad_input("--classifier " + name, "unknown classifier", "available: " + names_list());
+  throw_bad_input("--classifier " + name, "unknown classifier", "available: " + join(classifier_names()));
 }
 
 }  // namespace

@@ -8,6 +8,8 @@
 #include <regex>
 #include <sstream>
 
+#include "string_util.h"
+
 namespace fairdiff {
 
 std::string python_float(double value) {
@@ -82,17 +84,11 @@ std::vector<std::pair<std::string, std::string>> find_params(const std::string& 
   return found;
 }
 
-std::string strip(const std::string& s) {
-  const size_t b = s.find_first_not_of(" \t\r\n");
-  if (b == std::string::npos) return "";
-  return s.substr(b, s.find_last_not_of(" \t\r\n") - b + 1);
-}
-
 }  // namespace
 
 Infotext parse_infotext(const std::string& text) {
   std::vector<std::string> lines;
-  std::istringstream in(strip(text));
+  std::istringstream in(trim(text));
   for (std::string line; std::getline(in, line);) lines.push_back(line);
   Infotext info;
   std::string last = lines.empty() ? "" : lines.back();
@@ -100,10 +96,10 @@ Infotext parse_infotext(const std::string& text) {
   else lines.pop_back();
   bool negative = false;
   for (std::string line : lines) {
-    line = strip(line);
-    if (line.rfind("Negative prompt:", 0) == 0) {
+    line = trim(line);
+    if (starts_with(line, "Negative prompt:")) {
       negative = true;
-      line = strip(line.substr(16));
+      line = trim(line.substr(16));
     }
     std::string& target = negative ? info.negative_prompt : info.prompt;
     target += (target.empty() ? "" : "\n") + line;

@@ -14,6 +14,7 @@
 #include "fairdiff/error.h"
 #include "data_paths.h"
 #include "fs_util.h"
+#include "string_util.h"
 
 namespace fairdiff {
 namespace {
@@ -27,12 +28,6 @@ std::vector<std::string> split(const std::string& s, char sep) {
       start = i + 1;
     }
   return parts;
-}
-
-std::string trim(const std::string& s) {
-  const size_t b = s.find_first_not_of(" \t");
-  if (b == std::string::npos) return "";
-  return s.substr(b, s.find_last_not_of(" \t") - b + 1);
 }
 
 bool parse_number(const std::string& text, double* out) {

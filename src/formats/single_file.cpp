@@ -17,6 +17,7 @@
 
 #include "fairdiff/error.h"
 #include "fs_util.h"
+#include "string_util.h"
 
 namespace fairdiff {
 
@@ -272,23 +273,6 @@ nlohmann::json scheduler_config(SdFamily family, const std::string& prediction_t
   return j;
 }
 
-std::string shape_str(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? "," : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
-std::string first_few(const std::vector<std::string>& names, size_t limit = 5) {
-  std::string s;
-  for (size_t i = 0; i < names.size() && i < limit; ++i) s += (i ? ", " : "") + names[i];
-  if (names.size() > limit) s += ", ... (" + std::to_string(names.size()) + " in all)";
-  return s;
-}
-
-bool starts_with(const std::string& s, const std::string& prefix) {
-  return s.size() >= prefix.size() && s.compare(0, prefix.size(), prefix) == 0;
-}
-
 std::string idx(int64_t i) { return std::to_string(i); }
 
 // ---------------------------------------------------------------------------
@@ -541,125 +525,171 @@ class Planner {
 
   // -- UNet -----------------------------------------------------------------------
 
+  // What the UNet's tensors say about its architecture.
+  struct UnetLayout {
+    std::vector<int64_t> conv_in, conv_out, time_embed;  // shapes of the first, last and time-embedding layers
+    int64_t lpb = 0;                      // layers_per_block: resnets per down level (up levels have lpb + 1)
+    int64_t levels = 0;                   // entries of block_out_channels
+    std::vector<int64_t> channels;        // block_out_channels
+    std::vector<bool> attn, up_attn;      // down level l / up level u has cross-attention
+    std::vector<int64_t> layers;          // transformer_layers_per_block, per level
+    int64_t mid_depth = 0;                // transformer blocks of the middle block
+    int64_t cross_attention_dim = 0;
+    bool linear_projection = false;       // proj_in is a linear layer (SD 2.x), not a 1x1 convolution
+    // input_blocks: [conv_in], then per level lpb resnets and a downsampler; output_blocks: lpb + 1 per level.
+    int64_t down_index(int64_t level, int64_t j) const { return 1 + level * (lpb + 1) + j; }
+    int64_t up_index(int64_t block, int64_t j) const { return block * (lpb + 1) + j; }
+  };
+
+  // The UNet, in steps: read its layout off the tensors (1-3), place its modules (4),
+  // write its config (5), and check it fits the text encoder (6).
   void plan_unet() {
+    UnetLayout u = unet_levels();
+    unet_attention(u);
+    unet_widths(u);
+    place_unet(u);
+    plan_.unet_config = unet_config(u);
+    check_text_width(u.cross_attention_dim);
+  }
+
+  // 1. A text-to-image input, and levels: `lpb` resnets (each + attention) per level, then a
+  //    downsampler after every level but the last; as many output_blocks, one more per level.
+  UnetLayout unet_levels() const {
     const std::string U = kUnet;
-    const auto& conv_in = need(U + "input_blocks.0.0.weight", 4, "UNet input convolution");
-    const int64_t model_channels = conv_in[0];
-    if (conv_in[1] != 4)
+    UnetLayout u;
+    u.conv_in = need(U + "input_blocks.0.0.weight", 4, "UNet input convolution");
+    if (u.conv_in[1] != 4)
       throw_unsupported(where_,
-                        "the UNet takes " + std::to_string(conv_in[1]) +
+                        "the UNet takes " + std::to_string(u.conv_in[1]) +
                             " input channels: an inpainting (9), depth (5) or instruct-pix2pix (8) model",
                         "fairdiff runs text-to-image checkpoints, whose UNet takes 4 latent channels");
-
-    // input_blocks: [conv_in], then per level `lpb` resnets (each + attention), then a
-    // downsampler after every level but the last.
     const int64_t n_in = count_indices(U + "input_blocks.");
     int64_t first_down = 0;
     for (int64_t i = 1; i < n_in && !first_down; ++i)
       if (has(U + "input_blocks." + idx(i) + ".0.op.weight")) first_down = i;
-    const int64_t lpb = first_down ? first_down - 1 : n_in - 1;
-    if (lpb < 1 || n_in % (lpb + 1) != 0)
+    u.lpb = first_down ? first_down - 1 : n_in - 1;
+    if (u.lpb < 1 || n_in % (u.lpb + 1) != 0)
       throw_bad_input(where_, "its " + std::to_string(n_in) +
                                   " UNet input_blocks do not form levels of resnets followed by a downsampler");
-    const int64_t levels = n_in / (lpb + 1);
-    auto down_index = [&](int64_t level, int64_t j) { return 1 + level * (lpb + 1) + j; };
-    auto up_index = [&](int64_t block, int64_t j) { return block * (lpb + 1) + j; };
+    u.levels = n_in / (u.lpb + 1);
     const int64_t n_out = count_indices(U + "output_blocks.");
-    if (n_out != levels * (lpb + 1))
+    if (n_out != u.levels * (u.lpb + 1))
       throw_bad_input(where_, "has " + std::to_string(n_out) + " UNet output_blocks, expected " +
-                                  std::to_string(levels * (lpb + 1)) + " for " + std::to_string(levels) +
-                                  " levels of " + std::to_string(lpb) + " resnets");
+                                  std::to_string(u.levels * (u.lpb + 1)) + " for " + std::to_string(u.levels) +
+                                  " levels of " + std::to_string(u.lpb) + " resnets");
     if (!has(U + "middle_block.1.proj_in.weight"))
       throw_unsupported(where_, "its UNet has no attention in the middle block",
                         "only the SD 1.x / 2.x UNet (UNetMidBlock2DCrossAttn) is supported");
+    return u;
+  }
 
-    std::vector<int64_t> channels(levels), depth(levels, 0), up_depth(levels, 0);
-    std::vector<bool> attn(levels), up_attn(levels);
+  // 2. Per level: channels, attention going down and up, and transformer_layers_per_block:
+  //    one value per level, used by its down and up block; the mid block uses the last one (diffusers).
+  void unet_attention(UnetLayout& u) const {
+    const std::string U = kUnet;
+    const int64_t levels = u.levels;
+    u.channels.assign(levels, 0);
+    u.attn.assign(levels, false);
+    u.up_attn.assign(levels, false);
+    std::vector<int64_t> depth(levels, 0), up_depth(levels, 0);
     auto transformer_count = [&](const std::string& block) { return count_indices(block + "transformer_blocks."); };
     for (int64_t l = 0; l < levels; ++l) {
-      const std::string first = U + "input_blocks." + idx(down_index(l, 0)) + ".";
-      channels[l] = need(first + "0.in_layers.2.weight", 4, "first resnet convolution of a UNet level")[0];
-      attn[l] = has(first + "1.proj_in.weight");
-      if (attn[l]) depth[l] = transformer_count(first + "1.");
-      const std::string up_first = U + "output_blocks." + idx(up_index(l, 0)) + ".";
-      up_attn[l] = has(up_first + "1.proj_in.weight");
-      if (up_attn[l]) up_depth[l] = transformer_count(up_first + "1.");
+      const std::string first = U + "input_blocks." + idx(u.down_index(l, 0)) + ".";
+      u.channels[l] = need(first + "0.in_layers.2.weight", 4, "first resnet convolution of a UNet level")[0];
+      u.attn[l] = has(first + "1.proj_in.weight");
+      if (u.attn[l]) depth[l] = transformer_count(first + "1.");
+      const std::string up_first = U + "output_blocks." + idx(u.up_index(l, 0)) + ".";
+      u.up_attn[l] = has(up_first + "1.proj_in.weight");
+      if (u.up_attn[l]) up_depth[l] = transformer_count(up_first + "1.");
     }
-    const int64_t mid_depth = transformer_count(U + "middle_block.1.");
+    u.mid_depth = transformer_count(U + "middle_block.1.");
 
-    // transformer_layers_per_block: one value per level, used by its down and up block; the
-    // mid block uses the last one (diffusers).
-    std::vector<int64_t> layers(levels, 1);
+    u.layers.assign(levels, 1);
     for (int64_t l = 0; l < levels; ++l) {
-      const int64_t u = levels - 1 - l;
-      if (attn[l] && up_attn[u] && depth[l] != up_depth[u])
+      const int64_t r = levels - 1 - l;  // the up level at the same resolution
+      if (u.attn[l] && u.up_attn[r] && depth[l] != up_depth[r])
         throw_unsupported(where_,
                           "UNet level " + idx(l) + " has " + idx(depth[l]) + " transformer blocks going down and " +
-                              idx(up_depth[u]) + " going up",
+                              idx(up_depth[r]) + " going up",
                           "diffusers' UNet2DConditionModel uses one count per level");
-      layers[l] = attn[l] ? depth[l] : up_attn[u] ? up_depth[u] : l == levels - 1 ? mid_depth : 1;
+      u.layers[l] = u.attn[l] ? depth[l] : u.up_attn[r] ? up_depth[r] : l == levels - 1 ? u.mid_depth : 1;
     }
-    if (layers[levels - 1] != mid_depth)
+    if (u.layers[levels - 1] != u.mid_depth)
       throw_unsupported(where_,
-                        "the UNet's middle block has " + idx(mid_depth) + " transformer blocks, its last level " +
-                            idx(layers[levels - 1]),
+                        "the UNet's middle block has " + idx(u.mid_depth) + " transformer blocks, its last level " +
+                            idx(u.layers[levels - 1]),
                         "diffusers' UNet2DConditionModel gives both the same count");
+  }
 
+  // 3. The width of the text it attends to, its projections, its time embedding and output.
+  void unet_widths(UnetLayout& u) const {
+    const std::string U = kUnet;
     const auto& mid_k = need(U + "middle_block.1.transformer_blocks.0.attn2.to_k.weight", 2,
                              "cross-attention key projection [width, context]");
-    const int64_t cross_attention_dim = mid_k[1];
-    const bool linear_projection = find(U + "middle_block.1.proj_in.weight")->size() == 2;
-    const auto& time_1 = need(U + "time_embed.0.weight", 2, "time embedding [time_dim, channels]");
-    if (time_1[1] != model_channels)
-      throw_unsupported(
-          where_,
-          "the UNet's time embedding takes " + idx(time_1[1]) + " sinusoids for " + idx(model_channels) + " channels",
-          "diffusers' UNet2DConditionModel uses one sinusoid per channel of the first level");
-    const auto& conv_out = need(U + "out.2.weight", 4, "UNet output convolution");
+    u.cross_attention_dim = mid_k[1];
+    u.linear_projection = find(U + "middle_block.1.proj_in.weight")->size() == 2;
+    u.time_embed = need(U + "time_embed.0.weight", 2, "time embedding [time_dim, channels]");
+    const int64_t model_channels = u.conv_in[0];
+    if (u.time_embed[1] != model_channels)
+      throw_unsupported(where_,
+                        "the UNet's time embedding takes " + idx(u.time_embed[1]) + " sinusoids for " +
+                            idx(model_channels) + " channels",
+                        "diffusers' UNet2DConditionModel uses one sinusoid per channel of the first level");
+    u.conv_out = need(U + "out.2.weight", 4, "UNet output convolution");
+  }
 
-    // Modules, in the order of the diffusers state dict.
+  // 4. Modules, in the order of the diffusers state dict.
+  void place_unet(const UnetLayout& u) {
+    const std::string U = kUnet;
+    const int64_t levels = u.levels, lpb = u.lpb;
     place("unet", "unet", "", U);
     for (int64_t l = 0; l < levels; ++l) {
       const std::string down = "down_blocks." + idx(l) + ".";
       for (int64_t j = 0; j < lpb; ++j) {
-        const std::string src = U + "input_blocks." + idx(down_index(l, j)) + ".";
+        const std::string src = U + "input_blocks." + idx(u.down_index(l, j)) + ".";
         place("unet_resnet", "unet", down + "resnets." + idx(j) + ".", src + "0.");
-        if (attn[l]) place_attention(down + "attentions." + idx(j) + ".", src + "1.", layers[l]);
+        if (u.attn[l]) place_attention(down + "attentions." + idx(j) + ".", src + "1.", u.layers[l]);
       }
       if (l + 1 < levels)
-        place("conv", "unet", down + "downsamplers.0.conv.", U + "input_blocks." + idx(down_index(l, lpb)) + ".0.op.");
+        place("conv", "unet", down + "downsamplers.0.conv.",
+              U + "input_blocks." + idx(u.down_index(l, lpb)) + ".0.op.");
     }
     place("unet_resnet", "unet", "mid_block.resnets.0.", U + "middle_block.0.");
-    place_attention("mid_block.attentions.0.", U + "middle_block.1.", mid_depth);
+    place_attention("mid_block.attentions.0.", U + "middle_block.1.", u.mid_depth);
     place("unet_resnet", "unet", "mid_block.resnets.1.", U + "middle_block.2.");
-    for (int64_t u = 0; u < levels; ++u) {
-      const std::string up = "up_blocks." + idx(u) + ".";
+    for (int64_t b = 0; b < levels; ++b) {
+      const std::string up = "up_blocks." + idx(b) + ".";
       for (int64_t j = 0; j <= lpb; ++j) {
-        const std::string src = U + "output_blocks." + idx(up_index(u, j)) + ".";
+        const std::string src = U + "output_blocks." + idx(u.up_index(b, j)) + ".";
         place("unet_resnet", "unet", up + "resnets." + idx(j) + ".", src + "0.");
-        if (up_attn[u]) place_attention(up + "attentions." + idx(j) + ".", src + "1.", layers[levels - 1 - u]);
+        if (u.up_attn[b]) place_attention(up + "attentions." + idx(j) + ".", src + "1.", u.layers[levels - 1 - b]);
         // The upsampler follows the resnet, or the resnet and its attention.
-        if (j == lpb && u + 1 < levels)
-          place("conv", "unet", up + "upsamplers.0.conv.", src + (up_attn[u] ? "2" : "1") + ".conv.");
+        if (j == lpb && b + 1 < levels)
+          place("conv", "unet", up + "upsamplers.0.conv.", src + (u.up_attn[b] ? "2" : "1") + ".conv.");
       }
     }
+  }
 
+  // 5. The diffusers config of that UNet.
+  nlohmann::json unet_config(const UnetLayout& u) const {
     nlohmann::json down_types = nlohmann::json::array(), up_types = nlohmann::json::array();
-    for (int64_t l = 0; l < levels; ++l) down_types.push_back(attn[l] ? "CrossAttnDownBlock2D" : "DownBlock2D");
-    for (int64_t u = 0; u < levels; ++u) up_types.push_back(up_attn[u] ? "CrossAttnUpBlock2D" : "UpBlock2D");
+    for (int64_t l = 0; l < u.levels; ++l) down_types.push_back(u.attn[l] ? "CrossAttnDownBlock2D" : "DownBlock2D");
+    for (int64_t b = 0; b < u.levels; ++b) up_types.push_back(u.up_attn[b] ? "CrossAttnUpBlock2D" : "UpBlock2D");
     nlohmann::json head_dim;
     if (plan_.family == SdFamily::SD1) {
       head_dim = kSd1UnetHeads;
     } else {
       // SD 2.x: heads 64 channels wide, written (as the reference does) as per-level head counts.
       head_dim = nlohmann::json::array();
-      for (int64_t c : channels) head_dim.push_back(heads_for_width(c));
+      for (int64_t c : u.channels) head_dim.push_back(heads_for_width(c));
     }
+    const auto& layers = u.layers;
     const bool same_layers = std::all_of(layers.begin(), layers.end(), [&](int64_t v) { return v == layers[0]; });
-    plan_.unet_config = {
+    const int64_t model_channels = u.conv_in[0], time_dim = u.time_embed[0];
+    return {
         {"_class_name", "UNet2DConditionModel"},
-        {"in_channels", conv_in[1]},
-        {"out_channels", conv_out[0]},
+        {"in_channels", u.conv_in[1]},
+        {"out_channels", u.conv_out[0]},
         {"center_input_sample", false},
         {"flip_sin_to_cos", true},
         {"freq_shift", 0},
@@ -667,28 +697,31 @@ class Planner {
         {"mid_block_type", "UNetMidBlock2DCrossAttn"},
         {"up_block_types", up_types},
         {"only_cross_attention", false},
-        {"block_out_channels", channels},
-        {"layers_per_block", lpb},
+        {"block_out_channels", u.channels},
+        {"layers_per_block", u.lpb},
         {"downsample_padding", 1},
         {"mid_block_scale_factor", 1},
         {"dropout", 0.0},
         {"act_fn", "silu"},
         {"norm_num_groups", 32},
         {"norm_eps", 1e-5},
-        {"cross_attention_dim", cross_attention_dim},
+        {"cross_attention_dim", u.cross_attention_dim},
         {"transformer_layers_per_block", same_layers ? nlohmann::json(layers[0]) : nlohmann::json(layers)},
         {"attention_head_dim", head_dim},
         {"num_attention_heads", nullptr},
-        {"use_linear_projection", linear_projection},
+        {"use_linear_projection", u.linear_projection},
         {"resnet_time_scale_shift", "default"},
         {"resnet_out_scale_factor", 1.0},
         {"time_embedding_type", "positional"},
         // null means 4 x block_out_channels[0], as in every SD config
-        {"time_embedding_dim", time_1[0] == 4 * model_channels ? nlohmann::json(nullptr) : nlohmann::json(time_1[0])},
-        {"conv_in_kernel", conv_in[2]},
-        {"conv_out_kernel", conv_out[2]},
+        {"time_embedding_dim", time_dim == 4 * model_channels ? nlohmann::json(nullptr) : nlohmann::json(time_dim)},
+        {"conv_in_kernel", u.conv_in[2]},
+        {"conv_out_kernel", u.conv_out[2]},
     };
+  }
 
+  // 6. The UNet attends to text as wide as the text encoder's output.
+  void check_text_width(int64_t cross_attention_dim) const {
     const int64_t text_width = plan_.text_encoder_config.at("hidden_size").get<int64_t>();
     if (text_width != cross_attention_dim)
       throw_bad_input(where_,
@@ -804,10 +837,10 @@ class Planner {
     const std::string family = family_name(plan_.family);
     if (!unmapped.empty())
       problem = std::to_string(unmapped.size()) + " checkpoint tensors map to no " + family +
-                " tensor: " + first_few(unmapped);
+                " tensor: " + first_names(unmapped);
     if (!missing_.empty())
       problem += (problem.empty() ? "" : "; ") + std::to_string(missing_.size()) + " tensors of the inferred " +
-                 family + " model are missing from the file: " + first_few(missing_);
+                 family + " model are missing from the file: " + first_names(missing_);
     throw_bad_input(where_, problem,
                     "not a complete SD 1.x / 2.x checkpoint, or a variant fairdiff does not know; a LoRA or "
                     "embedding file is not a model");

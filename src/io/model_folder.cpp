@@ -5,6 +5,7 @@
 #include "config_json.h"
 #include "fs_util.h"
 #include "runtime.h"
+#include "string_util.h"
 #include "tensor_io.h"
 
 namespace fairdiff {
@@ -21,12 +22,6 @@ const std::map<std::string, std::vector<std::string>> kRequired = {
     {"vae", {"AutoencoderKL"}},
     {"scheduler", {}},  // any class name: the scheduler is chosen from its config later
 };
-
-std::string join(const std::vector<std::string>& v) {
-  std::string s;
-  for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
-  return s;
-}
 
 template <typename Holder, typename Config>
 Holder load_component(const std::string& dir, const std::string& component, const std::string& weights_name,
@@ -56,7 +51,7 @@ ModelIndex read_model_index(const std::string& model_dir) {
   if (!is_regular_file(path)) throw_bad_input(model_dir, "has no model_index.json", kFolderHint);
   const nlohmann::json j = read_json_file(path);
   ModelIndex index;
-  index.class_name = config_value<std::string>(j, "_class_name", "", path);
+  index.class_name = config_json::get_string(j, "_class_name", "", path);
   if (index.class_name.find("XL") != std::string::npos)
     throw_unsupported(path, "_class_name = " + index.class_name + ": SDXL is not supported yet",
                       "use a Stable Diffusion 1.x or 2.x model");

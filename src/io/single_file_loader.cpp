@@ -14,6 +14,7 @@
 #include "fs_util.h"
 #include "model_folder.h"
 #include "single_file.h"
+#include "string_util.h"
 #include "tensor_io.h"
 
 namespace fairdiff {
@@ -55,7 +56,7 @@ MappedWeights fill_module(torch::nn::Module& module, const std::string& componen
       missing.push_back(name);
     else if (at::IntArrayRef(it->second->shape) != target.sizes())
       mismatched.push_back(name + " (file " + it->second->source + " " + shape_str(it->second->shape) + ", model " +
-                           shape_str(target.sizes()) + ")");
+                           shape_str(target.sizes().vec()) + ")");
   }
   for (const auto& [name, t] : planned)
     if (!expected.count(name)) unexpected.push_back(name + " <- " + t->source);

@@ -6,21 +6,9 @@
 #include <set>
 
 #include "fairdiff/error.h"
+#include "string_util.h"
 
 namespace fairdiff {
-std::string shape_str(at::IntArrayRef shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? "," : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
-std::string first_names(const std::vector<std::string>& names, size_t limit) {
-  std::string s;
-  for (size_t i = 0; i < names.size() && i < limit; ++i) s += (i ? ", " : "") + names[i];
-  if (names.size() > limit) s += ", ... (" + std::to_string(names.size()) + " in all)";
-  return s;
-}
-
 at::ScalarType scalar_type(DType dtype) {
   switch (dtype) {
     case DType::F32: return at::kFloat;
@@ -73,7 +61,8 @@ std::vector<std::pair<std::string, at::Tensor>> match_state_dict(torch::nn::Modu
     if (!view) {
       missing.push_back(name);
     } else if (at::IntArrayRef(view->shape) != target.sizes()) {
-      mismatched.push_back(name + " (file " + shape_str(view->shape) + ", model " + shape_str(target.sizes()) + ")");
+      mismatched.push_back(name + " (file " + shape_str(view->shape) + ", model " + shape_str(target.sizes().vec()) +
+                           ")");
     }
   }
   std::vector<std::string> unexpected;

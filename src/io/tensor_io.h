@@ -17,11 +17,6 @@ namespace fairdiff {
 
 at::ScalarType scalar_type(DType dtype);
 
-// "[2,4,8,8]": a shape in error messages.
-std::string shape_str(at::IntArrayRef shape);
-// "a, b, c, ... (12 in all)": the first few names of a list in error messages.
-std::string first_names(const std::vector<std::string>& names, size_t limit = 5);
-
 // A tensor that aliases the file mapping (no copy): valid only while `file` lives.
 at::Tensor tensor_view(const TensorView& view);
 // The same, keeping `owner` (the SafeTensors holding the mapping) alive for as long as

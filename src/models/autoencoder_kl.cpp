@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "config_json.h"
 #include "fairdiff/error.h"
 
 namespace fairdiff {

@@ -10,15 +10,15 @@ namespace fairdiff {
 
 CLIPTextConfig CLIPTextConfig::from_json(const nlohmann::json& j, const std::string& where) {
   CLIPTextConfig c;
-  c.vocab_size = config_value(j, "vocab_size", c.vocab_size, where);
-  c.hidden_size = config_value(j, "hidden_size", c.hidden_size, where);
-  c.intermediate_size = config_value(j, "intermediate_size", c.intermediate_size, where);
-  c.num_hidden_layers = config_value(j, "num_hidden_layers", c.num_hidden_layers, where);
-  c.num_attention_heads = config_value(j, "num_attention_heads", c.num_attention_heads, where);
-  c.max_position_embeddings = config_value(j, "max_position_embeddings", c.max_position_embeddings, where);
-  c.hidden_act = config_value(j, "hidden_act", c.hidden_act, where);
-  c.layer_norm_eps = config_value(j, "layer_norm_eps", c.layer_norm_eps, where);
-  c.eos_token_id = config_value(j, "eos_token_id", c.eos_token_id, where);
+  c.vocab_size = config_json::get_int(j, "vocab_size", c.vocab_size, where);
+  c.hidden_size = config_json::get_int(j, "hidden_size", c.hidden_size, where);
+  c.intermediate_size = config_json::get_int(j, "intermediate_size", c.intermediate_size, where);
+  c.num_hidden_layers = config_json::get_int(j, "num_hidden_layers", c.num_hidden_layers, where);
+  c.num_attention_heads = config_json::get_int(j, "num_attention_heads", c.num_attention_heads, where);
+  c.max_position_embeddings = config_json::get_int(j, "max_position_embeddings", c.max_position_embeddings, where);
+  c.hidden_act = config_json::get_string(j, "hidden_act", c.hidden_act, where);
+  c.layer_norm_eps = config_json::get_number(j, "layer_norm_eps", c.layer_norm_eps, where);
+  c.eos_token_id = config_json::get_int(j, "eos_token_id", c.eos_token_id, where);
 
   // A text model with a projection head (SDXL's second encoder) is a different network.
   if (auto arch = j.find("architectures"); arch != j.end() && arch->is_array())

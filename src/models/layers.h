@@ -17,7 +17,6 @@
 #include <torch/nn/pimpl.h>
 
 #include <functional>
-#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
@@ -317,34 +316,5 @@ class TimestepEmbeddingImpl : public torch::nn::Module {
   leaf::Linear linear_1_{nullptr}, linear_2_{nullptr};
 };
 TORCH_MODULE(TimestepEmbedding);
-
-// ---------------------------------------------------------------------------
-// Reading network configs (config.json). Absent keys take the given default; a present
-// key of the wrong type is a BadInput error naming `where` and the key.
-namespace config_json {
-
-bool has_value(const nlohmann::json& config, const std::string& key);  // present and not null
-int64_t get_int(const nlohmann::json& config, const std::string& key, int64_t fallback, const std::string& where);
-double get_number(const nlohmann::json& config, const std::string& key, double fallback, const std::string& where);
-bool get_bool(const nlohmann::json& config, const std::string& key, bool fallback, const std::string& where);
-std::string get_string(const nlohmann::json& config, const std::string& key, const std::string& fallback,
-                       const std::string& where);
-std::vector<std::string> get_string_list(const nlohmann::json& config, const std::string& key,
-                                         const std::vector<std::string>& fallback, const std::string& where);
-// An int or a list of ints; an int is returned as a one-element list.
-std::vector<int64_t> get_int_or_list(const nlohmann::json& config, const std::string& key,
-                                     const std::vector<int64_t>& fallback, const std::string& where);
-// Throws Unsupported unless the key is absent or null.
-void require_null(const nlohmann::json& config, const std::string& key, const std::string& where,
-                  const std::string& hint = {});
-// Logs one warning listing keys that are not in `known` and do not start with '_'
-// (the reference ignores unknown keys with a warning too).
-void warn_unknown_keys(const nlohmann::json& config, const std::vector<std::string>& known, const std::string& where);
-// Broadcasts a one-element list to `n` entries; checks the length otherwise.
-std::vector<int64_t> per_block(const std::vector<int64_t>& values, size_t n, const std::string& key,
-                               const std::string& where);
-std::string join(const std::vector<std::string>& items, const std::string& separator = ", ");
-
-}  // namespace config_json
 
 }  // namespace fairdiff

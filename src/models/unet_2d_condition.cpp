@@ -4,7 +4,9 @@
 
 #include <algorithm>
 
+#include "config_json.h"
 #include "fairdiff/error.h"
+#include "string_util.h"
 
 namespace fairdiff {
 

@@ -22,6 +22,7 @@
 #include "fs_util.h"
 #include "run_plan.h"
 #include "safetensors.h"
+#include "string_util.h"
 
 namespace fs = std::filesystem;
 
@@ -35,12 +36,6 @@ struct PromptSpec {
   int64_t steps = 0, width = 0, height = 0;
   double cfg_scale = -1;
 };
-
-std::string trim(const std::string& s) {
-  const size_t b = s.find_first_not_of(" \t\r\n");
-  if (b == std::string::npos) return "";
-  return s.substr(b, s.find_last_not_of(" \t\r\n") - b + 1);
-}
 
 bool parse_int(const char* text, int64_t* out) {
   if (!text || !*text) return false;
@@ -145,21 +140,6 @@ bool writable_dir(const std::string& dir) { return is_directory(dir) && ::access
 
 }  // namespace
 
-const std::vector<std::string>& sampling_methods() {
-  static const std::vector<std::string> kMethods = {"pndm", "ddim", "euler", "euler_a", "dpm++2m", "lms"};
-  return kMethods;
-}
-
-std::string scheduler_override(const std::string& method, const std::string& schedule) {
-  if (method.empty()) return "";
-  const bool karras = schedule == "karras";
-  if (method == "pndm" || method == "plms") return "pndm";
-  if (method == "dpm++2m") return karras ? "dpmpp_2m_karras" : "dpmpp_2m";
-  if (method == "lms") return karras ? "lms_karras" : "lms";
-  if (method == "euler") return karras ? "euler_karras" : "euler";
-  return method;  // ddim, euler, euler_a
-}
-
 void validate(GenerateOptions& o) {
   if (o.model.empty()) throw_bad_input("--model", "no model given", "pass --model DIR (a diffusers folder) or FILE.safetensors");
   if (o.prompt.empty() && o.prompts_file.empty())
@@ -176,20 +156,21 @@ void validate(GenerateOptions& o) {
   if (o.clip_skip < 0) throw_bad_input("--clip-skip", "must be non-negative");
   check_size("--width/--height", o.width, o.height);
   std::string method = o.sampling_method == "plms" ? "pndm" : o.sampling_method;
-  if (!method.empty() && std::find(sampling_methods().begin(), sampling_methods().end(), method) == sampling_methods().end())
+  const SchedulerRow* row = find_scheduler_method(method);
+  if (!method.empty() && !row)
     throw_bad_input("--sampling-method", "unknown sampler \"" + o.sampling_method + "\"",
-                    "use one of pndm, ddim, euler, euler_a, dpm++2m, lms");
+                    "use one of " + join(sampling_methods()));
   o.sampling_method = method;
   if (!o.scheduler.empty() && o.scheduler != "discrete" && o.scheduler != "karras")
     throw_bad_input("--scheduler", "unknown scheduler \"" + o.scheduler + "\"", "use discrete or karras");
-  if (o.scheduler == "karras" && method != "dpm++2m" && method != "lms" && method != "euler")
+  if (o.scheduler == "karras" && !(row && row->supports_karras))
     throw_bad_input("--scheduler", "karras sigmas are available with --sampling-method euler, dpm++2m or lms",
                     "pick one of those samplers, or drop --scheduler karras");
   if (o.fairness_mode != "exact" && o.fairness_mode != "fast")
     throw_bad_input("--fairness-mode", "unknown mode \"" + o.fairness_mode + "\"", "use exact or fast");
   if (o.dtype != "fp32" && o.dtype != "fp16" && o.dtype != "bf16")
     throw_bad_input("--dtype", "unknown dtype \"" + o.dtype + "\"", "use fp32, fp16 or bf16");
-  const bool cuda = o.device.rfind("cuda", 0) == 0;
+  const bool cuda = starts_with(o.device, "cuda");
   if (o.device != "auto" && o.device != "cpu" && !cuda)
     throw_bad_input("--device", "unknown device \"" + o.device + "\"", "use auto, cpu, cuda or cuda:N");
   if (o.device == "cpu" && o.dtype == "fp16")
@@ -340,7 +321,8 @@ int64_t merge_manifests(const std::string& out_dir) {
   std::vector<std::string> shard_files;
   for (const auto& e : fs::directory_iterator(out_dir)) {
     const std::string name = e.path().filename().string();
-    if (name.rfind("manifest-shard-", 0) == 0 && e.path().extension() == ".jsonl") shard_files.push_back(e.path().string());
+    if (starts_with(name, "manifest-shard-") && e.path().extension() == ".jsonl")
+      shard_files.push_back(e.path().string());
   }
   std::sort(shard_files.begin(), shard_files.end());
   if (shard_files.empty())
@@ -387,11 +369,11 @@ void check_text_encoder(const std::string& model, const std::string& flag) {
     const auto it = j.find("text_encoder");
     if (it == j.end() || !it->is_array() || it->size() != 2 || (*it)[0].is_null() || (*it)[1].is_null())
       missing = "its model_index.json lists no text_encoder";
-  } else if (model.size() > 12 && model.compare(model.size() - 12, 12, ".safetensors") == 0) {
+  } else if (model.size() > 12 && ends_with(model, ".safetensors")) {
     try {
       const SafeTensors st(model);  // header only: the tensors stay mapped, unread
       bool found = false;
-      for (const TensorView& t : st.tensors()) found = found || t.name.rfind("cond_stage_model.", 0) == 0;
+      for (const TensorView& t : st.tensors()) found = found || starts_with(t.name, "cond_stage_model.");
       if (!found) missing = "the checkpoint has no cond_stage_model.* tensors";
     } catch (const Error&) {
       return;  // a broken file: the loader says how

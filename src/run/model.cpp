@@ -6,7 +6,6 @@
 
 #include <chrono>
 #include <filesystem>
-#include <map>
 
 #include "data_paths.h"
 #include "fairdiff/error.h"
@@ -14,6 +13,7 @@
 #include "model_impl.h"
 #include "run_plan.h"
 #include "runtime.h"
+#include "scheduler_table.h"
 #include "sha256.h"
 #include "single_file.h"
 
@@ -84,12 +84,7 @@ std::string model_name(const std::string& model) {
 
 // A1111's sampler and schedule names for what will run.
 std::pair<std::string, std::string> a1111_sampler(const Scheduler& s, bool karras) {
-  static const std::map<std::string, std::string> kNames = {
-      {"PNDMScheduler", "PLMS"},           {"DDIMScheduler", "DDIM"},
-      {"EulerDiscreteScheduler", "Euler"}, {"EulerAncestralDiscreteScheduler", "Euler a"},
-      {"DPMSolverMultistepScheduler", "DPM++ 2M"}, {"LMSDiscreteScheduler", "LMS"}};
-  auto it = kNames.find(s.name());
-  return {it == kNames.end() ? s.name() : it->second, karras ? "Karras" : "Automatic"};
+  return {a1111_sampler_name(s.name()), karras ? "Karras" : "Automatic"};
 }
 
 FairEdits fair_edits(const FairnessSpec& spec) {

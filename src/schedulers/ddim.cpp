@@ -7,16 +7,18 @@
 
 namespace fairdiff {
 
+using namespace config_json;
+
 DDIMScheduler::Config DDIMScheduler::Config::from_json(const nlohmann::json& config, const std::string& where) {
   Config c;
   c.schedule = sched::read_noise_schedule(config, NoiseScheduleConfig{}, /*with_rescale=*/true, where);
-  c.clip_sample = config_value<bool>(config, "clip_sample", c.clip_sample, where);
-  c.clip_sample_range = config_value<double>(config, "clip_sample_range", c.clip_sample_range, where);
-  c.set_alpha_to_one = config_value<bool>(config, "set_alpha_to_one", c.set_alpha_to_one, where);
-  c.thresholding = config_value<bool>(config, "thresholding", c.thresholding, where);
+  c.clip_sample = get_bool(config, "clip_sample", c.clip_sample, where);
+  c.clip_sample_range = get_number(config, "clip_sample_range", c.clip_sample_range, where);
+  c.set_alpha_to_one = get_bool(config, "set_alpha_to_one", c.set_alpha_to_one, where);
+  c.thresholding = get_bool(config, "thresholding", c.thresholding, where);
   c.dynamic_thresholding_ratio =
-      config_value<double>(config, "dynamic_thresholding_ratio", c.dynamic_thresholding_ratio, where);
-  c.sample_max_value = config_value<double>(config, "sample_max_value", c.sample_max_value, where);
+      get_number(config, "dynamic_thresholding_ratio", c.dynamic_thresholding_ratio, where);
+  c.sample_max_value = get_number(config, "sample_max_value", c.sample_max_value, where);
   return c;
 }
 

@@ -8,6 +8,9 @@
 #include "fairdiff/error.h"
 
 namespace fairdiff {
+
+using namespace config_json;
+
 namespace {
 
 // alpha_t = 1 / sqrt(sigma^2 + 1), sigma_t = sigma alpha_t: the VP pair of a k-diffusion sigma.
@@ -28,7 +31,7 @@ double read_extended_number(const nlohmann::json& config, const std::string& key
     if (v == "Infinity" || v == "inf") return INFINITY;
     if (v == "NaN" || v == "nan") return NAN;
   }
-  return config_value<double>(config, key, fallback, where);
+  return get_number(config, key, fallback, where);
 }
 
 }  // namespace
@@ -39,13 +42,13 @@ DPMSolverMultistepScheduler::Config DPMSolverMultistepScheduler::Config::from_js
   NoiseScheduleConfig defaults;
   defaults.timestep_spacing = TimestepSpacing::Linspace;
   c.schedule = sched::read_noise_schedule(config, defaults, /*with_rescale=*/true, where);
-  c.solver_order = config_value<int>(config, "solver_order", c.solver_order, where);
+  c.solver_order = static_cast<int>(get_int(config, "solver_order", c.solver_order, where));
   if (c.solver_order != 1 && c.solver_order != 2)
     sched::reject(where, "solver_order = " + std::to_string(c.solver_order), "1, 2");
-  c.thresholding = config_value<bool>(config, "thresholding", c.thresholding, where);
+  c.thresholding = get_bool(config, "thresholding", c.thresholding, where);
   c.dynamic_thresholding_ratio =
-      config_value<double>(config, "dynamic_thresholding_ratio", c.dynamic_thresholding_ratio, where);
-  c.sample_max_value = config_value<double>(config, "sample_max_value", c.sample_max_value, where);
+      get_number(config, "dynamic_thresholding_ratio", c.dynamic_thresholding_ratio, where);
+  c.sample_max_value = get_number(config, "sample_max_value", c.sample_max_value, where);
   // diffusers maps "deis" to dpmsolver++ and the UniPC/DEIS solver types to midpoint.
   const size_t algorithm =
       sched::read_choice(config, "algorithm_type", "dpmsolver++", {"dpmsolver++", "dpmsolver", "deis"}, where);
@@ -53,21 +56,21 @@ DPMSolverMultistepScheduler::Config DPMSolverMultistepScheduler::Config::from_js
   const size_t solver =
       sched::read_choice(config, "solver_type", "midpoint", {"midpoint", "heun", "logrho", "bh1", "bh2"}, where);
   c.solver_type = solver == 1 ? SolverType::Heun : SolverType::Midpoint;
-  c.lower_order_final = config_value<bool>(config, "lower_order_final", c.lower_order_final, where);
-  c.euler_at_final = config_value<bool>(config, "euler_at_final", c.euler_at_final, where);
-  c.use_karras_sigmas = config_value<bool>(config, "use_karras_sigmas", c.use_karras_sigmas, where);
-  c.use_lu_lambdas = config_value<bool>(config, "use_lu_lambdas", c.use_lu_lambdas, where);
+  c.lower_order_final = get_bool(config, "lower_order_final", c.lower_order_final, where);
+  c.euler_at_final = get_bool(config, "euler_at_final", c.euler_at_final, where);
+  c.use_karras_sigmas = get_bool(config, "use_karras_sigmas", c.use_karras_sigmas, where);
+  c.use_lu_lambdas = get_bool(config, "use_lu_lambdas", c.use_lu_lambdas, where);
   // diffusers reads sigma_min / sigma_max whenever its config has them (e.g. carried over from an Euler config).
-  if (config.contains("sigma_min") && !config["sigma_min"].is_null())
-    c.sigma_min = config_value<double>(config, "sigma_min", 0.0, where);
-  if (config.contains("sigma_max") && !config["sigma_max"].is_null())
-    c.sigma_max = config_value<double>(config, "sigma_max", 0.0, where);
+  if (has_value(config, "sigma_min"))
+    c.sigma_min = get_number(config, "sigma_min", 0.0, where);
+  if (has_value(config, "sigma_max"))
+    c.sigma_max = get_number(config, "sigma_max", 0.0, where);
   c.final_sigma_zero = sched::read_choice(config, "final_sigmas_type", "zero", {"zero", "sigma_min"}, where) == 0;
   if (c.final_sigma_zero && c.algorithm_type == Algorithm::DPMSolver)
     sched::reject(where, "final_sigmas_type = \"zero\" with algorithm_type = \"dpmsolver\"",
                   "final_sigmas_type \"sigma_min\" for dpmsolver, or algorithm_type \"dpmsolver++\"");
   c.lambda_min_clipped = read_extended_number(config, "lambda_min_clipped", c.lambda_min_clipped, where);
-  const std::string variance = config_value<std::string>(config, "variance_type", "", where);
+  const std::string variance = get_string(config, "variance_type", "", where);
   c.learned_variance = variance == "learned" || variance == "learned_range";
   return c;
 }
@@ -113,8 +116,7 @@ void DPMSolverMultistepScheduler::set_timesteps(int64_t n) {
   // 3. Sigmas: interpolated at those timesteps, or Karras / uniform-lambda sigmas whose
   //    timesteps are then read back off the training table and rounded.
   const std::vector<float> table = sched::train_sigmas(alphas_cumprod_);
-  std::vector<float> log_sigmas;
-  for (float v : table) log_sigmas.push_back(std::log(v));
+  const std::vector<float> log_sigmas = sched::log_sigmas(table);
   std::vector<double> sigmas;
   if (config_.use_karras_sigmas || config_.use_lu_lambdas) {
     if (config_.use_karras_sigmas) {
@@ -131,8 +133,7 @@ void DPMSolverMultistepScheduler::set_timesteps(int64_t n) {
   } else {
     for (double v : t) sigmas.push_back(sched::np_interp_index(v, table));
   }
-  sigmas.push_back(config_.final_sigma_zero ? 0.0
-                                            : ((1 - alphas_cumprod_[0]) / alphas_cumprod_[0]).pow(0.5).item<double>());
+  sigmas.push_back(config_.final_sigma_zero ? 0.0 : sched::min_train_sigma(alphas_cumprod_));
   sigmas_ = sched::float_tensor(sigmas);
   timesteps_.clear();
   for (double v : t) timesteps_.push_back(static_cast<double>(static_cast<int64_t>(v)));

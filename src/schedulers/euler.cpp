@@ -8,6 +8,8 @@
 
 namespace fairdiff {
 
+using namespace config_json;
+
 EulerDiscreteScheduler::Config EulerDiscreteScheduler::Config::from_json(const nlohmann::json& config,
                                                                          const std::string& where) {
   Config c;
@@ -15,11 +17,11 @@ EulerDiscreteScheduler::Config EulerDiscreteScheduler::Config::from_json(const n
   defaults.timestep_spacing = TimestepSpacing::Linspace;
   c.schedule = sched::read_noise_schedule(config, defaults, /*with_rescale=*/true, where);
   sched::read_choice(config, "interpolation_type", "linear", {"linear"}, where);
-  c.use_karras_sigmas = config_value<bool>(config, "use_karras_sigmas", false, where);
-  if (config.contains("sigma_min") && !config["sigma_min"].is_null())
-    c.sigma_min = config_value<double>(config, "sigma_min", 0.0, where);
-  if (config.contains("sigma_max") && !config["sigma_max"].is_null())
-    c.sigma_max = config_value<double>(config, "sigma_max", 0.0, where);
+  c.use_karras_sigmas = get_bool(config, "use_karras_sigmas", false, where);
+  if (has_value(config, "sigma_min"))
+    c.sigma_min = get_number(config, "sigma_min", 0.0, where);
+  if (has_value(config, "sigma_max"))
+    c.sigma_max = get_number(config, "sigma_max", 0.0, where);
   c.continuous_timesteps =
       sched::read_choice(config, "timestep_type", "discrete", {"discrete", "continuous"}, where) == 1;
   c.final_sigma_zero = sched::read_choice(config, "final_sigmas_type", "zero", {"zero", "sigma_min"}, where) == 0;
@@ -32,32 +34,18 @@ EulerDiscreteScheduler::EulerDiscreteScheduler(Config config) : config_(std::mov
 
 void EulerDiscreteScheduler::set_timesteps(int64_t n) {
   if (n < 1) throw_bad_input(name(), "num_inference_steps = " + std::to_string(n) + " must be at least 1");
-  const NoiseScheduleConfig& s = config_.schedule;
-  // 1. Timesteps (float32), and their sigmas interpolated linearly in t over the training table.
-  std::vector<double> t = sched::spaced_timesteps(s.timestep_spacing, s.num_train_timesteps, n, s.steps_offset,
-                                                  /*integer=*/false);
-  const std::vector<float> table = sched::train_sigmas(alphas_cumprod_);
-  std::vector<double> sigmas;
-  for (double v : t) sigmas.push_back(sched::np_interp_index(v, table));
-  // 2. Karras sigmas between the ends of that schedule, mapped back to (fractional) timesteps.
-  if (config_.use_karras_sigmas) {
-    std::vector<float> log_sigmas;
-    for (float v : table) log_sigmas.push_back(std::log(v));
-    sigmas =
-        sched::karras_sigmas(config_.sigma_min.value_or(sigmas.back()), config_.sigma_max.value_or(sigmas.front()), n);
-    t.clear();
-    for (double sigma : sigmas) t.push_back(static_cast<float>(sched::sigma_to_t(sigma, log_sigmas)));
-  }
-  // 3. The final sigma: 0, or the smallest training sigma.
-  const double last =
-      config_.final_sigma_zero ? 0.0 : ((1 - alphas_cumprod_[0]) / alphas_cumprod_[0]).pow(0.5).item<double>();
-  sigmas.push_back(last);
-  sigmas_ = sched::float_tensor(sigmas);
+  // 1. Timesteps and sigmas, interpolated or Karras (sigma_min / sigma_max of the config if set).
+  sched::SigmaSchedule schedule = sched::sigma_schedule(config_.schedule, alphas_cumprod_, n, config_.use_karras_sigmas,
+                                                        config_.sigma_min, config_.sigma_max);
+  // 2. The final sigma: 0, or the smallest training sigma.
+  schedule.sigmas.push_back(config_.final_sigma_zero ? 0.0 : sched::min_train_sigma(alphas_cumprod_));
+  sigmas_ = sched::float_tensor(schedule.sigmas);
+  // 3. Timesteps in float32 (Karras ones too), or 0.25 log sigma for continuous v-prediction models.
   timesteps_.clear();
-  if (config_.continuous_timesteps && s.prediction_type == PredictionType::VPrediction) {
+  if (config_.continuous_timesteps && config_.schedule.prediction_type == PredictionType::VPrediction) {
     for (int64_t i = 0; i + 1 < sigmas_.size(0); ++i) timesteps_.push_back((0.25 * sigmas_[i].log()).item<double>());
   } else {
-    for (double v : t) timesteps_.push_back(static_cast<float>(v));
+    for (double v : schedule.timesteps) timesteps_.push_back(static_cast<float>(v));
   }
 }
 

@@ -23,15 +23,11 @@ EulerAncestralDiscreteScheduler::EulerAncestralDiscreteScheduler(Config config) 
 
 void EulerAncestralDiscreteScheduler::set_timesteps(int64_t n) {
   if (n < 1) throw_bad_input(name(), "num_inference_steps = " + std::to_string(n) + " must be at least 1");
-  const NoiseScheduleConfig& s = config_.schedule;
   // Timesteps (float32) and their sigmas, interpolated linearly in t over the training table; final sigma 0.
-  timesteps_ = sched::spaced_timesteps(s.timestep_spacing, s.num_train_timesteps, n, s.steps_offset,
-                                       /*integer=*/false);
-  const std::vector<float> table = sched::train_sigmas(alphas_cumprod_);
-  std::vector<double> sigmas;
-  for (double t : timesteps_) sigmas.push_back(sched::np_interp_index(t, table));
-  sigmas.push_back(0.0);
-  sigmas_ = sched::float_tensor(sigmas);
+  sched::SigmaSchedule schedule = sched::sigma_schedule(config_.schedule, alphas_cumprod_, n, /*karras=*/false);
+  timesteps_ = std::move(schedule.timesteps);
+  schedule.sigmas.push_back(0.0);
+  sigmas_ = sched::float_tensor(schedule.sigmas);
 }
 
 double EulerAncestralDiscreteScheduler::init_noise_sigma() const {

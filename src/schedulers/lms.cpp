@@ -9,6 +9,8 @@
 
 namespace fairdiff {
 
+using namespace config_json;
+
 double gauss_kronrod_21(const std::function<double(double)>& f, double a, double b) {
   // Nodes of the 21-point Kronrod rule on [-1, 1] (odd entries: the 10-point Gauss nodes), largest first.
   static const double xgk[11] = {
@@ -44,7 +46,7 @@ LMSDiscreteScheduler::Config LMSDiscreteScheduler::Config::from_json(const nlohm
   NoiseScheduleConfig defaults;
   defaults.timestep_spacing = TimestepSpacing::Linspace;
   c.schedule = sched::read_noise_schedule(config, defaults, /*with_rescale=*/false, where);
-  c.use_karras_sigmas = config_value<bool>(config, "use_karras_sigmas", false, where);
+  c.use_karras_sigmas = get_bool(config, "use_karras_sigmas", false, where);
   return c;
 }
 
@@ -54,24 +56,13 @@ LMSDiscreteScheduler::LMSDiscreteScheduler(Config config) : config_(std::move(co
 
 void LMSDiscreteScheduler::set_timesteps(int64_t n) {
   if (n < 1) throw_bad_input(name(), "num_inference_steps = " + std::to_string(n) + " must be at least 1");
-  const NoiseScheduleConfig& s = config_.schedule;
-  // 1. Timesteps (float32) and their sigmas, interpolated linearly in t over the training table.
-  timesteps_ = sched::spaced_timesteps(s.timestep_spacing, s.num_train_timesteps, n, s.steps_offset,
-                                       /*integer=*/false);
-  const std::vector<float> table = sched::train_sigmas(alphas_cumprod_);
-  std::vector<double> sigmas;
-  for (double t : timesteps_) sigmas.push_back(sched::np_interp_index(t, table));
-  // 2. Karras sigmas between the ends of that schedule, mapped back to fractional timesteps
-  //    (kept in float64 here, unlike Euler).
-  if (config_.use_karras_sigmas) {
-    std::vector<float> log_sigmas;
-    for (float v : table) log_sigmas.push_back(std::log(v));
-    sigmas = sched::karras_sigmas(sigmas.back(), sigmas.front(), n);
-    timesteps_.clear();
-    for (double sigma : sigmas) timesteps_.push_back(sched::sigma_to_t(sigma, log_sigmas));
-  }
-  sigmas.push_back(0.0);
-  sigmas_ = sched::float_tensor(sigmas);
+  // Timesteps and sigmas, interpolated or Karras; Karras timesteps stay fractional float64
+  // values here, unlike Euler's. Final sigma 0.
+  sched::SigmaSchedule schedule =
+      sched::sigma_schedule(config_.schedule, alphas_cumprod_, n, config_.use_karras_sigmas);
+  timesteps_ = std::move(schedule.timesteps);
+  schedule.sigmas.push_back(0.0);
+  sigmas_ = sched::float_tensor(schedule.sigmas);
   sigma_values_.assign(sigmas_.data_ptr<float>(), sigmas_.data_ptr<float>() + sigmas_.numel());
   derivatives_.clear();
   next_step_ = 0;

@@ -8,13 +8,15 @@
 
 namespace fairdiff {
 
+using namespace config_json;
+
 PNDMScheduler::Config PNDMScheduler::Config::from_json(const nlohmann::json& config, const std::string& where) {
   Config c;
   c.schedule = sched::read_noise_schedule(config, NoiseScheduleConfig{}, /*with_rescale=*/false, where);
   if (c.schedule.prediction_type == PredictionType::Sample)
     sched::reject(where, "prediction_type = \"sample\" for PNDMScheduler", "epsilon, v_prediction");
-  c.skip_prk_steps = config_value<bool>(config, "skip_prk_steps", c.skip_prk_steps, where);
-  c.set_alpha_to_one = config_value<bool>(config, "set_alpha_to_one", c.set_alpha_to_one, where);
+  c.skip_prk_steps = get_bool(config, "skip_prk_steps", c.skip_prk_steps, where);
+  c.set_alpha_to_one = get_bool(config, "set_alpha_to_one", c.set_alpha_to_one, where);
   return c;
 }
 

@@ -12,17 +12,16 @@
 #include "euler_ancestral.h"
 #include "lms.h"
 #include "pndm.h"
+#include "scheduler_table.h"
+#include "string_util.h"
 
 namespace fairdiff {
+
+using namespace config_json;
+
 namespace {
 
 constexpr double kPi = 3.141592653589793;  // Python's math.pi
-
-std::string join_names(const std::vector<std::string>& items) {
-  std::string s;
-  for (size_t i = 0; i < items.size(); ++i) s += (i ? ", " : "") + items[i];
-  return s;
-}
 
 }  // namespace
 
@@ -53,26 +52,26 @@ void reject(const std::string& where, const std::string& what, const std::string
 
 size_t read_choice(const nlohmann::json& config, const std::string& key, const std::string& fallback,
                    const std::vector<std::string>& allowed, const std::string& where) {
-  const std::string value = config_value<std::string>(config, key, fallback, where);
+  const std::string value = get_string(config, key, fallback, where);
   for (size_t i = 0; i < allowed.size(); ++i)
     if (value == allowed[i]) return i;
-  reject(where, key + " = \"" + value + "\"", join_names(allowed));
+  reject(where, key + " = \"" + value + "\"", join(allowed));
 }
 
 NoiseScheduleConfig read_noise_schedule(const nlohmann::json& config, NoiseScheduleConfig c, bool with_rescale,
                                         const std::string& where) {
-  c.num_train_timesteps = config_value<int64_t>(config, "num_train_timesteps", c.num_train_timesteps, where);
+  c.num_train_timesteps = get_int(config, "num_train_timesteps", c.num_train_timesteps, where);
   if (c.num_train_timesteps < 2)
     throw_bad_input(where, "num_train_timesteps = " + std::to_string(c.num_train_timesteps) + " must be at least 2");
-  c.beta_start = config_value<double>(config, "beta_start", c.beta_start, where);
-  c.beta_end = config_value<double>(config, "beta_end", c.beta_end, where);
+  c.beta_start = get_number(config, "beta_start", c.beta_start, where);
+  c.beta_end = get_number(config, "beta_end", c.beta_end, where);
   c.beta_schedule = static_cast<BetaSchedule>(
       read_choice(config, "beta_schedule", "linear", {"linear", "scaled_linear", "squaredcos_cap_v2"}, where));
-  c.trained_betas = config_value<std::vector<double>>(config, "trained_betas", {}, where);
+  c.trained_betas = get_number_list(config, "trained_betas", {}, where);
   if (!c.trained_betas.empty() && static_cast<int64_t>(c.trained_betas.size()) != c.num_train_timesteps)
     throw_bad_input(where, "trained_betas has " + std::to_string(c.trained_betas.size()) + " values, expected " +
                                "num_train_timesteps = " + std::to_string(c.num_train_timesteps));
-  if (with_rescale) c.rescale_betas_zero_snr = config_value<bool>(config, "rescale_betas_zero_snr", false, where);
+  if (with_rescale) c.rescale_betas_zero_snr = get_bool(config, "rescale_betas_zero_snr", false, where);
   const char* spacing_default = c.timestep_spacing == TimestepSpacing::Linspace  ? "linspace"
                                 : c.timestep_spacing == TimestepSpacing::Leading ? "leading"
                                                                                  : "trailing";
@@ -80,7 +79,7 @@ NoiseScheduleConfig read_noise_schedule(const nlohmann::json& config, NoiseSched
       read_choice(config, "timestep_spacing", spacing_default, {"linspace", "leading", "trailing"}, where));
   c.prediction_type = static_cast<PredictionType>(
       read_choice(config, "prediction_type", "epsilon", {"epsilon", "v_prediction", "sample"}, where));
-  c.steps_offset = config_value<int64_t>(config, "steps_offset", c.steps_offset, where);
+  c.steps_offset = get_int(config, "steps_offset", c.steps_offset, where);
   return c;
 }
 
@@ -121,6 +120,32 @@ at::Tensor make_alphas_cumprod(const NoiseScheduleConfig& config, bool tiny_term
 std::vector<float> train_sigmas(const at::Tensor& alphas_cumprod) {
   const at::Tensor s = ((1 - alphas_cumprod) / alphas_cumprod).pow(0.5).contiguous();
   return std::vector<float>(s.data_ptr<float>(), s.data_ptr<float>() + s.numel());
+}
+
+std::vector<float> log_sigmas(const std::vector<float>& train_sigmas) {
+  std::vector<float> out;
+  for (float v : train_sigmas) out.push_back(std::log(v));
+  return out;
+}
+
+double min_train_sigma(const at::Tensor& alphas_cumprod) {
+  return ((1 - alphas_cumprod[0]) / alphas_cumprod[0]).pow(0.5).item<double>();
+}
+
+SigmaSchedule sigma_schedule(const NoiseScheduleConfig& c, const at::Tensor& alphas_cumprod, int64_t n, bool karras,
+                             std::optional<double> sigma_min, std::optional<double> sigma_max) {
+  SigmaSchedule s;
+  // 1. Timesteps (float32), and their sigmas interpolated linearly in t over the training table.
+  s.timesteps = spaced_timesteps(c.timestep_spacing, c.num_train_timesteps, n, c.steps_offset, /*integer=*/false);
+  const std::vector<float> table = train_sigmas(alphas_cumprod);
+  for (double t : s.timesteps) s.sigmas.push_back(np_interp_index(t, table));
+  if (!karras) return s;
+  // 2. Karras sigmas between the ends of that schedule, mapped back to fractional timesteps.
+  const std::vector<float> logs = log_sigmas(table);
+  s.sigmas = karras_sigmas(sigma_min.value_or(s.sigmas.back()), sigma_max.value_or(s.sigmas.front()), n);
+  s.timesteps.clear();
+  for (double sigma : s.sigmas) s.timesteps.push_back(sigma_to_t(sigma, logs));
+  return s;
 }
 
 double np_round(double x) { return std::nearbyint(x); }  // default rounding mode: half to even, like numpy.rint
@@ -275,58 +300,51 @@ void check_step(const std::string& who, size_t step, size_t expected, size_t num
 
 }  // namespace sched
 
-namespace {
-
-const std::vector<std::pair<std::string, std::string>> kNames = {{"pndm", "PNDMScheduler"},
-                                                                 {"ddim", "DDIMScheduler"},
-                                                                 {"euler", "EulerDiscreteScheduler"},
-                                                                 {"euler_karras", "EulerDiscreteScheduler"},
-                                                                 {"euler_a", "EulerAncestralDiscreteScheduler"},
-                                                                 {"dpmpp_2m", "DPMSolverMultistepScheduler"},
-                                                                 {"dpmpp_2m_karras", "DPMSolverMultistepScheduler"},
-                                                                 {"lms", "LMSDiscreteScheduler"},
-                                                                 {"lms_karras", "LMSDiscreteScheduler"}};
-
-}  // namespace
-
 const std::vector<std::string>& scheduler_names() {
   static const std::vector<std::string> names = [] {
     std::vector<std::string> v;
-    for (const auto& n : kNames) v.push_back(n.first);
+    for (const SchedulerRow& row : scheduler_table()) {
+      v.push_back(row.name);
+      if (row.supports_karras) v.push_back(std::string(row.name) + "_karras");
+    }
     return v;
   }();
   return names;
 }
 
-std::unique_ptr<Scheduler> make_scheduler(const nlohmann::json& config, const std::string& override_name,
-                                          const std::string& where) {
-  if (!config.is_object()) throw_bad_input(where, "the scheduler config is not a JSON object");
-  static const std::vector<std::string> kClasses = {"PNDMScheduler",
-                                                    "DDIMScheduler",
-                                                    "EulerDiscreteScheduler",
-                                                    "EulerAncestralDiscreteScheduler",
-                                                    "DPMSolverMultistepScheduler",
-                                                    "LMSDiscreteScheduler"};
-  nlohmann::json cfg = config;
-  std::string cls;
-  if (override_name.empty()) {
-    cls = config_value<std::string>(config, "_class_name", "", where);
-    if (cls.empty())
-      throw_bad_input(where, "has no _class_name", "name the scheduler class, e.g. \"_class_name\": \"DDIMScheduler\"");
-  } else {
-    // A short name of the CLI, or a diffusers class name as is.
-    for (const auto& [short_name, class_name] : kNames)
-      if (override_name == short_name) cls = class_name;
-    if (std::find(kClasses.begin(), kClasses.end(), override_name) != kClasses.end()) cls = override_name;
-    if (cls.empty()) sched::reject(where, "scheduler \"" + override_name + "\"", join_names(scheduler_names()));
-    if (override_name.rfind("dpmpp_2m", 0) == 0) {
+namespace {
+
+// The class an override name picks, forcing the settings its short name stands for:
+// "dpmpp_2m" is DPM-Solver++ of order 2, and a short name of a scheduler with Karras
+// sigmas turns them on ("_karras") or off. A diffusers class name is taken as is.
+std::string override_class(const std::string& override_name, nlohmann::json& cfg, const std::string& where) {
+  if (find_scheduler_class(override_name)) return override_name;
+  for (const SchedulerRow& row : scheduler_table()) {
+    const bool karras = row.supports_karras && override_name == std::string(row.name) + "_karras";
+    if (override_name != row.name && !karras) continue;
+    if (starts_with(override_name, "dpmpp_2m")) {
       cfg["algorithm_type"] = "dpmsolver++";
       cfg["solver_order"] = 2;
     }
-    if (override_name == "dpmpp_2m" || override_name == "lms" || override_name == "euler")
-      cfg["use_karras_sigmas"] = false;
-    if (override_name == "dpmpp_2m_karras" || override_name == "lms_karras" || override_name == "euler_karras")
-      cfg["use_karras_sigmas"] = true;
+    if (row.supports_karras) cfg["use_karras_sigmas"] = karras;
+    return row.class_name;
+  }
+  sched::reject(where, "scheduler \"" + override_name + "\"", join(scheduler_names()));
+}
+
+}  // namespace
+
+std::unique_ptr<Scheduler> make_scheduler(const nlohmann::json& config, const std::string& override_name,
+                                          const std::string& where) {
+  if (!config.is_object()) throw_bad_input(where, "the scheduler config is not a JSON object");
+  nlohmann::json cfg = config;
+  std::string cls;
+  if (override_name.empty()) {
+    cls = get_string(config, "_class_name", "", where);
+    if (cls.empty())
+      throw_bad_input(where, "has no _class_name", "name the scheduler class, e.g. \"_class_name\": \"DDIMScheduler\"");
+  } else {
+    cls = override_class(override_name, cfg, where);
   }
   if (cls == "PNDMScheduler") return std::make_unique<PNDMScheduler>(PNDMScheduler::Config::from_json(cfg, where));
   if (cls == "DDIMScheduler") return std::make_unique<DDIMScheduler>(DDIMScheduler::Config::from_json(cfg, where));
@@ -339,7 +357,9 @@ std::unique_ptr<Scheduler> make_scheduler(const nlohmann::json& config, const st
     return std::make_unique<DPMSolverMultistepScheduler>(DPMSolverMultistepScheduler::Config::from_json(cfg, where));
   if (cls == "LMSDiscreteScheduler")
     return std::make_unique<LMSDiscreteScheduler>(LMSDiscreteScheduler::Config::from_json(cfg, where));
-  sched::reject(where, "_class_name = \"" + cls + "\"", join_names(kClasses));
+  std::vector<std::string> classes;
+  for (const SchedulerRow& row : scheduler_table()) classes.push_back(row.class_name);
+  sched::reject(where, "_class_name = \"" + cls + "\"", join(classes));
 }
 
 }  // namespace fairdiff

@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <memory>
 #include <nlohmann/json_fwd.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -129,6 +130,23 @@ at::Tensor make_alphas_cumprod(const NoiseScheduleConfig& config, bool tiny_term
 
 // sqrt((1 - alphas_cumprod) / alphas_cumprod) in float32, indexed by training timestep.
 std::vector<float> train_sigmas(const at::Tensor& alphas_cumprod);
+// Their logs, in float32 as numpy computes them from the float32 sigmas.
+std::vector<float> log_sigmas(const std::vector<float>& train_sigmas);
+// The smallest training sigma, computed as diffusers does for final_sigmas_type "sigma_min".
+double min_train_sigma(const at::Tensor& alphas_cumprod);
+
+// The schedule of the k-diffusion schedulers (Euler, Euler ancestral, LMS), without the
+// final sigma: timesteps spaced as `config` says (float32 values) and their sigmas,
+// interpolated linearly in t over the training table. With `karras`: Karras sigmas between
+// sigma_min and sigma_max (by default the ends of that schedule), and timesteps read back
+// off the table as fractions in float64 (LMS keeps them so, Euler casts them to float32).
+struct SigmaSchedule {
+  std::vector<double> timesteps;
+  std::vector<double> sigmas;
+};
+SigmaSchedule sigma_schedule(const NoiseScheduleConfig& config, const at::Tensor& alphas_cumprod,
+                             int64_t num_inference_steps, bool karras, std::optional<double> sigma_min = std::nullopt,
+                             std::optional<double> sigma_max = std::nullopt);
 
 // Timesteps in descending order for `spacing`, as DDIM/PNDM (integer = true: linspace values
 // rounded) and Euler/LMS (integer = false: linspace values cast to float32) compute them.

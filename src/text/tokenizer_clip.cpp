@@ -27,7 +27,9 @@
 #include <nlohmann/json.hpp>
 
 #include "fairdiff/error.h"
+#include "string_util.h"
 #include "tokenizer.h"
+#include "unicode.h"
 
 namespace fairdiff {
 namespace {
@@ -38,76 +40,6 @@ namespace ucd {
 
 namespace fs = std::filesystem;
 using Text = std::u32string;  // a decoded string: one element per code point
-
-// ---------------------------------------------------------------------------
-// UTF-8
-// ---------------------------------------------------------------------------
-
-// Decodes UTF-8; each byte of an invalid sequence becomes U+FFFD.
-Text utf8_decode(std::string_view s) {
-  Text out;
-  out.reserve(s.size());
-  size_t i = 0;
-  while (i < s.size()) {
-    const auto b0 = static_cast<unsigned char>(s[i]);
-    int n = 0;
-    char32_t cp = 0, min = 0;
-    if (b0 < 0x80) {
-      out.push_back(b0);
-      ++i;
-      continue;
-    } else if ((b0 & 0xE0) == 0xC0) {
-      n = 1, cp = b0 & 0x1F, min = 0x80;
-    } else if ((b0 & 0xF0) == 0xE0) {
-      n = 2, cp = b0 & 0x0F, min = 0x800;
-    } else if ((b0 & 0xF8) == 0xF0) {
-      n = 3, cp = b0 & 0x07, min = 0x10000;
-    } else {
-      out.push_back(0xFFFD);
-      ++i;
-      continue;
-    }
-    bool ok = i + n < s.size();
-    for (int k = 1; ok && k <= n; ++k) {
-      const auto b = static_cast<unsigned char>(s[i + k]);
-      if ((b & 0xC0) != 0x80) ok = false;
-      cp = (cp << 6) | (b & 0x3F);
-    }
-    if (!ok || cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) {
-      out.push_back(0xFFFD);
-      ++i;
-      continue;
-    }
-    out.push_back(cp);
-    i += n + 1;
-  }
-  return out;
-}
-
-void utf8_append(std::string& out, char32_t cp) {
-  if (cp < 0x80) {
-    out.push_back(static_cast<char>(cp));
-  } else if (cp < 0x800) {
-    out.push_back(static_cast<char>(0xC0 | (cp >> 6)));
-    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else if (cp < 0x10000) {
-    out.push_back(static_cast<char>(0xE0 | (cp >> 12)));
-    out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else {
-    out.push_back(static_cast<char>(0xF0 | (cp >> 18)));
-    out.push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  }
-}
-
-std::string utf8_encode(const Text& t) {
-  std::string out;
-  out.reserve(t.size());
-  for (char32_t cp : t) utf8_append(out, cp);
-  return out;
-}
 
 // ---------------------------------------------------------------------------
 // Unicode properties (Python's unicodedata / str methods)
@@ -835,6 +767,103 @@ TokenizedText Tokenizer::tokenize(const std::string& utf8, int64_t max_length) c
   return out;
 }
 
+namespace {
+
+// vocab.json: {"token": id, ...}
+std::unordered_map<std::string, int64_t> read_vocab(const fs::path& path) {
+  const nlohmann::json vocab = parse_json(path, read_file(path, "vocabulary"));
+  if (!vocab.is_object() || vocab.empty())
+    throw_bad_input(path.string(), "expected a non-empty JSON object {token: id}, found " +
+                                       std::string(vocab.type_name()));
+  std::unordered_map<std::string, int64_t> out;
+  out.reserve(vocab.size());
+  for (const auto& [token, id] : vocab.items()) {
+    if (!id.is_number_integer() || id.get<int64_t>() < 0)
+      throw_bad_input(path.string(), "the id of token '" + token + "' must be a non-negative integer, found " +
+                                         id.dump());
+    out.emplace(token, id.get<int64_t>());
+  }
+  return out;
+}
+
+// merges.txt: a version header, then one "first second" pair per line, best first.
+// Like transformers: the whole file is stripped, line 0 is skipped whatever it
+// holds, and lines 1..kMaxClipMerges are read; a blank line is ignored.
+std::unordered_map<std::string, int> read_merges(const fs::path& path) {
+  std::istringstream lines(trim(read_file(path, "merges")));
+  std::string line;
+  std::unordered_map<std::string, int> ranks;
+  ranks.reserve(kMaxClipMerges);
+  for (size_t line_no = 0; std::getline(lines, line) && line_no <= kMaxClipMerges; ++line_no) {
+    if (line_no == 0) continue;
+    std::istringstream fields(line);
+    std::string first, second, extra;
+    fields >> first >> second >> extra;
+    if (first.empty()) continue;
+    if (second.empty() || !extra.empty())
+      throw_bad_input(path.string(), "line " + std::to_string(line_no + 1) +
+                                         ": expected two symbols separated by a space, found '" + line + "'");
+    ranks.insert_or_assign(first + ' ' + second, static_cast<int>(line_no));
+  }
+  if (ranks.empty()) throw_bad_input(path.string(), "no merges after the header line");
+  return ranks;
+}
+
+// What the optional config files say about special and added tokens.
+struct TokenSettings {
+  // CLIPTokenizer's defaults, overridden by tokenizer_config.json, overridden in turn by
+  // special_tokens_map.json (transformers' precedence).
+  std::unordered_map<std::string, std::string> special = {{"bos_token", "<|startoftext|>"},
+                                                          {"eos_token", "<|endoftext|>"},
+                                                          {"unk_token", "<|endoftext|>"},
+                                                          {"pad_token", "<|endoftext|>"}};
+  std::vector<std::pair<std::string, int64_t>> added;  // content, id
+  std::vector<std::string> additional;                 // additional_special_tokens
+  int64_t max_length = kDefaultMaxLength;
+};
+
+// One of tokenizer_config.json / special_tokens_map.json, over `s`.
+void read_token_config(const fs::path& path, const char* name, TokenSettings& s) {
+  const nlohmann::json cfg = parse_json(path, read_file(path, name));
+  if (!cfg.is_object()) throw_bad_input(path.string(), "expected a JSON object");
+  for (auto& [key, value] : s.special) {
+    if (cfg.contains(key)) value = token_content(cfg[key], path, key);
+  }
+  if (cfg.contains("additional_special_tokens") && cfg["additional_special_tokens"].is_array())
+    for (const auto& t : cfg["additional_special_tokens"])
+      s.additional.push_back(token_content(t, path, "additional_special_tokens"));
+  if (cfg.contains("added_tokens_decoder") && cfg["added_tokens_decoder"].is_object()) {
+    for (const auto& [id, tok] : cfg["added_tokens_decoder"].items()) {
+      int64_t n = -1;
+      try {
+        n = std::stoll(id);
+      } catch (const std::exception&) {
+      }
+      if (n < 0) throw_bad_input(path.string(), "added_tokens_decoder key '" + id + "' is not a token id");
+      s.added.emplace_back(token_content(tok, path, "added_tokens_decoder"), n);
+    }
+  }
+  // Absurd values (transformers writes 1e30 for "no limit") keep the CLIP default.
+  if (cfg.contains("model_max_length") && cfg["model_max_length"].is_number()) {
+    const double v = cfg["model_max_length"].get<double>();
+    if (v >= 2 && v <= 1e6) s.max_length = static_cast<int64_t>(v);
+  }
+}
+
+// The legacy added_tokens.json: {content: id}.
+void read_added_tokens(const fs::path& path, TokenSettings& s) {
+  const nlohmann::json a = parse_json(path, read_file(path, "added tokens"));
+  if (!a.is_object()) throw_bad_input(path.string(), "expected a JSON object {token: id}");
+  for (const auto& [token, id] : a.items()) {
+    if (!id.is_number_integer()) throw_bad_input(path.string(), "the id of '" + token + "' must be an integer");
+    s.added.emplace_back(token, id.get<int64_t>());
+  }
+}
+
+}  // namespace
+
+// The tokenizer folder, in steps: (1) vocab.json, (2) merges.txt, (3) the optional token
+// configs, (4) the special tokens' ids, (5) the tokens split off before BPE.
 std::unique_ptr<Tokenizer> load_clip_tokenizer(const std::string& dir, TextCleaner cleaner) {
   const fs::path root(dir);
   const fs::path vocab_path = root / "vocab.json", merges_path = root / "merges.txt";
@@ -844,87 +873,16 @@ std::unique_ptr<Tokenizer> load_clip_tokenizer(const std::string& dir, TextClean
     throw_bad_input(merges_path.string(), "missing", "a CLIP tokenizer folder has vocab.json and merges.txt");
 
   ClipTokenizer::Data data;
+  data.vocab = read_vocab(vocab_path);
+  data.merge_ranks = read_merges(merges_path);
 
-  // vocab.json: {"token": id, ...}
-  const nlohmann::json vocab = parse_json(vocab_path, read_file(vocab_path, "vocabulary"));
-  if (!vocab.is_object() || vocab.empty())
-    throw_bad_input(vocab_path.string(), "expected a non-empty JSON object {token: id}, found " +
-                                             std::string(vocab.type_name()));
-  data.vocab.reserve(vocab.size());
-  for (const auto& [token, id] : vocab.items()) {
-    if (!id.is_number_integer() || id.get<int64_t>() < 0)
-      throw_bad_input(vocab_path.string(), "the id of token '" + token + "' must be a non-negative integer, found " +
-                                               id.dump());
-    data.vocab.emplace(token, id.get<int64_t>());
-  }
+  TokenSettings settings;
+  for (const char* name : {"tokenizer_config.json", "special_tokens_map.json"})
+    if (fs::is_regular_file(root / name)) read_token_config(root / name, name, settings);
+  if (fs::is_regular_file(root / "added_tokens.json")) read_added_tokens(root / "added_tokens.json", settings);
 
-  // merges.txt: a version header, then one "first second" pair per line, best first.
-  // Like transformers: the whole file is stripped, line 0 is skipped whatever it
-  // holds, and lines 1..kMaxClipMerges are read; a blank line is ignored.
-  const std::string merges = read_file(merges_path, "merges");
-  const size_t begin = merges.find_first_not_of(" \t\r\n");
-  std::istringstream lines(begin == std::string::npos ? std::string() : merges.substr(begin));
-  std::string line;
-  data.merge_ranks.reserve(kMaxClipMerges);
-  for (size_t line_no = 0; std::getline(lines, line) && line_no <= kMaxClipMerges; ++line_no) {
-    if (line_no == 0) continue;
-    std::istringstream fields(line);
-    std::string first, second, extra;
-    fields >> first >> second >> extra;
-    if (first.empty()) continue;
-    if (second.empty() || !extra.empty())
-      throw_bad_input(merges_path.string(), "line " + std::to_string(line_no + 1) +
-                                                ": expected two symbols separated by a space, found '" + line + "'");
-    data.merge_ranks.insert_or_assign(first + ' ' + second, static_cast<int>(line_no));
-  }
-  if (data.merge_ranks.empty()) throw_bad_input(merges_path.string(), "no merges after the header line");
-
-  // Special tokens: CLIPTokenizer's defaults, overridden by tokenizer_config.json,
-  // overridden in turn by special_tokens_map.json (transformers' precedence).
-  std::unordered_map<std::string, std::string> special = {{"bos_token", "<|startoftext|>"},
-                                                          {"eos_token", "<|endoftext|>"},
-                                                          {"unk_token", "<|endoftext|>"},
-                                                          {"pad_token", "<|endoftext|>"}};
-  std::vector<std::pair<std::string, int64_t>> added;
-  int64_t max_length = kDefaultMaxLength;
-  std::vector<std::string> additional;
-  for (const char* name : {"tokenizer_config.json", "special_tokens_map.json"}) {
-    const fs::path path = root / name;
-    if (!fs::is_regular_file(path)) continue;
-    const nlohmann::json cfg = parse_json(path, read_file(path, name));
-    if (!cfg.is_object()) throw_bad_input(path.string(), "expected a JSON object");
-    for (auto& [key, value] : special) {
-      if (cfg.contains(key)) value = token_content(cfg[key], path, key);
-    }
-    if (cfg.contains("additional_special_tokens") && cfg["additional_special_tokens"].is_array())
-      for (const auto& t : cfg["additional_special_tokens"]) additional.push_back(token_content(t, path, "additional_special_tokens"));
-    if (cfg.contains("added_tokens_decoder") && cfg["added_tokens_decoder"].is_object()) {
-      for (const auto& [id, tok] : cfg["added_tokens_decoder"].items()) {
-        int64_t n = -1;
-        try {
-          n = std::stoll(id);
-        } catch (const std::exception&) {
-        }
-        if (n < 0) throw_bad_input(path.string(), "added_tokens_decoder key '" + id + "' is not a token id");
-        added.emplace_back(token_content(tok, path, "added_tokens_decoder"), n);
-      }
-    }
-    // Absurd values (transformers writes 1e30 for "no limit") keep the CLIP default.
-    if (cfg.contains("model_max_length") && cfg["model_max_length"].is_number()) {
-      const double v = cfg["model_max_length"].get<double>();
-      if (v >= 2 && v <= 1e6) max_length = static_cast<int64_t>(v);
-    }
-  }
-  const fs::path added_path = root / "added_tokens.json";  // legacy {content: id}
-  if (fs::is_regular_file(added_path)) {
-    const nlohmann::json a = parse_json(added_path, read_file(added_path, "added tokens"));
-    if (!a.is_object()) throw_bad_input(added_path.string(), "expected a JSON object {token: id}");
-    for (const auto& [token, id] : a.items()) {
-      if (!id.is_number_integer()) throw_bad_input(added_path.string(), "the id of '" + token + "' must be an integer");
-      added.emplace_back(token, id.get<int64_t>());
-    }
-  }
-
+  auto& added = settings.added;
+  auto& special = settings.special;
   auto id_of = [&](const std::string& token, const std::string& key) -> int64_t {
     for (const auto& a : added)
       if (a.first == token) return a.second;
@@ -943,7 +901,7 @@ std::unique_ptr<Tokenizer> load_clip_tokenizer(const std::string& dir, TextClean
   // added-token trie), e.g. SD 2.x's pad token "!".
   for (const char* key : {"bos_token", "eos_token", "unk_token", "pad_token"})
     added.emplace_back(special[key], id_of(special[key], key));
-  for (const std::string& t : additional) added.emplace_back(t, id_of(t, "additional_special_tokens"));
+  for (const std::string& t : settings.additional) added.emplace_back(t, id_of(t, "additional_special_tokens"));
   std::stable_sort(added.begin(), added.end(), [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
   for (const auto& [content, id] : added) {
     const bool seen =
@@ -951,7 +909,7 @@ std::unique_ptr<Tokenizer> load_clip_tokenizer(const std::string& dir, TextClean
     if (!content.empty() && !seen) data.added.push_back({content, utf8_decode(content), id});
   }
 
-  return std::make_unique<ClipTokenizer>(std::move(data), ids, max_length, cleaner);
+  return std::make_unique<ClipTokenizer>(std::move(data), ids, settings.max_length, cleaner);
 }
 
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir, TextCleaner cleaner) {

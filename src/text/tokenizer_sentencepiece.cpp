@@ -40,7 +40,9 @@
 #include <vector>
 
 #include "fairdiff/error.h"
+#include "string_util.h"
 #include "tokenizer.h"
+#include "unicode.h"
 
 namespace fairdiff {
 namespace {
@@ -289,27 +291,6 @@ ModelProto parse_model_proto(std::string_view file) {
 size_t one_char_len(char b) {
   static constexpr uint8_t kLen[16] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 3, 4};
   return kLen[static_cast<uint8_t>(b) >> 4];
-}
-
-// Decodes the first character of `s` (non-empty): true and its length when it is
-// well-formed UTF-8 (shortest form, no surrogates, <= U+10FFFF), false otherwise.
-bool valid_utf8_prefix(std::string_view s, size_t* len) {
-  const auto b = [&](size_t i) { return static_cast<uint8_t>(s[i]); };
-  const auto trail = [&](size_t i) { return (b(i) & 0xC0) == 0x80; };
-  const auto scalar = [](uint32_t c) { return c < 0xD800 || (c >= 0xE000 && c <= 0x10FFFF); };
-  *len = 1;
-  if (b(0) < 0x80) return true;
-  if (s.size() >= 2 && (b(0) & 0xE0) == 0xC0) {
-    const uint32_t c = ((b(0) & 0x1Fu) << 6) | (b(1) & 0x3Fu);
-    if (trail(1) && c >= 0x80) return *len = 2, true;
-  } else if (s.size() >= 3 && (b(0) & 0xF0) == 0xE0) {
-    const uint32_t c = ((b(0) & 0x0Fu) << 12) | ((b(1) & 0x3Fu) << 6) | (b(2) & 0x3Fu);
-    if (trail(1) && trail(2) && c >= 0x800 && scalar(c)) return *len = 3, true;
-  } else if (s.size() >= 4 && (b(0) & 0xF8) == 0xF0) {
-    const uint32_t c = ((b(0) & 0x07u) << 18) | ((b(1) & 0x3Fu) << 12) | ((b(2) & 0x3Fu) << 6) | (b(3) & 0x3Fu);
-    if (trail(1) && trail(2) && trail(3) && c >= 0x10000 && scalar(c)) return *len = 4, true;
-  }
-  return false;
 }
 
 // "<0x41>": the piece of one UTF-8 byte under byte_fallback.
@@ -602,7 +583,9 @@ std::pair<std::string_view, size_t> SentencePieceModel::normalize_prefix(std::st
   size_t n = 0;
   std::string_view replacement;
   if (!charsmap_.empty() && charsmap_.longest_match(input, &n, &replacement)) return {replacement, n};
-  if (!valid_utf8_prefix(input, &n)) return {kReplacementChar, 1};  // one malformed byte
+  char32_t cp = 0;
+  n = utf8_char(input, &cp);
+  if (n == 0) return {kReplacementChar, 1};  // one malformed byte
   return {input.substr(0, n), n};
 }
 
@@ -637,8 +620,7 @@ std::string SentencePieceModel::normalize(std::string_view input) const {
     if (!squeeze) prev_space = false;
   }
   if (squeeze)  // trailing spaces (a U+2581 typed by the user goes too, as in the library)
-    while (out.size() >= space.size() && out.compare(out.size() - space.size(), space.size(), space) == 0)
-      out.resize(out.size() - space.size());
+    while (ends_with(out, space)) out.resize(out.size() - space.size());
   if (spec_.add_dummy_prefix && suffix_whitespace_) out += space;
   return out;
 }
