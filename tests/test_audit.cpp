@@ -364,5 +364,41 @@ TEST(Audit, BadInputsNameTheFileOrLine) {
   expect_error([&] { audit(o); }, ErrorKind::BadInput, {"--chart", "no-such-folder", "not found"});
 }
 
+// A classifier that tells every picture apart by its first pixel's red value: registered
+// at run time, found by name, given its options (as a CLIP classifier from the LibTorch
+// library will be).
+class FirstPixelClassifier : public GroupClassifier {
+ public:
+  explicit FirstPixelClassifier(double margin) : margin_(margin) {}
+  std::string name() const override { return "first-pixel"; }
+  std::string attribute() const override { return "brightness"; }
+  const std::vector<std::string>& groups() const override { return groups_; }
+  int classify(const uint8_t* rgb, int, int) const override { return rgb[0] >= 128 * (1 + margin_) ? 1 : 0; }
+
+ private:
+  double margin_;
+  std::vector<std::string> groups_{"dark", "light"};
+};
+
+TEST(ClassifierRegistry, RegisteredFactoriesAreFoundByNameWithTheirOptions) {
+  register_classifier({"first-pixel", "brightness (dark, light)", [](const ClassifierOptions& o) -> std::unique_ptr<GroupClassifier> {
+                         if (o.attribute != "brightness") return nullptr;
+                         return std::make_unique<FirstPixelClassifier>(o.margin);
+                       }});
+  const std::vector<std::string> names = classifier_names();
+  ASSERT_GE(names.size(), 2u);
+  EXPECT_EQ(names.front(), "hue");  // the built-in one stays first
+  EXPECT_NE(std::find(names.begin(), names.end(), "first-pixel"), names.end());
+  ClassifierOptions o;
+  o.attribute = "brightness";
+  const uint8_t bright[3] = {200, 200, 200};
+  EXPECT_EQ(make_classifier("first-pixel", o)->classify(bright, 1, 1), 1);
+  o.margin = 0.9;  // the factory sees the options: 200 < 128 * 1.9
+  EXPECT_EQ(make_classifier("first-pixel", o)->classify(bright, 1, 1), 0);
+  expect_error([] { make_classifier("first-pixel", "colour"); }, ErrorKind::BadInput,
+               {"--attribute colour", "cannot tell", "brightness (dark, light)"});
+  expect_error([] { check_classifier_name("nope"); }, ErrorKind::BadInput, {"unknown classifier", "hue", "first-pixel"});
+}
+
 }  // namespace
 }  // namespace fairdiff

@@ -456,5 +456,108 @@ TEST(Generate, ShardFromSlurmEnvironment) {
   ::unsetenv("SLURM_ARRAY_TASK_MIN");
 }
 
+
+// ---------------------------------------------------------------------------------------
+// The embedding API (include/fairdiff/model.h) on the shipped toy model: no fixtures needed.
+// ---------------------------------------------------------------------------------------
+
+std::string toy_model() { return (fs::path(FAIRDIFF_SOURCE_DIR) / "models" / "toy").string(); }
+
+std::string png_text(const std::string& path, const std::string& keyword) {
+  for (const PngText& t : read_png_text(path))
+    if (t.keyword == keyword) return t.text;
+  return {};
+}
+
+// The job writes what Model::generate returns: same pixels, same record, same A1111 text.
+TEST(ModelApi, GenerateInMemoryEqualsTheJobsFiles) {
+  static const bool configured = (configure_process(1), true);
+  (void)configured;
+  test::TempDir tmp;
+  GenerateOptions o;
+  o.model = toy_model();
+  o.prompt = "a photo of a kite";
+  o.images_per_prompt = 2;
+  o.batch_size = 2;
+  o.steps = 5;
+  o.seed = 3;
+  o.device = "cpu";
+  o.fairness = {"colour=red:50,blue:50"};
+  o.out_dir = tmp / "job";
+  o.quiet = true;
+  ASSERT_EQ(generate(o).generated, 2);
+
+  ModelOptions mo;
+  mo.model = toy_model();
+  mo.device = "cpu";
+  Model model = Model::load(mo);
+  EXPECT_EQ(model.native_width(), 32);
+  FairnessOptions fo;
+  fo.fairness = o.fairness;
+  model.set_fairness(fo);
+  const std::vector<GroupAssignment> groups = model.assign_groups(2, o.seed);  // prompt 0, as the plan draws them
+  ASSERT_EQ(groups.size(), 2u);
+  std::vector<ImageRequest> batch;
+  for (int64_t i = 0; i < 2; ++i) batch.push_back({o.prompt, "", o.seed + i, groups[static_cast<size_t>(i)]});
+  SamplingSettings s;
+  s.steps = o.steps;
+  size_t calls = 0, last_step = 0, steps = 0;
+  const std::vector<Image> images = model.generate(batch, s, [&](const StepProgress& p) {
+    ++calls;
+    last_step = p.step;
+    steps = p.steps;
+    EXPECT_EQ(p.images, 2);
+  });
+  ASSERT_EQ(images.size(), 2u);
+  EXPECT_EQ(calls, steps);  // once per denoising step
+  EXPECT_EQ(last_step + 1, steps);
+
+  for (const auto& e : fs::directory_iterator(tmp / "job")) {
+    if (e.path().extension() != ".png") continue;
+    const nlohmann::json rec = nlohmann::json::parse(png_text(e.path().string(), "fairdiff"));
+    const int64_t i = rec.at("index").get<int64_t>();
+    const Image& im = images[static_cast<size_t>(i)];
+    EXPECT_EQ(im.width, 32);
+    EXPECT_EQ(im.height, 32);
+    EXPECT_TRUE(pixels(slurp(e.path().string())) == im.rgb) << "pixels of image " << i;
+    nlohmann::json mine = nlohmann::json::parse(im.record);
+    mine["index"] = rec["index"];
+    mine["file"] = rec["file"];
+    mine["base_seed"] = rec["base_seed"];
+    EXPECT_EQ(mine, rec) << "record of image " << i;
+    EXPECT_EQ(im.parameters, png_text(e.path().string(), "parameters"));
+  }
+}
+
+TEST(ModelApi, RefusesAssignmentsTheInstructionDoesNotHave) {
+  ModelOptions mo;
+  mo.model = toy_model();
+  mo.device = "cpu";
+  Model model = Model::load(mo);
+  SamplingSettings s;
+  s.steps = 2;
+  const ImageRequest steered{"a photo of a kite", "", 1, {{"colour", "red"}}};
+  // No instruction set yet.
+  EXPECT_THROW(model.generate({steered}, s), Error);
+  FairnessOptions fo;
+  fo.fairness = {"colour=red:50,blue:50"};
+  model.set_fairness(fo);
+  EXPECT_TRUE(model.fairness_enabled());
+  EXPECT_THROW(model.generate({{"a kite", "", 1, {{"colour", "purple"}}}}, s), Error);
+  EXPECT_THROW(model.generate({{"a kite", "", 1, {{"gender", "female"}}}}, s), Error);
+  SamplingSettings no_cfg = s;
+  no_cfg.cfg_scale = 1;
+  EXPECT_THROW(model.generate({steered}, no_cfg), Error);
+  SamplingSettings odd = s;
+  odd.width = 30;
+  EXPECT_THROW(model.generate({steered}, odd), Error);
+}
+
+TEST(ModelApi, DataAreFoundBesideTheBinaryNotInTheSourceTree) {
+  // The test binary lives in build/tests; build/share/fairdiff links to the source folders.
+  EXPECT_FALSE(default_model().empty());
+  EXPECT_TRUE(fs::exists(fs::path(default_model()) / "model_index.json"));
+}
 }  // namespace
 }  // namespace fairdiff
+

@@ -25,46 +25,18 @@
 
 namespace fairdiff {
 
-struct GenerateOptions {
-  std::string model;            // diffusers folder or single-file .safetensors
-  std::string tokenizer_dir;    // for single-file checkpoints (a diffusers tokenizer/ folder)
-  std::string prediction_type;  // override for single-file SD 2.x: epsilon | v_prediction
-  std::string prompt;           // -p; or prompts_file
-  std::string negative_prompt;  // -n
-  std::string prompts_file;     // one prompt per line, or JSONL objects with overrides
+// A run: the model (ModelOptions), how images are sampled (SamplingSettings, the defaults
+// of every prompt), the fairness instruction (FairnessOptions), and the job's own settings.
+struct GenerateOptions : ModelOptions, SamplingSettings, FairnessOptions {
+  std::string prompt;             // -p; or prompts_file
+  std::string negative_prompt;    // -n
+  std::string prompts_file;       // one prompt per line, or JSONL objects with overrides
   int64_t images_per_prompt = 1;  // -N
   int64_t batch_size = 1;         // images per UNet call
-  int64_t steps = 50;
-  double cfg_scale = 7.5;
-  std::string sampling_method;  // "" = the model's scheduler; pndm, ddim, euler, euler_a, dpm++2m, lms
-  std::string scheduler;        // "" / discrete or karras
-  int64_t width = 0, height = 0;  // 0 = the model's native size
   int64_t seed = 42;              // -1 = random, recorded
-  int64_t clip_skip = 0;          // diffusers' meaning: layers skipped from the end (A1111 "Clip skip" - 1)
-  std::string dtype = "fp32";     // fp32 | fp16 | bf16
-  std::string device = "auto";    // auto | cpu | cuda | cuda:N
   std::string out_dir = "out";
   int64_t shard_index = -1;       // -1: from the environment (SLURM, Kubernetes, RANK), else unsharded
   int64_t num_shards = 0;
-  // VAE decode in overlapping tiles (diffusers' enable_tiling): for images larger than the
-  // tile, the decoder's memory is one tile's. 0 = off; -1 = the VAE's sample_size (512 for
-  // SD 1.5); else the tile in image pixels: a multiple of 8 (of the VAE's scale factor) of
-  // at least 32.
-  int64_t vae_tile = 0;
-  // CPU: reorder every convolution weight once into oneDNN's layout at load (faster steps,
-  // slower load; see LoadOptions::prepack_convolutions). Images agree with a plain run to
-  // float rounding (within one level on the tiny test model), not always bit for bit.
-  bool prepack_weights = false;
-  // Fair Diffusion: each image is assigned an identity group per attribute and steered
-  // toward it with semantic guidance. "gender=50:50", "gender=female:30,male:70".
-  std::vector<std::string> fairness;  // --fairness, repeatable (one per attribute)
-  std::string fairness_file;          // --fairness-file: JSON {"attributes": [{"name", "targets", ...}]}
-  std::string attributes_dir;         // --attributes: attribute library ("" = configs/attributes found at run time)
-  std::string assignment = "quota";   // quota (exact counts per prompt, shuffled) | random (independent draws)
-  // exact: Fair Diffusion as published (the assigned group's concepts forward, every other
-  // group's reversed: 2 + groups UNet rows per image); fast: the assigned group's concepts
-  // only (3 rows per image for any number of groups), opt-in, measured by fairness-bench.
-  std::string fairness_mode = "exact";
   bool quiet = false;
 };
 

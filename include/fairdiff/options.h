@@ -15,11 +15,14 @@ struct ModelOptions {
   std::string prediction_type;  // override for single-file SD 2.x: epsilon | v_prediction
   std::string dtype = "fp32";   // fp32 | fp16 (CUDA) | bf16
   std::string device = "auto";  // auto | cpu | cuda | cuda:N
-  // VAE decode in overlapping tiles (diffusers' enable_tiling): 0 = off; -1 = the VAE's
-  // sample_size; else the tile in image pixels, a multiple of the VAE's scale factor.
+  // VAE decode in overlapping tiles (diffusers' enable_tiling): for images larger than the
+  // tile, the decoder's memory is one tile's. 0 = off; -1 = the VAE's sample_size (512 for
+  // SD 1.5); else the tile in image pixels, a multiple of 8 (the VAE's scale factor) of at
+  // least 32.
   int64_t vae_tile = 0;
   // CPU: every convolution weight reordered once into oneDNN's layout at load (faster steps,
-  // slower load). Images agree with a plain run to float rounding, not always bit for bit.
+  // slower load; see LoadOptions::prepack_convolutions). Images agree with a plain run to
+  // float rounding (within one level on the tiny test model), not always bit for bit.
   bool prepack_weights = false;
 };
 
@@ -41,7 +44,7 @@ struct FairnessOptions {
   std::string assignment = "quota";   // quota (exact counts per prompt, shuffled) | random (independent draws)
   // exact: the assigned group's concepts forward, every other group's reversed (2 + groups
   // UNet rows per image); fast: the assigned group's concepts only (3 rows per image).
-  std::string mode = "exact";
+  std::string fairness_mode = "exact";
 };
 
 }  // namespace fairdiff

@@ -402,7 +402,7 @@ FairnessSpec parse_fairness(const FairnessOptions& o) {
   if (o.assignment != "quota" && o.assignment != "random")
     throw_bad_input("--assignment", "unknown assignment \"" + o.assignment + "\"", "use quota or random");
   FairnessSpec spec;
-  spec.mode = o.mode;
+  spec.mode = o.fairness_mode;
   for (const std::string& value : o.fairness) {
     const std::string where = "--fairness " + value;
     const size_t eq = value.find('=');

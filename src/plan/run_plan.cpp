@@ -348,17 +348,7 @@ int64_t merge_manifests(const std::string& out_dir) {
   return static_cast<int64_t>(merged.size());
 }
 
-FairnessOptions fairness_options(const GenerateOptions& o) {
-  FairnessOptions r;
-  r.fairness = o.fairness;
-  r.fairness_file = o.fairness_file;
-  r.attributes_dir = o.attributes_dir;
-  r.assignment = o.assignment;
-  r.mode = o.fairness_mode;
-  return r;
-}
-
-FairnessSpec parse_fairness(const GenerateOptions& o) { return parse_fairness(fairness_options(o)); }
+FairnessSpec parse_fairness(const GenerateOptions& o) { return parse_fairness(static_cast<const FairnessOptions&>(o)); }
 
 void check_text_encoder(const std::string& model, const std::string& flag) {
   std::string missing;

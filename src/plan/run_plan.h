@@ -17,8 +17,7 @@ namespace fairdiff {
 // Manifest lines by image index; unparsable (torn) lines are skipped.
 std::map<int64_t, nlohmann::json> read_manifest(const std::string& path);
 
-// The fairness part of the options, and parse_fairness over it.
-FairnessOptions fairness_options(const GenerateOptions& options);
+// parse_fairness over the options' fairness part.
 FairnessSpec parse_fairness(const GenerateOptions& options);
 
 // Resume safety (run_plan.cpp): `done` holds the records already in the manifest of --out.

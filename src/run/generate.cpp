@@ -44,27 +44,13 @@ class Progress {
   bool quiet_, tty_;
 };
 
-ModelOptions model_options(const GenerateOptions& o) {
-  ModelOptions m;
-  m.model = o.model;
-  m.tokenizer_dir = o.tokenizer_dir;
-  m.prediction_type = o.prediction_type;
-  m.dtype = o.dtype;
-  m.device = o.device;
-  m.vae_tile = o.vae_tile;
-  m.prepack_weights = o.prepack_weights;
-  return m;
-}
-
+// The run's sampling settings with the image's own (a prompts file may set them per line).
 SamplingSettings sampling_settings(const GenerateOptions& o, const PlannedImage& img) {
-  SamplingSettings s;
+  SamplingSettings s = o;
   s.steps = img.steps;
   s.cfg_scale = img.cfg_scale;
   s.width = img.width;
   s.height = img.height;
-  s.clip_skip = o.clip_skip;
-  s.sampling_method = o.sampling_method;
-  s.scheduler = o.scheduler;
   return s;
 }
 
@@ -119,14 +105,14 @@ RunSummary generate(GenerateOptions o) {
   const fs::path out(o.out_dir);
 
   // 1. Everything that can fail on bad input happens before the first file is written.
-  Model model = Model::load(model_options(o));
+  Model model = Model::load(o);
   Model::Impl& m = model.impl();
   RunPlan probe = plan_run(o, m.native_width, m.native_height);
   const std::string manifest_path = (out / probe.manifest_name).string();
   const std::map<int64_t, nlohmann::json> done = read_manifest(manifest_path);
   resolve_random_seed(o, done);
   const RunPlan plan = plan_run(o, m.native_width, m.native_height);
-  model.set_fairness(fairness_options(o));
+  model.set_fairness(o);
   check_fair_guidance_scale(m.fairness, plan);
   check_resume(done, plan.images, m.fairness, manifest_path);  // never mix two runs' images in one folder
 

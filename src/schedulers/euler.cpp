@@ -65,18 +65,8 @@ at::Tensor EulerDiscreteScheduler::step(const at::Tensor& model_output, size_t s
   const at::Tensor sigma = sigmas_[static_cast<int64_t>(step)];
   // (No churn: diffusers' s_churn defaults to 0, so sigma_hat = sigma and its noise draw is unused.)
   // 1. Predicted x_0 (the denoiser D(x; sigma) of the paper).
-  at::Tensor pred_original_sample;
-  switch (config_.schedule.prediction_type) {
-    case PredictionType::Epsilon:
-      pred_original_sample = sample - sigma * model_output;
-      break;
-    case PredictionType::Sample:
-      pred_original_sample = model_output;
-      break;
-    case PredictionType::VPrediction:  // c_out * v + c_skip * x
-      pred_original_sample = model_output * (-sigma / (sigma.pow(2) + 1).pow(0.5)) + sample / (sigma.pow(2) + 1);
-      break;
-  }
+  const at::Tensor pred_original_sample =
+      sched::predicted_original_sample(config_.schedule.prediction_type, model_output, sample, sigma);
   // 2. The ODE derivative dx/dsigma = (x - D(x)) / sigma, and one Euler step to the next sigma.
   const at::Tensor derivative = (sample - pred_original_sample) / sigma;
   const at::Tensor dt = sigmas_[static_cast<int64_t>(step) + 1] - sigma;

@@ -98,19 +98,9 @@ at::Tensor LMSDiscreteScheduler::step(const at::Tensor& model_output, size_t ste
   ++next_step_;
   const int64_t i = static_cast<int64_t>(step);
   const at::Tensor sigma = sigmas_[i];
-  // 1. Predicted x_0.
-  at::Tensor pred_original_sample;
-  switch (config_.schedule.prediction_type) {
-    case PredictionType::Epsilon:
-      pred_original_sample = sample - sigma * model_output;
-      break;
-    case PredictionType::Sample:
-      pred_original_sample = model_output;
-      break;
-    case PredictionType::VPrediction:
-      pred_original_sample = model_output * (-sigma / (sigma.pow(2) + 1).pow(0.5)) + sample / (sigma.pow(2) + 1);
-      break;
-  }
+  // 1. Predicted x_0 (the denoiser D(x; sigma) of the paper).
+  const at::Tensor pred_original_sample =
+      sched::predicted_original_sample(config_.schedule.prediction_type, model_output, sample, sigma);
   // 2. The ODE derivative (x - x_0) / sigma, kept for the next steps.
   derivatives_.push_back((sample - pred_original_sample) / sigma);
   if (derivatives_.size() > static_cast<size_t>(kOrder)) derivatives_.erase(derivatives_.begin());

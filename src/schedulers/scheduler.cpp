@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <nlohmann/json.hpp>
+#include <stdexcept>
 
 #include "config_json.h"
 #include "fairdiff/error.h"
@@ -296,6 +297,19 @@ void check_step(const std::string& who, size_t step, size_t expected, size_t num
   if (step != expected)
     throw_bad_input(who, "step " + std::to_string(step) + " called, expected step " + std::to_string(expected),
                     "this scheduler keeps a history: take the steps in order, or call set_timesteps to restart");
+}
+
+at::Tensor predicted_original_sample(PredictionType prediction, const at::Tensor& model_output,
+                                     const at::Tensor& sample, const at::Tensor& sigma) {
+  switch (prediction) {
+    case PredictionType::Epsilon:
+      return sample - sigma * model_output;
+    case PredictionType::Sample:
+      return model_output;
+    case PredictionType::VPrediction:  // c_out * v + c_skip * x
+      return model_output * (-sigma / (sigma.pow(2) + 1).pow(0.5)) + sample / (sigma.pow(2) + 1);
+  }
+  throw std::logic_error("unknown prediction type");
 }
 
 }  // namespace sched

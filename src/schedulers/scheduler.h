@@ -192,5 +192,11 @@ at::Tensor scalar(double value);
 // Throws BadInput unless set_timesteps was called and `step` is the next step (`expected`).
 void check_step(const std::string& who, size_t step, size_t expected, size_t num_timesteps);
 
+// The denoiser D(x; sigma) of the k-diffusion samplers (Euler, LMS): the predicted x_0
+// from the model's output at noise level sigma (a 0-dim tensor), in the arithmetic's dtype:
+// epsilon x - sigma eps; sample: the output; v: c_out v + c_skip x.
+at::Tensor predicted_original_sample(PredictionType prediction, const at::Tensor& model_output,
+                                     const at::Tensor& sample, const at::Tensor& sigma);
+
 }  // namespace sched
 }  // namespace fairdiff
