@@ -50,7 +50,18 @@ Conv2dImpl::Conv2dImpl(int64_t in_channels, int64_t out_channels, int64_t kernel
 at::Tensor LinearImpl::forward(const at::Tensor& x) const {
   // x [...,in] -> [...,out]
   profile::Scope scope(profile::kLinear, 2.0 * static_cast<double>(x.numel()) * static_cast<double>(weight_.size(0)));
-  return at::linear(x, weight_, bias_);
+  if (x.dim() < 3 || !c10::InferenceMode::is_enabled()) return at::linear(x, weight_, bias_);
+  // When generating, one image at a time, as Conv2d: BLAS picks its kernel for a product by
+  // its row count (OpenBLAS's small-matrix and edge paths; measured here: 16 against 32 rows
+  // of a 64-wide projection differ by up to 8e-6), and under fair guidance such differences
+  // changed pixels between --batch-size 1 and 4. Per image, every call has the image's rows.
+  const int64_t B = x.size(0);
+  if (B == 1) return at::linear(x[0], weight_, bias_).unsqueeze(0);
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = weight_.size(0);
+  at::Tensor out = at::empty(shape, x.options());  // [B,...,out]
+  for (int64_t b = 0; b < B; ++b) out[b].copy_(at::linear(x[b], weight_, bias_));
+  return out;
 }
 
 namespace {
@@ -301,6 +312,16 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
   // The path is chosen per image (not per batch), so an image's numbers never depend on
   // the batch it is in.
   if (heads * N * L <= max_score_elements) {
+    // When generating, one image at a time, as Linear and Conv2d: LibTorch's bmm takes
+    // another path for one matrix than for several (measured here on the VAE's one-head
+    // attention: up to 6e-7 apart), so batched images could round unlike the same image alone.
+    if (B > 1 && c10::InferenceMode::is_enabled()) {
+      at::Tensor out = at::empty({B, N, inner}, q.options());  // [B,N,h*d]
+      for (int64_t b = 0; b < B; ++b)
+        out[b].copy_(multi_head_attention(q.narrow(0, b, 1), k.narrow(0, b, 1), v.narrow(0, b, 1), heads, scale,
+                                          upcast_attention, upcast_softmax, max_score_elements)[0]);
+      return out;
+    }
     // Small problems: batched matmuls over B*h, as the reference's classic processor does.
     at::Tensor qh = q.reshape({B, N, heads, d}).permute({0, 2, 1, 3}).reshape({B * heads, N, d});  // [Bh,N,d]
     at::Tensor kh = k.reshape({B, L, heads, d}).permute({0, 2, 1, 3}).reshape({B * heads, L, d});  // [Bh,L,d]

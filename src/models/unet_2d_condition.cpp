@@ -335,9 +335,15 @@ at::Tensor UNet2DConditionModelImpl::forward(const at::Tensor& sample, const at:
   if (t.dim() == 0) t = t.reshape({1});
   TORCH_CHECK(t.dim() == 1 && (t.size(0) == 1 || t.size(0) == B),
               "UNet2DConditionModel: timestep must be a scalar, [1] or [", B, "], got ", timestep.sizes());
-  t = t.expand({B});                                          // [B]
-  at::Tensor t_emb = time_proj_(t).to(sample.scalar_type());  // [B,C0]
-  at::Tensor emb = time_embedding_(t_emb);                    // [B,T]
+  // Every row of a sampling step shares one timestep: it is embedded once, [1,T], and the
+  // resnets' projections of it broadcast over the rows. Cheaper, and it keeps a row's numbers
+  // independent of how many rows share the call: BLAS picks its kernel for these tiny
+  // products by their row count (OpenBLAS's small-matrix and gemv paths), and the kernels
+  // round differently, so a batch of 1 and of 4 gave other images under fair guidance.
+  const bool shared = t.size(0) == 1 || at::equal(t, t[0].expand_as(t));
+  t = shared ? t.narrow(0, 0, 1) : t.expand({B});             // [1] or [B]
+  at::Tensor t_emb = time_proj_(t).to(sample.scalar_type());  // [1|B,C0]
+  at::Tensor emb = time_embedding_(t_emb);                    // [1|B,T]
 
   // 2. pre-process
   at::Tensor h = config_.center_input_sample ? sample * 2.0 - 1.0 : sample;

@@ -21,15 +21,22 @@ class CLIPConditioner : public TextConditioner {
       TORCH_CHECK(negatives.size() == prompts.size(), "one negative prompt per prompt");
       ids = at::cat({clip_token_ids(*model_.tokenizer, negatives, /*truncate=*/true, nullptr), ids});  // [2B, L]
     }
-    // One text-encoder call for prompts and negatives together.
+    // One prompt at a time: the encoder's products then always have one prompt's rows, so
+    // a prompt's embedding never depends on the others encoded with it (BLAS picks its
+    // kernel by the row count, and kernels round differently).
     model_.use("text_encoder");
-    const CLIPTextOutput enc = model_.text_encoder->forward(ids.to(device()));
-    const at::Tensor cond = model_.text_encoder->skip_layers(enc, clip_skip);  // [2B|B, L, D]
+    std::vector<at::Tensor> last, skipped;
+    for (int64_t r = 0; r < ids.size(0); ++r) {
+      const CLIPTextOutput enc = model_.text_encoder->forward(ids.narrow(0, r, 1).to(device()));
+      last.push_back(enc.last_hidden_state);                                  // [1, L, D]
+      skipped.push_back(model_.text_encoder->skip_layers(enc, clip_skip));    // [1, L, D]
+    }
+    const at::Tensor cond = at::cat(skipped);  // [2B|B, L, D]
     if (!classifier_free_guidance) {
       out.cond = cond;
       return out;
     }
-    out.uncond = enc.last_hidden_state.narrow(0, 0, B);  // the reference skips no layer here
+    out.uncond = at::cat(last).narrow(0, 0, B);  // the reference skips no layer here
     out.cond = cond.narrow(0, B, B);
     return out;
   }
@@ -38,7 +45,10 @@ class CLIPConditioner : public TextConditioner {
     if (prompts.empty()) return {};
     const at::Tensor ids = clip_token_ids(*model_.tokenizer, prompts, /*truncate=*/false, nullptr);  // [N, L]
     model_.use("text_encoder");
-    return model_.text_encoder->forward(ids.to(device())).last_hidden_state;  // [N, L, D]
+    std::vector<at::Tensor> rows;  // one prompt at a time, as encode_prompts
+    for (int64_t r = 0; r < ids.size(0); ++r)
+      rows.push_back(model_.text_encoder->forward(ids.narrow(0, r, 1).to(device())).last_hidden_state);
+    return at::cat(rows);  // [N, L, D]
   }
 
  private:
