@@ -7,6 +7,7 @@
 
 #include "fairdiff/generate.h"
 #include "run_plan.h"
+#include "fs_util.h"
 #include "infotext.h"
 #include "png_io.h"
 #include "test_util.h"
@@ -160,7 +161,10 @@ TEST(Generate, ResumeRegeneratesOnlyWhatIsMissing) {
   // PNG truncated, the manifest's last line torn.
   const std::string dir = tmp / "run";
   fs::remove(dir + "/00004-1238.png");
-  std::ofstream(dir + "/00004-1238.png.tmp.999", std::ios::binary) << "\x89PNG";
+  // The temporary of this shard's image 4 (NAME.tmp.0-of-1.PID), its process gone: the pid
+  // is ours here, which counts as gone (nothing of ours is in flight when a run starts).
+  const std::string stale = temporary_path(dir + "/00004-1238.png", "0-of-1");
+  std::ofstream(stale, std::ios::binary) << "\x89PNG";
   const std::string cut = before.at("00003-1237.png").substr(0, 50);
   std::ofstream(dir + "/00003-1237.png", std::ios::binary | std::ios::trunc) << cut;
   std::string manifest = slurp(dir + "/manifest.jsonl");
@@ -172,7 +176,7 @@ TEST(Generate, ResumeRegeneratesOnlyWhatIsMissing) {
   EXPECT_EQ(s.skipped, 3);
   EXPECT_EQ(s.generated, 2);
   EXPECT_EQ(pngs(dir), before);
-  EXPECT_FALSE(fs::exists(dir + "/00004-1238.png.tmp.999"));
+  EXPECT_FALSE(fs::exists(stale));
   EXPECT_EQ(read_manifest(dir + "/manifest.jsonl").size(), 5u);
   // Nothing left to do: a third run generates nothing.
   EXPECT_EQ(generate(o).generated, 0);

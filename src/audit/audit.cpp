@@ -51,13 +51,18 @@ std::vector<std::string> manifest_files(const std::string& dir) {
   return shards;
 }
 
-Record parse_record(const std::string& line, const std::string& where) {
+// `last`: the manifest's last line, where a run killed (or out of disk) while appending
+// leaves a torn record; resuming the run repairs it.
+Record parse_record(const std::string& line, const std::string& where, bool last) {
   Record r;
   r.where = where;
   r.json = nlohmann::json::parse(line, nullptr, false);
+  if (r.json.is_discarded() && last)
+    throw_bad_input(where, "the last line is torn (the run was killed or ran out of disk while writing it)",
+                    "rerun the same generate command: it moves the line aside and redoes that image");
   if (r.json.is_discarded())
     throw_bad_input(where, "is not valid JSON",
-                    "an interrupted run can leave a torn last line: delete it and rerun the generate command");
+                    "rerun the same generate command: it moves unreadable lines aside and redoes their images");
   const auto& j = r.json;
   if (!j.is_object() || !j.contains("index") || !j["index"].is_number_integer() || !j.contains("file") ||
       !j["file"].is_string() || !j.contains("prompt") || !j["prompt"].is_string())
@@ -76,7 +81,8 @@ std::vector<Record> read_records(const std::string& dir) {
     std::string line;
     for (int64_t number = 1; std::getline(in, line); ++number) {
       if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-      Record r = parse_record(line, path + ":" + std::to_string(number));
+      const bool last = in.eof() || in.peek() == std::char_traits<char>::eof();
+      Record r = parse_record(line, path + ":" + std::to_string(number), last);
       const auto [it, fresh] = by_index.emplace(r.index, r);
       if (!fresh && it->second.file != r.file)
         throw_bad_input(r.where, "image " + std::to_string(r.index) + " is also listed at " + it->second.where + " with another file",

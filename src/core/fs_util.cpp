@@ -1,6 +1,7 @@
 #include "fs_util.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -15,8 +16,12 @@
 
 namespace fairdiff {
 
-void write_file_atomic(const std::string& path, const std::string& contents) {
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+std::string temporary_path(const std::string& path, const std::string& owner) {
+  return path + ".tmp." + (owner.empty() ? "" : owner + ".") + std::to_string(::getpid());
+}
+
+void write_file_atomic(const std::string& path, const std::string& contents, const std::string& owner) {
+  const std::string tmp = temporary_path(path, owner);
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0)
     throw Error(ErrorKind::Runtime, path, std::string("cannot create file: ") + std::strerror(errno),
@@ -47,20 +52,53 @@ void write_file_atomic(const std::string& path, const std::string& contents) {
 void append_line_durable(const std::string& path, const std::string& line) {
   int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
   if (fd < 0) throw Error(ErrorKind::Runtime, path, std::string("cannot open for appending: ") + std::strerror(errno));
-  const std::string text = line + "\n";
+  struct stat st {};
+  const off_t before = ::fstat(fd, &st) == 0 ? st.st_size : -1;
+  const std::string text = line + "\n";  // one write: line and newline land together or not at all
   const ssize_t w = ::write(fd, text.data(), text.size());
-  const int saved = errno;
-  const bool ok = w == static_cast<ssize_t>(text.size()) && ::fsync(fd) == 0;
+  const int saved = w < 0 ? errno : 0;
+  if (w != static_cast<ssize_t>(text.size())) {
+    // A short write (the disk filled up) would leave a torn line: cut it off again.
+    const bool cut = before >= 0 && ::ftruncate(fd, before) == 0 && ::fsync(fd) == 0;
+    ::close(fd);
+    const std::string what = w < 0 ? std::strerror(saved)
+                                    : "wrote " + std::to_string(w) + " of " + std::to_string(text.size()) + " bytes";
+    throw Error(ErrorKind::Runtime, path,
+                "append failed: " + what + (cut ? "" : "; the torn line is repaired when the run is resumed"),
+                "check free disk space, then rerun the same command to resume");
+  }
+  const bool synced = ::fsync(fd) == 0;
+  const int sync_errno = errno;
   ::close(fd);
-  if (!ok) throw Error(ErrorKind::Runtime, path, std::string("append failed: ") + std::strerror(saved), "check free disk space");
+  if (!synced) throw Error(ErrorKind::Runtime, path, std::string("flush failed: ") + std::strerror(sync_errno), "check free disk space");
 }
 
-int remove_stale_temporaries(const std::string& dir) {
+namespace {
+
+// The pid of OWNER's temporary NAME (...tmp.<owner>.<digits>), or -1.
+long temporary_pid(const std::string& name, const std::string& owner) {
+  const std::string marker = ".tmp." + (owner.empty() ? "" : owner + ".");
+  const size_t at = name.rfind(marker);
+  if (at == std::string::npos) return -1;
+  const std::string digits = name.substr(at + marker.size());
+  if (digits.empty() || digits.size() > 9 || digits.find_first_not_of("0123456789") != std::string::npos) return -1;
+  return std::stol(digits);
+}
+
+bool process_gone(long pid) {
+  if (pid == static_cast<long>(::getpid())) return true;
+  return pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH;  // EPERM: alive, another user's
+}
+
+}  // namespace
+
+int remove_stale_temporaries(const std::string& dir, const std::string& owner) {
   int removed = 0;
   std::error_code ec;
-  for (const auto& e : std::filesystem::directory_iterator(dir, ec))
-    if (e.is_regular_file() && e.path().filename().string().find(".tmp.") != std::string::npos)
-      removed += std::filesystem::remove(e.path(), ec) ? 1 : 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+    const long pid = temporary_pid(e.path().filename().string(), owner);
+    if (pid > 0 && e.is_regular_file(ec) && process_gone(pid)) removed += std::filesystem::remove(e.path(), ec) ? 1 : 0;
+  }
   return removed;
 }
 

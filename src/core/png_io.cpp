@@ -124,8 +124,9 @@ std::string encode_png(const uint8_t* rgb, int width, int height, const std::vec
   return png;
 }
 
-void write_png(const std::string& path, const uint8_t* rgb, int width, int height, const std::vector<PngText>& texts) {
-  write_file_atomic(path, encode_png(rgb, width, height, texts));
+void write_png(const std::string& path, const uint8_t* rgb, int width, int height, const std::vector<PngText>& texts,
+               const std::string& owner) {
+  write_file_atomic(path, encode_png(rgb, width, height, texts), owner);
 }
 
 std::vector<PngText> read_png_text(const std::string& path) {

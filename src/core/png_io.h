@@ -17,8 +17,9 @@ struct PngText {
 // Encodes 8-bit RGB pixels (row-major, height x width x 3) as PNG bytes.
 std::string encode_png(const uint8_t* rgb, int width, int height, const std::vector<PngText>& texts);
 
-// Writes the PNG atomically (temporary name, then rename).
-void write_png(const std::string& path, const uint8_t* rgb, int width, int height, const std::vector<PngText>& texts);
+// Writes the PNG atomically (temporary name, then rename; see write_file_atomic for `owner`).
+void write_png(const std::string& path, const uint8_t* rgb, int width, int height, const std::vector<PngText>& texts,
+               const std::string& owner = {});
 
 // The tEXt/iTXt chunks of a PNG file (text as UTF-8); throws BadInput when the
 // file is not a complete PNG (bad signature, truncated chunk, CRC mismatch, no IEND).

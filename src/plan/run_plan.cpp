@@ -6,6 +6,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -19,6 +21,7 @@
 #include "fairdiff/error.h"
 #include "fairdiff/generate.h"
 #include "fairness.h"
+#include "file_lock.h"
 #include "fs_util.h"
 #include "run_plan.h"
 #include "safetensors.h"
@@ -314,6 +317,58 @@ std::map<int64_t, nlohmann::json> read_manifest(const std::string& path) {
   return entries;
 }
 
+namespace {
+
+bool blank(const std::string& line) { return line.find_first_not_of(" \t\r") == std::string::npos; }
+
+bool json_object(const std::string& line) {
+  const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+  return !j.is_discarded() && j.is_object();
+}
+
+// Cuts `path` back to its first `size` bytes and flushes it.
+void truncate_durable(const std::string& path, size_t size) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
+  const bool ok = fd >= 0 && ::ftruncate(fd, static_cast<off_t>(size)) == 0 && ::fsync(fd) == 0;
+  const int err = errno;
+  if (fd >= 0) ::close(fd);
+  if (!ok) throw Error(ErrorKind::Runtime, path, std::string("cannot cut off the torn last line: ") + std::strerror(err));
+}
+
+}  // namespace
+
+std::string manifest_lock_path(const std::string& manifest_path) { return manifest_path + ".lock"; }
+
+int64_t repair_manifest(const std::string& path, const std::string& owner) {
+  if (!is_regular_file(path)) return 0;
+  const std::string text = read_text_file(path);
+  std::string kept, moved;
+  int64_t count = 0;
+  for (size_t pos = 0; pos < text.size();) {
+    size_t end = text.find('\n', pos);
+    const bool has_newline = end != std::string::npos;
+    if (!has_newline) end = text.size();
+    const std::string line = text.substr(pos, end - pos);
+    pos = end + 1;
+    if ((has_newline && blank(line)) || json_object(line)) {
+      kept += line + "\n";
+    } else {
+      moved += line + "\n";
+      ++count;
+    }
+  }
+  if (kept == text) return 0;
+  // The copy first: a crash between the two steps leaves the line twice, never nowhere.
+  if (!moved.empty()) append_line_durable(path + ".torn", moved.substr(0, moved.size() - 1));
+  if (text.compare(0, kept.size(), kept) == 0)
+    truncate_durable(path, kept.size());  // only the tail was torn
+  else if (kept.compare(0, text.size(), text) == 0)
+    append_line_durable(path, "");  // a whole last record without its newline
+  else
+    write_file_atomic(path, kept, owner);
+  return count;
+}
+
 int64_t merge_manifests(const std::string& out_dir) {
   if (!is_directory(out_dir)) throw_bad_input(out_dir, "output folder not found", "give the --out folder of the run");
   std::map<int64_t, nlohmann::json> merged;
@@ -328,6 +383,7 @@ int64_t merge_manifests(const std::string& out_dir) {
   if (shard_files.empty())
     throw_bad_input(out_dir, "has no manifest-shard-*.jsonl files", "run the shards with --out pointing here first");
   const std::string unsharded = out_dir + "/manifest.jsonl";
+  const FileLock lock(manifest_lock_path(unsharded), unsharded, "an unsharded generate is writing it: wait for it to finish");
   if (is_regular_file(unsharded)) shard_files.insert(shard_files.begin(), unsharded);
   for (const auto& file : shard_files) {
     for (auto& [index, entry] : read_manifest(file)) {

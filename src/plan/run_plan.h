@@ -17,6 +17,19 @@ namespace fairdiff {
 // Manifest lines by image index; unparsable (torn) lines are skipped.
 std::map<int64_t, nlohmann::json> read_manifest(const std::string& path);
 
+// Resume's repair of an interrupted append (generate calls it holding the manifest's lock):
+// every line that is not a JSON object, above all a torn last line (killed or out of disk
+// inside the append), is appended to PATH.torn and cut out of the manifest, so that its
+// image is redone and the audit reads the folder again. A last line that is a whole record
+// and lacks only its newline gets the newline. The common case, a torn tail, is a truncate
+// (it needs no free space); a bad line inside is a rewrite (write_file_atomic with `owner`).
+// Returns how many lines it moved aside.
+int64_t repair_manifest(const std::string& path, const std::string& owner);
+
+// The lock file of one manifest, PATH.lock (core's FileLock): generate holds it for its
+// whole run, merge while it writes manifest.jsonl.
+std::string manifest_lock_path(const std::string& manifest_path);
+
 // parse_fairness over the options' fairness part.
 FairnessSpec parse_fairness(const GenerateOptions& options);
 

@@ -12,6 +12,7 @@
 
 #include "fairdiff/error.h"
 #include "fairdiff/generate.h"
+#include "file_lock.h"
 #include "fs_util.h"
 #include "model_impl.h"
 #include "png_io.h"
@@ -116,15 +117,26 @@ RunSummary generate(GenerateOptions o) {
   check_fair_guidance_scale(m.fairness, plan);
   check_resume(done, plan.images, m.fairness, manifest_path);  // never mix two runs' images in one folder
 
-  // 2. What is left to do.
+  // 2. The folder: one process per manifest (shards share a folder, each its own manifest),
+  // then what a killed run of this shard left: a torn manifest line, temporaries.
+  fs::create_directories(out);
+  const FileLock lock(manifest_lock_path(manifest_path), manifest_path,
+                      "the same run is already generating into this folder: wait for it, or give another --out");
+  const std::string owner = std::to_string(plan.shard_index) + "-of-" + std::to_string(plan.num_shards);
+  if (const int64_t torn = repair_manifest(manifest_path, owner))
+    spdlog::warn("{}: moved {} torn line(s) to {}.torn; their images are redone", manifest_path, torn, manifest_path);
+  remove_stale_temporaries(out.string(), owner);
+  // Read again under the lock: the read above may have raced a run that has finished since.
+  const std::map<int64_t, nlohmann::json> resumed = read_manifest(manifest_path);
+  check_resume(resumed, plan.images, m.fairness, manifest_path);
+
+  // 3. What is left to do.
   RunSummary summary;
   summary.manifest_path = manifest_path;
-  const std::vector<PlannedImage> todo = images_to_do(plan, done, out, &summary);
-  fs::create_directories(out);
-  remove_stale_temporaries(out.string());
+  const std::vector<PlannedImage> todo = images_to_do(plan, resumed, out, &summary);
   if (summary.skipped && !o.quiet) spdlog::info("resuming: {} of {} images already done", summary.skipped, summary.planned);
 
-  // 3. Batch by batch: sample, then PNG and manifest line per image.
+  // 4. Batch by batch: sample, then PNG and manifest line per image.
   Progress progress(static_cast<int64_t>(todo.size()), o.quiet);
   for (size_t begin = 0; begin < todo.size();) {
     const size_t end = batch_end(todo, begin, o.batch_size);
@@ -145,7 +157,8 @@ RunSummary generate(GenerateOptions o) {
       record["base_seed"] = plan.base_seed;
       const at::Tensor rgb = g.pixels[static_cast<int64_t>(i)].contiguous();  // [H, W, 3] uint8
       write_png((out / img.file).string(), rgb.data_ptr<uint8_t>(), static_cast<int>(img.width),
-                static_cast<int>(img.height), {{"parameters", format_infotext(g.infotexts[i])}, {"fairdiff", record.dump()}});
+                static_cast<int>(img.height), {{"parameters", format_infotext(g.infotexts[i])}, {"fairdiff", record.dump()}},
+                owner);
       record["device"] = m.device_name;
       record["seconds"] = seconds;
       record["shard"] = {plan.shard_index, plan.num_shards};
