@@ -115,6 +115,7 @@ RunSummary generate(GenerateOptions o) {
   model.set_fairness(o);
   check_fair_guidance_scale(m.fairness, plan);
   check_resume(done, plan.images, m.fairness, manifest_path);  // never mix two runs' images in one folder
+  m.check_run(plan.shard(), o);  // --clip-skip against the model, the largest batch against memory
 
   // 2. What is left to do.
   RunSummary summary;
