@@ -144,6 +144,9 @@ row gen_out_not_dir 2 "output folder is not a writable folder" -- gen -o "$tmp/a
 gen_row gen_usage 2 "run fairdiff --help" -- gen --no-such-flag -o "$tmp/never"
 gen_row gen_fp16_cpu 2 "fp16 needs a CUDA device" -- gen --dtype fp16 -o "$tmp/never"
 
+mkdir "$tmp/seeded"; echo '{"index": 0, "file": "00000-1.png", "base_seed": 1e20}' >"$tmp/seeded/manifest.jsonl"
+row gen_manifest_base_seed 2 "the manifest's base_seed 1e+20 is not a seed" -- gen --seed -1 -o "$tmp/seeded"
+
 # --- generate: prompts files ------------------------------------------------------------------
 gen_row gen_prompts_file 2 "prompts file not found" -- gen --prompts "$tmp/none.txt" -o "$tmp/never"
 # jsonl_row NAME NEEDLE LINE: a prompts file whose line 2 is LINE
