@@ -364,6 +364,35 @@ TEST(Audit, BadInputsNameTheFileOrLine) {
   expect_error([&] { audit(o); }, ErrorKind::BadInput, {"--chart", "no-such-folder", "not found"});
 }
 
+TEST(Audit, ReadsOnlyTheRunsOwnFilesAndRefusesPngBombs) {
+  for (const std::string& file : {"../x.png", "/etc/passwd", "a/../../x.png", ""}) {
+    FakeRun run;
+    run.add("a kite", "red", "red", {{"red", 1.0}});
+    run.lines.push_back(nlohmann::json({{"index", 1}, {"file", file}, {"prompt", "a kite"}}).dump());
+    run.write_manifest();
+    expect_error([&] { audit(run.options()); }, ErrorKind::BadInput,
+                 {"manifest.jsonl:2", "is not a file inside the run folder"});
+  }
+  // IHDR claims 100000 x 100000: refused from the header, before stb allocates anything.
+  FakeRun bomb;
+  bomb.add("a kite", "red", "red", {{"red", 1.0}});
+  bomb.write_manifest();
+  std::string png;
+  {
+    std::ifstream in(bomb.dir / "0.png", std::ios::binary);
+    png.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  EXPECT_EQ(read_png_size(bomb.dir / "0.png").width, toy::kImageSize);
+  for (int at : {16, 20}) {  // width, height: big-endian 100000
+    png[at] = 0, png[at + 1] = 1, png[at + 2] = char(0x86), png[at + 3] = char(0xA0);
+  }
+  std::ofstream(bomb.dir / "0.png", std::ios::binary) << png;
+  EXPECT_EQ(read_png_size(bomb.dir / "0.png").height, 100000);
+  expect_error([&] { read_png_rgb(bomb.dir / "0.png"); }, ErrorKind::BadInput, {"0.png", "claims 100000x100000 pixels"});
+  std::ofstream(bomb.dir / "short.png", std::ios::binary) << "\x89PNG";
+  expect_error([&] { read_png_size(bomb.dir / "short.png"); }, ErrorKind::BadInput, {"short.png", "is not a PNG file"});
+}
+
 // A classifier that tells every picture apart by its first pixel's red value: registered
 // at run time, found by name, given its options (as a CLIP classifier from the LibTorch
 // library will be).

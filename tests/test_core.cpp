@@ -1,4 +1,5 @@
 // The small shared helpers: strings, the scheduler table, the UTF-8 decoder.
+#include "config_json.h"
 #include "scheduler_table.h"
 #include "string_util.h"
 #include "test_util.h"
@@ -56,6 +57,36 @@ TEST(Unicode, DecodesWellFormedAndReplacesEachBadByte) {
   EXPECT_EQ(cp, 0x20ACu);
   EXPECT_EQ(utf8_char("", &cp), 0u);
   EXPECT_EQ(utf8_encode(utf8_decode("x\xc3\xa9\xf0\x9f\x98\x80")), "x\xc3\xa9\xf0\x9f\x98\x80");
+}
+
+TEST(StringUtil, InvalidUtf8Offset) {
+  EXPECT_EQ(invalid_utf8_offset("a\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80"), std::string::npos);
+  EXPECT_EQ(invalid_utf8_offset(""), std::string::npos);
+  EXPECT_EQ(invalid_utf8_offset("ab\xff"), 2u);
+  EXPECT_EQ(invalid_utf8_offset("\xc0\xaf"), 0u);          // overlong '/'
+  EXPECT_EQ(invalid_utf8_offset("x\xed\xa0\x80"), 1u);     // a surrogate
+  EXPECT_EQ(invalid_utf8_offset("xy\xe2\x82"), 2u);         // truncated
+  EXPECT_EQ(invalid_utf8_offset("\xf4\x90\x80\x80"), 0u); // above U+10FFFF
+  EXPECT_EQ(invalid_utf8_offset("\xf4\x8f\xbf\xbf"), std::string::npos);  // U+10FFFF itself
+}
+
+TEST(ConfigJson, WholeNumbersStayInsideInt64) {
+  using nlohmann::json;
+  EXPECT_EQ(whole_number(json(7)), 7);
+  EXPECT_EQ(whole_number(json(-7)), -7);
+  EXPECT_EQ(whole_number(json(2.0)), 2);
+  EXPECT_EQ(whole_number(json::parse("9223372036854775807")), INT64_MAX);
+  EXPECT_EQ(whole_number(json::parse("-9223372036854775808")), INT64_MIN);
+  EXPECT_FALSE(whole_number(json::parse("9223372036854775808")));   // unsigned, past int64
+  EXPECT_FALSE(whole_number(json::parse("18446744073709551615")));
+  EXPECT_FALSE(whole_number(json(1.8446744073709552e20)));         // casting it would be UB
+  EXPECT_FALSE(whole_number(json(9223372036854775808.0)));         // 2^63
+  EXPECT_FALSE(whole_number(json(2.5)));
+  EXPECT_FALSE(whole_number(json("2")));
+  const json config = {{"layers_per_block", 1.8446744073709552e20}, {"n", 4.0}};
+  EXPECT_EQ(config_json::get_int(config, "n", 0, "c.json"), 4);
+  test::expect_error([&] { config_json::get_int(config, "layers_per_block", 0, "c.json"); }, ErrorKind::BadInput,
+                     {"c.json", "layers_per_block", "wrong type"});
 }
 
 }  // namespace

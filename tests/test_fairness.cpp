@@ -422,6 +422,36 @@ TEST(Fairness, ResumeRefusesRecordsOfAnotherPlan) {
   EXPECT_NE(resume_error(joint_done, joint).find("image 0"), std::string::npos) << resume_error(joint_done, joint);
 }
 
+TEST(Fairness, RatiosAndEditSettingsAreFiniteAndInRange) {
+  // Huge ratios would sum to infinity (every share 0); infinity and NaN are not numbers.
+  for (const auto& [flag, needle] : std::vector<std::pair<std::string, std::string>>{
+           {"gender=1e308:1", "ratio 1e+308 is more than 1e9"},
+           {"gender=1e308:1e308", "ratio 1e+308 is more than 1e9"},
+           {"gender=female:inf,male:1", "ratio \"inf\" of group \"female\" is not a number"},
+           {"gender=female:nan,male:1", "is not a number"}}) {
+    const std::string what = error_of(options({flag}));
+    EXPECT_NE(what.find(needle), std::string::npos) << flag << " -> " << what;
+  }
+  EXPECT_EQ(error_of(options({"gender=1e9:1"})), "");
+  Scratch tmp("edit-settings");
+  for (const auto& [setting, needle] : std::vector<std::pair<std::string, std::string>>{
+           {R"("edit_guidance_scale": -4)", "edit_guidance_scale -4 is not in [0, 100]"},
+           {R"("edit_guidance_scale": 1e300)", "edit_guidance_scale 1e+300 is not in [0, 100]"},
+           {R"("edit_momentum_scale": -0.5)", "edit_momentum_scale -0.5 is not in [0, 100]"},
+           {R"("edit_mom_beta": 1.5)", "edit_mom_beta 1.5 is not in [0, 1]"},
+           {R"("edit_threshold": 2)", "edit_threshold 2 is not in [0, 1]"},
+           {R"("edit_warmup_steps": 2.5)", "edit_warmup_steps 2.5 is not a whole number"},
+           {R"("edit_warmup_steps": 1.8446744073709552e20)", "edit_warmup_steps 1.844674407370955e+20 is not"},
+           {R"("edit_warmup_steps": -1)", "edit_warmup_steps -1 is not a whole number in [0, 10000]"},
+           {R"("edit_threshold": "high")", "an edit setting is not a number"}}) {
+    GenerateOptions o = options({});
+    o.fairness_file = tmp.write("f.json", R"({"attributes": [{"name": "gender", "targets": {"female": 1, "male": 1}, )" +
+                                              setting + "}]}");
+    const std::string what = error_of(o);
+    EXPECT_NE(what.find("f.json: gender: " + needle), std::string::npos) << setting << " -> " << what;
+  }
+}
+
 TEST(Fairness, NeedsAModelWithATextEncoder) {
   Scratch tmp("no-text-encoder");
   GenerateOptions o = options({"gender=50:50"});

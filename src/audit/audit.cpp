@@ -12,6 +12,7 @@
 #include <map>
 #include <set>
 
+#include "config_json.h"
 #include "fairdiff/error.h"
 #include "fs_util.h"
 #include "png_io.h"
@@ -27,6 +28,9 @@ namespace fs = std::filesystem;
 
 namespace fairdiff {
 namespace {
+
+// The largest image the audit decodes: 16384 x 16384, generate's largest.
+constexpr int64_t kMaxAuditPixels = int64_t{16384} * 16384;
 
 // One manifest line.
 struct Record {
@@ -67,8 +71,18 @@ Record parse_record(const std::string& line, const std::string& where, bool last
   if (!j.is_object() || !j.contains("index") || !j["index"].is_number_integer() || !j.contains("file") ||
       !j["file"].is_string() || !j.contains("prompt") || !j["prompt"].is_string())
     throw_bad_input(where, "a record needs \"index\" (an integer), \"file\" and \"prompt\" (strings)");
-  r.index = j["index"].get<int64_t>();
+  const std::optional<int64_t> index = whole_number(j["index"]);
+  if (!index) throw_bad_input(where, "\"index\" " + j["index"].dump() + " is not a whole number");
+  r.index = *index;
   r.file = j["file"].get<std::string>();
+  // A record names a file of the run's folder: never an absolute path or one that climbs
+  // out of it (a manifest from elsewhere must not make the audit read other files).
+  const fs::path file(r.file);
+  bool climbs = file.empty() || file.is_absolute() || file.has_root_name() || file.has_root_directory();
+  for (const auto& part : file) climbs = climbs || part == "..";
+  if (climbs)
+    throw_bad_input(where, "\"file\" " + j["file"].dump() + " is not a file inside the run folder",
+                    "records name their PNG relative to the folder, e.g. \"00000-42.png\"");
   r.prompt = j["prompt"].get<std::string>();
   return r;
 }
@@ -246,6 +260,13 @@ nlohmann::ordered_json number_or_null(const std::optional<double>& v) {
 }  // namespace
 
 RgbImage read_png_rgb(const std::string& path) {
+  // The size from IHDR before decoding: a few hundred bytes of PNG can claim gigapixels
+  // (a decompression bomb); stb would try to allocate them.
+  const PngSize size = read_png_size(path);
+  if (size.width * size.height > kMaxAuditPixels)
+    throw_bad_input(path, "claims " + std::to_string(size.width) + "x" + std::to_string(size.height) +
+                              " pixels, more than the audit reads (" + std::to_string(kMaxAuditPixels) + ")",
+                    "audit the images fairdiff generated; this one is not");
   int w = 0, h = 0, channels = 0;
   uint8_t* pixels = stbi_load(path.c_str(), &w, &h, &channels, 3);
   if (!pixels) throw_bad_input(path, std::string("cannot decode the PNG: ") + stbi_failure_reason(), "regenerate the image");

@@ -55,6 +55,21 @@ void reject_config(const std::string& where, const std::string& key, const nlohm
                     "fairdiff cannot build this model faithfully; use a Stable Diffusion 1.x/2.x model");
 }
 
+std::optional<int64_t> whole_number(const nlohmann::json& value) {
+  if (value.is_number_unsigned()) {
+    const uint64_t u = value.get<uint64_t>();
+    if (u > static_cast<uint64_t>(INT64_MAX)) return std::nullopt;
+    return static_cast<int64_t>(u);
+  }
+  if (value.is_number_integer()) return value.get<int64_t>();
+  if (value.is_number_float()) {
+    // Some writers store integral values as floats (1.0). [-2^63, 2^63) holds exactly.
+    const double d = value.get<double>();
+    if (std::isfinite(d) && std::floor(d) == d && d >= -0x1p63 && d < 0x1p63) return static_cast<int64_t>(d);
+  }
+  return std::nullopt;
+}
+
 namespace config_json {
 namespace {
 
@@ -66,13 +81,8 @@ namespace {
 }
 
 int64_t as_int(const nlohmann::json& value, const std::string& key, const std::string& where) {
-  if (value.is_number_integer()) return value.get<int64_t>();
-  // Some writers store integral values as floats (1.0).
-  if (value.is_number_float()) {
-    const double d = value.get<double>();
-    if (std::floor(d) == d) return static_cast<int64_t>(d);
-  }
-  wrong_type(where, key, "an integer", value);
+  if (const auto v = whole_number(value)) return *v;
+  wrong_type(where, key, value.is_number() ? "an integer of at most 19 digits" : "an integer", value);
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -17,6 +18,12 @@ nlohmann::json read_json_file(const std::string& path, const std::string& hint =
 // Rejects a config value we do not implement, naming it and what is supported.
 [[noreturn]] void reject_config(const std::string& where, const std::string& key, const nlohmann::json& value,
                                 const std::string& supported);
+
+// A JSON number as an int64 when it is a whole number that int64 holds: integers, and
+// integral floats (2.0, as some writers store them); nullopt for anything else (2.5,
+// 1.84467e+20, 18446744073709551615, "2"). Casting a float beyond int64 is undefined
+// behaviour, and nlohmann's get<int64_t>() does exactly that: read user JSON through this.
+std::optional<int64_t> whole_number(const nlohmann::json& value);
 
 // Typed config values. Absent or null keys take the given default; a present key of the
 // wrong type is a BadInput error naming `where`, the key, the type expected and the value found.

@@ -1,6 +1,7 @@
 #include "png_io.h"
 
 #include <array>
+#include <cstdio>
 #include <cstring>
 
 #include "fairdiff/error.h"
@@ -150,6 +151,17 @@ std::vector<PngText> read_png_text(const std::string& path) {
     }
   }
   return texts;
+}
+
+PngSize read_png_size(const std::string& path) {
+  // Signature (8), IHDR's length (4) and type (4), then width and height (4 each).
+  std::string head(24, '\0');
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  const size_t n = f ? std::fread(&head[0], 1, head.size(), f) : 0;
+  if (f) std::fclose(f);
+  if (n < head.size() || std::memcmp(head.data(), kSignature, 8) != 0 || head.compare(12, 4, "IHDR") != 0)
+    throw_bad_input(path, "is not a PNG file (no signature and IHDR chunk)", "regenerate the image");
+  return {get_u32(head, 16), get_u32(head, 20)};
 }
 
 bool png_is_complete(const std::string& path) {

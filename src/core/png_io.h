@@ -25,6 +25,14 @@ void write_png(const std::string& path, const uint8_t* rgb, int width, int heigh
 // file is not a complete PNG (bad signature, truncated chunk, CRC mismatch, no IEND).
 std::vector<PngText> read_png_text(const std::string& path);
 
+// The width and height that a PNG's IHDR chunk claims, read without decoding anything
+// (check them before decoding: a small file can claim gigapixels). Throws BadInput when
+// the file does not start with the PNG signature and an IHDR chunk.
+struct PngSize {
+  int64_t width = 0, height = 0;
+};
+PngSize read_png_size(const std::string& path);
+
 // True when `path` is a complete PNG (signature, every chunk's CRC, IEND at the end).
 bool png_is_complete(const std::string& path);
 

@@ -8,9 +8,11 @@
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <random>
 #include <set>
 
+#include "config_json.h"
 #include "fairdiff/error.h"
 #include "data_paths.h"
 #include "fs_util.h"
@@ -18,6 +20,8 @@
 
 namespace fairdiff {
 namespace {
+
+std::string number(double v);  // "%.6g"
 
 std::vector<std::string> split(const std::string& s, char sep) {
   std::vector<std::string> parts;
@@ -52,11 +56,18 @@ int64_t group_index(const Attribute& a, const std::string& name) {
   return -1;
 }
 
-// Ratios checked and normalised: non-negative, not all zero.
+// Ratios are shares, percentages or counts: finite, in [0, kMaxRatio], so that their sum
+// and every share stay exact enough (1e308:1e308 would sum to infinity: all shares 0).
+constexpr double kMaxRatio = 1e9;
+
+// Ratios checked and normalised: non-negative, at most kMaxRatio, not all zero.
 std::vector<double> normalise(const std::vector<double>& ratios, const std::string& where) {
   double total = 0;
   for (double r : ratios) {
     if (r < 0) throw_bad_input(where, "ratio " + std::to_string(r) + " is negative", "ratios are non-negative numbers");
+    if (!(r <= kMaxRatio))
+      throw_bad_input(where, "ratio " + number(r) + " is more than 1e9",
+                      "ratios are shares, percentages or counts, e.g. 50:50 or 0.3:0.7");
     total += r;
   }
   if (!(total > 0)) throw_bad_input(where, "all ratios are zero", "give at least one group a positive share");
@@ -102,18 +113,33 @@ std::vector<double> parse_ratios(const Attribute& a, const std::string& text, co
   return normalise(ratios, where);
 }
 
+// The edit settings (library defaults or a fairness file's overrides), each checked by
+// name: a scale in [0, 100] (a negative one would steer every image away from its own
+// group), the threshold and momentum decay in [0, 1], whole non-negative warm-up steps.
 void read_defaults(const nlohmann::json& j, EditDefaults* d, const std::string& where) {
-  try {
-    d->edit_guidance_scale = j.value("edit_guidance_scale", d->edit_guidance_scale);
-    d->edit_threshold = j.value("edit_threshold", d->edit_threshold);
-    d->edit_warmup_steps = j.value("edit_warmup_steps", d->edit_warmup_steps);
-    d->edit_momentum_scale = j.value("edit_momentum_scale", d->edit_momentum_scale);
-    d->edit_mom_beta = j.value("edit_mom_beta", d->edit_mom_beta);
-  } catch (const nlohmann::json::exception&) {
-    throw_bad_input(where, "an edit setting is not a number", "edit_* settings are numbers");
+  const auto setting = [&](const char* key, double* value, double lo, double hi) {
+    if (!j.contains(key)) return;
+    if (!j[key].is_number()) throw_bad_input(where, "an edit setting is not a number", "edit_* settings are numbers");
+    const double v = j[key].get<double>();
+    if (!(v >= lo && v <= hi))
+      throw_bad_input(where, std::string(key) + " " + number(v) + " is not in [" + number(lo) + ", " + number(hi) + "]",
+                      "edit_guidance_scale and edit_momentum_scale are in [0, 100], edit_threshold and "
+                      "edit_mom_beta in [0, 1]");
+    *value = v;
+  };
+  setting("edit_guidance_scale", &d->edit_guidance_scale, 0, 100);
+  setting("edit_threshold", &d->edit_threshold, 0, 1);
+  setting("edit_momentum_scale", &d->edit_momentum_scale, 0, 100);
+  setting("edit_mom_beta", &d->edit_mom_beta, 0, 1);
+  if (j.contains("edit_warmup_steps")) {
+    const nlohmann::json& v = j["edit_warmup_steps"];
+    if (!v.is_number()) throw_bad_input(where, "an edit setting is not a number", "edit_* settings are numbers");
+    const std::optional<int64_t> steps = whole_number(v);
+    if (!steps || *steps < 0 || *steps > 10000)
+      throw_bad_input(where, "edit_warmup_steps " + v.dump() + " is not a whole number in [0, 10000]",
+                      "the loop index of the first step that edits, e.g. 5");
+    d->edit_warmup_steps = *steps;
   }
-  if (d->edit_threshold < 0 || d->edit_threshold > 1) throw_bad_input(where, "edit_threshold must be in [0, 1]");
-  if (d->edit_warmup_steps < 0) throw_bad_input(where, "edit_warmup_steps must be non-negative");
 }
 
 void check_groups(const Attribute& a, const std::string& where) {

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <cstdio>
 #include <cstdlib>
@@ -14,15 +15,18 @@
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <tuple>
 
+#include "config_json.h"
 #include "fairdiff/error.h"
 #include "fairdiff/generate.h"
 #include "fairness.h"
 #include "file_lock.h"
 #include "fs_util.h"
+#include "infotext.h"
 #include "run_plan.h"
 #include "safetensors.h"
 #include "string_util.h"
@@ -31,6 +35,15 @@ namespace fs = std::filesystem;
 
 namespace fairdiff {
 namespace {
+
+// Hard caps: past them a run cannot finish, or its plan (one entry per image, held in
+// memory) cannot be made. Within them, what the machine can hold is checked against its
+// memory once the model's sizes are known (Model::Impl::check_run, src/run/model.cpp).
+constexpr int64_t kMaxSteps = 10000;
+constexpr int64_t kMaxSide = 16384;               // pixels per side
+constexpr int64_t kMaxImagesPerPrompt = 100000;
+constexpr int64_t kMaxImages = 1000000;           // in the whole run
+constexpr double kMaxCfgScale = 100;              // finite, in [0, 100]
 
 struct PromptSpec {
   std::string prompt, negative_prompt;
@@ -50,14 +63,61 @@ bool parse_int(const char* text, int64_t* out) {
 }
 
 void check_size(const std::string& where, int64_t width, int64_t height) {
-  for (auto [name, v] : {std::pair{"width", width}, {"height", height}})
+  for (auto [name, v] : {std::pair{"width", width}, {"height", height}}) {
     if (v != 0 && (v < 8 || v % 8 != 0))
       throw_bad_input(where, std::string(name) + " " + std::to_string(v) + " is not a positive multiple of 8",
                       "use a size such as 512 or 768");
+    if (v > kMaxSide)
+      throw_bad_input(where, std::string(name) + " " + std::to_string(v) + " is more than " +
+                                 std::to_string(kMaxSide) + " pixels",
+                      "use a size such as 512 or 768, or upscale afterwards");
+  }
+}
+
+void check_steps(const std::string& where, int64_t steps) {
+  if (steps > kMaxSteps)
+    throw_bad_input(where, "steps " + std::to_string(steps) + " is more than " + std::to_string(kMaxSteps),
+                    "samplers converge in 20 to 150 steps");
+}
+
+// NaN passes every comparison: finite first.
+void check_cfg_scale(const std::string& where, double cfg) {
+  if (!std::isfinite(cfg) || cfg > kMaxCfgScale)
+    throw_bad_input(where, "cfg_scale " + python_float(cfg) + " is not a number in [0, 100]",
+                    "classifier-free guidance scales are about 1 to 30; 7.5 is usual");
+}
+
+void check_count(const std::string& where, int64_t count) {
+  if (count > kMaxImagesPerPrompt)
+    throw_bad_input(where, std::to_string(count) + " images per prompt is more than " +
+                               std::to_string(kMaxImagesPerPrompt),
+                    "split the run into several --out folders or use shards");
+}
+
+void check_utf8(const std::string& where, const std::string& text) {
+  const size_t at = invalid_utf8_offset(text);
+  if (at == std::string::npos) return;
+  char byte[8];
+  std::snprintf(byte, sizeof byte, "0x%02X", static_cast<unsigned char>(text[at]));
+  throw_bad_input(where, "is not valid UTF-8: byte " + std::to_string(at) + " (" + byte + ") starts no character",
+                  "save the prompt as UTF-8");
+}
+
+// A JSONL number field that must be a whole number: absent -> fallback; another type ->
+// the wrong-type error; 2.5 or a number past int64 -> named.
+int64_t whole_field(const nlohmann::json& j, const std::string& key, int64_t fallback, const std::string& where) {
+  const auto it = j.find(key);
+  if (it == j.end()) return fallback;
+  if (!it->is_number())
+    throw_bad_input(where, "a value has the wrong type", "prompt/negative_prompt are strings, the rest numbers");
+  const std::optional<int64_t> v = whole_number(*it);
+  if (!v) throw_bad_input(where, "\"" + key + "\" is " + it->dump() + ", not a whole number", "e.g. \"" + key + "\": 50");
+  return *v;
 }
 
 // One JSONL line: {"prompt": ..., "negative_prompt": ..., "count": N, "seed": S, "steps": ..., "cfg_scale": ..., "width": ..., "height": ...}
 PromptSpec parse_jsonl_line(const std::string& line, const std::string& where) {
+  check_utf8(where, line);
   const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
   if (j.is_discarded() || !j.is_object()) throw_bad_input(where, "is not a valid JSON object", "fix or quote the line");
   static const std::set<std::string> kKeys = {"prompt", "negative_prompt", "count", "seed", "steps",
@@ -71,19 +131,22 @@ PromptSpec parse_jsonl_line(const std::string& line, const std::string& where) {
     if (!j.contains("prompt") || !j["prompt"].is_string()) throw_bad_input(where, "has no \"prompt\" string");
     p.prompt = j["prompt"].get<std::string>();
     p.negative_prompt = j.value("negative_prompt", std::string());
-    p.count = j.value("count", int64_t{0});
-    p.seed = j.value("seed", int64_t{-1});
-    p.steps = j.value("steps", int64_t{0});
     p.cfg_scale = j.value("cfg_scale", -1.0);
-    p.width = j.value("width", int64_t{0});
-    p.height = j.value("height", int64_t{0});
   } catch (const nlohmann::json::exception&) {
     throw_bad_input(where, "a value has the wrong type", "prompt/negative_prompt are strings, the rest numbers");
   }
+  p.count = whole_field(j, "count", 0, where);
+  p.seed = whole_field(j, "seed", -1, where);
+  p.steps = whole_field(j, "steps", 0, where);
+  p.width = whole_field(j, "width", 0, where);
+  p.height = whole_field(j, "height", 0, where);
   if (j.contains("count") && p.count < 1) throw_bad_input(where, "count must be at least 1");
+  check_count(where, p.count);
+  check_steps(where, p.steps);
   if (j.contains("steps") && p.steps < 1) throw_bad_input(where, "steps must be at least 1");
   if (j.contains("seed") && p.seed < 0) throw_bad_input(where, "seed must be non-negative");
   if (j.contains("cfg_scale") && p.cfg_scale < 0) throw_bad_input(where, "cfg_scale must be non-negative");
+  if (j.contains("cfg_scale")) check_cfg_scale(where, p.cfg_scale);
   check_size(where, p.width, p.height);
   return p;
 }
@@ -110,6 +173,7 @@ std::vector<PromptSpec> read_prompts(const GenerateOptions& o) {
       if (p.negative_prompt.empty()) p.negative_prompt = o.negative_prompt;
       prompts.push_back(p);
     } else {
+      check_utf8(where, line);
       PromptSpec p;
       p.prompt = text;
       p.negative_prompt = o.negative_prompt;
@@ -150,12 +214,17 @@ void validate(GenerateOptions& o) {
   if (!o.prompt.empty() && !o.prompts_file.empty())
     throw_bad_input("--prompt", "give either --prompt or --prompts, not both");
   if (o.images_per_prompt < 1) throw_bad_input("-N/--images", "must be at least 1");
+  check_count("-N/--images", o.images_per_prompt);
+  check_utf8("--prompt", o.prompt);
+  check_utf8("--negative-prompt", o.negative_prompt);
   if (o.batch_size < 1) throw_bad_input("--batch-size", "must be at least 1");
   if (o.vae_tile < -1 || (o.vae_tile > 0 && (o.vae_tile < 32 || o.vae_tile % 8 != 0)))
     throw_bad_input("--vae-tiling", "tile of " + std::to_string(o.vae_tile) + " pixels",
                     "give a multiple of 8 of at least 32 pixels, or --vae-tiling alone for the VAE's own size");
   if (o.steps < 1) throw_bad_input("--steps", std::to_string(o.steps) + " is less than 1", "use e.g. --steps 50");
+  check_steps("--steps", o.steps);
   if (o.cfg_scale < 0) throw_bad_input("--cfg-scale", "must be non-negative");
+  check_cfg_scale("--cfg-scale", o.cfg_scale);
   if (o.clip_skip < 0) throw_bad_input("--clip-skip", "must be non-negative");
   check_size("--width/--height", o.width, o.height);
   std::string method = o.sampling_method == "plms" ? "pndm" : o.sampling_method;
@@ -201,7 +270,15 @@ void validate(GenerateOptions& o) {
     if (!writable_dir(parent.empty() ? "." : parent.string()))
       throw_bad_input(o.out_dir, "output folder cannot be created here (parent not writable)", "choose another --out");
   }
-  if (!o.prompts_file.empty()) read_prompts(o);  // every line checked now, before the model loads
+  // Every line checked now, before the model loads; the plan (one entry per image) must fit.
+  int64_t images = 0;
+  for (const PromptSpec& p : read_prompts(o)) {
+    images += p.count > 0 ? p.count : o.images_per_prompt;
+    if (images > kMaxImages)
+      throw_bad_input(o.prompts_file.empty() ? "-N/--images" : o.prompts_file,
+                      "the run plans more than " + std::to_string(kMaxImages) + " images",
+                      "split it into several runs (--out folders) or fewer images per prompt");
+  }
   const bool fair = parse_fairness(o).enabled();
   if (fair && o.cfg_scale <= 1.0)
     throw_bad_input("--fairness", "semantic guidance needs classifier-free guidance (--cfg-scale above 1)",

@@ -8,8 +8,10 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <optional>
 #include <random>
 
+#include "config_json.h"
 #include "fairdiff/error.h"
 #include "fairdiff/generate.h"
 #include "file_lock.h"
@@ -58,9 +60,13 @@ SamplingSettings sampling_settings(const GenerateOptions& o, const PlannedImage&
 // A random seed is drawn once and kept in the manifest, so a resumed run reuses it.
 void resolve_random_seed(GenerateOptions& o, const std::map<int64_t, nlohmann::json>& done) {
   if (o.seed >= 0) return;
-  o.seed = !done.empty() && done.begin()->second.contains("base_seed")
-               ? done.begin()->second["base_seed"].get<int64_t>()
-               : static_cast<int64_t>(std::random_device{}() & 0xffffffffu);
+  const bool recorded = !done.empty() && done.begin()->second.contains("base_seed");
+  // A hand-edited record: get<int64_t>() of 1e20 would be undefined behaviour.
+  const std::optional<int64_t> seed = recorded ? whole_number(done.begin()->second["base_seed"]) : std::nullopt;
+  if (recorded && (!seed || *seed < 0))
+    throw_bad_input(o.out_dir, "the manifest's base_seed " + done.begin()->second["base_seed"].dump() + " is not a seed",
+                    "repair the manifest or use a new --out");
+  o.seed = recorded ? *seed : static_cast<int64_t>(std::random_device{}() & 0xffffffffu);
   spdlog::info("seed {}", o.seed);
 }
 
@@ -116,6 +122,7 @@ RunSummary generate(GenerateOptions o) {
   model.set_fairness(o);
   check_fair_guidance_scale(m.fairness, plan);
   check_resume(done, plan.images, m.fairness, manifest_path);  // never mix two runs' images in one folder
+  m.check_run(plan.shard(), o);  // --clip-skip against the model, the largest batch against memory
 
   // 2. The folder: one process per manifest (shards share a folder, each its own manifest),
   // then what a killed run of this shard left: a torn manifest line, temporaries.

@@ -5,14 +5,21 @@
 #include <spdlog/spdlog.h>
 
 #include <chrono>
+#include <cmath>
+#include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <limits>
+#include <sstream>
 
+#include "config_json.h"
 #include "data_paths.h"
 #include "fairdiff/error.h"
 #include "fs_util.h"
 #include "model_impl.h"
 #include "run_plan.h"
 #include "runtime.h"
+#include "safetensors.h"
 #include "scheduler_table.h"
 #include "sha256.h"
 #include "single_file.h"
@@ -175,6 +182,216 @@ nlohmann::json fair_record(const FairnessSpec& spec, const FairEdits& edits, con
   return record;
 }
 
+// ---------------------------------------------------------------------------------------
+// What fits: the memory a model and a run need, estimated before the work, against what
+// this machine (or its cgroup) has available. Estimates are lower bounds on purpose (every
+// network has more parameters and keeps more tensors alive than counted here): a refused
+// run could never have finished; an accepted one may still be tight.
+// ---------------------------------------------------------------------------------------
+
+// Bytes this process can still use: MemAvailable + SwapFree, capped by the cgroup's limit
+// (v2 memory.max, v1 memory.limit_in_bytes) less its usage; infinity when unknown.
+double available_memory() {
+  double available = std::numeric_limits<double>::infinity();
+  std::ifstream meminfo("/proc/meminfo");
+  double mem = -1, swap = 0;
+  for (std::string key; meminfo >> key;) {
+    double kib = 0;
+    meminfo >> kib;
+    if (key == "MemAvailable:") mem = kib * 1024;
+    if (key == "SwapFree:") swap = kib * 1024;
+    meminfo.ignore(std::numeric_limits<std::streamsize>::max(), '\n');
+  }
+  if (mem >= 0) available = mem + swap;
+  const auto read_number = [](const char* path) {
+    std::ifstream in(path);
+    double v = -1;
+    std::string text;
+    if (in >> text && text != "max") v = std::strtod(text.c_str(), nullptr);
+    return v;
+  };
+  for (auto [limit_file, usage_file] : {std::pair{"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"},
+                                        {"/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                         "/sys/fs/cgroup/memory/memory.usage_in_bytes"}}) {
+    const double limit = read_number(limit_file), usage = read_number(usage_file);
+    if (limit > 0 && limit < 1e18 && usage >= 0) available = std::min(available, std::max(0.0, limit - usage));
+  }
+  return available;
+}
+
+std::string bytes_text(double bytes) {
+  const char* units[] = {"bytes", "KB", "MB", "GB", "TB", "PB", "EB"};
+  size_t u = 0;
+  for (; bytes >= 1000 && u + 1 < std::size(units); ++u) bytes /= 1000;
+  char text[48];
+  if (bytes >= 1e5) std::snprintf(text, sizeof text, "%.2g %s", bytes, units[u]);  // past EB
+  else std::snprintf(text, sizeof text, "%.3g %s", bytes, units[u]);
+  return text;
+}
+
+double dtype_bytes(const std::string& dtype) { return dtype == "fp32" ? 4 : 2; }
+
+// Parameters of a network described by its config, counting only the largest terms
+// (embeddings, attention and MLP matrices, 3x3 convolutions); -1 when the config does not
+// parse (the loader names what is wrong).
+double config_parameters(const std::string& component, const nlohmann::json& j, const std::string& where) {
+  try {
+    if (component == "text_encoder") {
+      const CLIPTextConfig c = CLIPTextConfig::from_json(j, where);
+      const double h = static_cast<double>(c.hidden_size);
+      return static_cast<double>(c.vocab_size + c.max_position_embeddings) * h +
+             static_cast<double>(c.num_hidden_layers) * (4 * h * h + 2 * h * static_cast<double>(c.intermediate_size));
+    }
+    if (component == "unet") {
+      const UNet2DConditionConfig c = UNet2DConditionConfig::from_json(j, where);
+      double n = 0;
+      for (size_t i = 0; i < c.block_out_channels.size(); ++i) {
+        const double ch = static_cast<double>(c.block_out_channels[i]);
+        const double layers = static_cast<double>(i < c.layers_per_block.size() ? c.layers_per_block[i] : 1);
+        n += 18 * ch * ch * (3 * layers + 1);  // down and up resnets: two 3x3 convolutions each
+      }
+      return n;
+    }
+    if (component == "vae") {
+      const AutoencoderKLConfig c = AutoencoderKLConfig::from_json(j, where);
+      double n = 0;
+      for (int64_t ch : c.block_out_channels)
+        n += 18 * static_cast<double>(ch) * static_cast<double>(ch) * static_cast<double>(2 * c.layers_per_block + 1);
+      return n;
+    }
+  } catch (const Error&) {
+  }
+  return -1;
+}
+
+// Values in a safetensors file, from its header (nothing is read); -1 when it does not open.
+double file_parameters(const std::string& path) {
+  try {
+    const SafeTensors st(path);
+    double n = 0;
+    for (const TensorView& t : st.tensors()) n += static_cast<double>(t.numel());
+    return n;
+  } catch (const Error&) {
+    return -1;
+  }
+}
+
+// Before anything is built: the weights that the configs describe and the files hold, in
+// the run's dtype, against the available memory. BadInput naming the config or the file.
+void check_weights_fit(const ModelOptions& o) {
+  const double available = available_memory();
+  if (!std::isfinite(available)) return;
+  const double bytes_per = dtype_bytes(o.dtype);
+  struct Part {
+    std::string file;
+    double parameters;
+    bool from_config;
+  };
+  std::vector<Part> parts;
+  if (is_single_file(o.model)) {
+    parts.push_back({o.model, file_parameters(o.model), false});
+  } else {
+    for (const auto& [component, weights] :
+         {std::pair{"text_encoder", "model"}, {"unet", "diffusion_pytorch_model"}, {"vae", "diffusion_pytorch_model"}}) {
+      const std::string dir = o.model + "/" + component, config = dir + "/config.json";
+      if (!is_regular_file(config)) continue;
+      nlohmann::json j;
+      try {
+        j = read_json_file(config);
+      } catch (const Error&) {
+        continue;  // the loader says what is wrong with it
+      }
+      const double from_config = config_parameters(component, j, config);
+      double from_file = -1;
+      std::string file;
+      try {
+        file = component_weights(dir, weights);
+        from_file = file_parameters(file);
+      } catch (const Error&) {
+      }
+      if (from_config >= from_file) parts.push_back({config, from_config, true});
+      else parts.push_back({file, from_file, false});
+    }
+  }
+  double total = 0;
+  const Part* largest = nullptr;
+  for (const Part& p : parts) {
+    if (p.parameters <= 0) continue;
+    total += p.parameters * bytes_per;
+    if (!largest || p.parameters > largest->parameters) largest = &p;
+  }
+  if (!largest || total <= available) return;
+  char count[32];
+  std::snprintf(count, sizeof count, "%.3g", largest->parameters);
+  const std::string size = bytes_text(largest->parameters * bytes_per) + " in " + o.dtype;
+  if (largest->from_config)
+    throw_bad_input(largest->file, "its sizes describe a network of at least " + std::string(count) + " parameters (" +
+                                       size + "), more than the " + bytes_text(available) +
+                                       " of memory available here (MemAvailable + swap, or the cgroup's limit)",
+                    "check block_out_channels, hidden_size, vocab_size and the other sizes against the weights file");
+  throw_bad_input(largest->file, "holds " + std::string(count) + " parameters (" + size + "); the model needs " +
+                                     bytes_text(total) + ", more than the " + bytes_text(available) +
+                                     " of memory available here (MemAvailable + swap, or the cgroup's limit)",
+                  "use a machine with more memory, or --dtype bf16 to halve the weights");
+}
+
+// Every id the tokenizer can emit must have a row in the text encoder's embedding, and every
+// position of its window one in the position embedding: LibTorch would stop with "index out
+// of range in self" at the first prompt.
+void check_tokenizer_fits(const StableDiffusionModel& sd, const ModelOptions& o) {
+  if (!sd.text_encoder || !sd.tokenizer) return;
+  const std::string where = is_single_file(o.model) ? o.tokenizer_dir : o.model + "/tokenizer";
+  const CLIPTextConfig& c = sd.text_encoder->config();
+  const int64_t max_id = sd.tokenizer->max_id();
+  if (max_id >= c.vocab_size)
+    throw_bad_input(where, "token id " + std::to_string(max_id) + " is beyond the text encoder's vocabulary of " +
+                               std::to_string(c.vocab_size) + " embeddings",
+                    "vocab.json, added_tokens.json or tokenizer_config.json gives a token an id the model does not "
+                    "have: use the tokenizer that came with the model");
+  if (sd.tokenizer->model_max_length() > c.max_position_embeddings)
+    throw_bad_input(where, "model_max_length " + std::to_string(sd.tokenizer->model_max_length()) +
+                               " is more than the text encoder's " + std::to_string(c.max_position_embeddings) +
+                               " positions (max_position_embeddings)",
+                    "use the tokenizer that came with the model");
+}
+
+// Non-finite latents or pixels: a model file holding NaN or infinite weights (BadInput,
+// exit 2: the file is broken and rerunning cannot help; the component's weights file is
+// named), else an overflow of the run's precision (Runtime, exit 1: fp16 is the usual
+// cause). Scanning the weights costs one pass over them, and only once something failed.
+[[noreturn]] void non_finite(const StableDiffusionModel& sd, const ModelOptions& o, const std::string& what) {
+  const std::vector<std::pair<std::string, const torch::nn::Module*>> networks = {
+      {"text_encoder", sd.text_encoder.get()}, {"unet", sd.unet.get()}, {"vae", sd.vae.get()}};
+  for (const auto& [component, module] : networks) {
+    if (!module) continue;
+    for (const at::Tensor& p : module->parameters()) {
+      if (at::isfinite(p).all().item<bool>()) continue;
+      std::string file = o.model;
+      if (!is_single_file(o.model)) {
+        try {
+          file = component_weights(o.model + "/" + component, component == "text_encoder" ? "model" : "diffusion_pytorch_model");
+        } catch (const Error&) {
+          file = o.model + "/" + component;
+        }
+      }
+      throw_bad_input(file, "the " + component + "'s weights hold NaN or infinite values (" + what +
+                                " are not finite)", "the file is corrupt: download or convert the model again");
+    }
+  }
+  throw Error(ErrorKind::Runtime, o.model, what + " are not finite (NaN or infinity) in " + o.dtype,
+              o.dtype == "fp32" ? "the model's numbers overflow; check the model" : "run with --dtype fp32");
+}
+
+// Clip skip: diffusers' hidden_states[-(k + 1)] needs k below the encoder's layer count.
+void check_clip_skip(const StableDiffusionModel& sd, int64_t clip_skip, const std::string& where) {
+  if (clip_skip <= 0 || !sd.text_encoder) return;
+  const int64_t layers = sd.text_encoder->config().num_hidden_layers;
+  if (clip_skip >= layers)
+    throw_bad_input(where, std::to_string(clip_skip) + " skips all of the text encoder's " + std::to_string(layers) +
+                               " layers",
+                    "use a value from 0 to " + std::to_string(layers - 1) + "; A1111's Clip skip 2 is 1 here");
+}
+
 void check_settings(const SamplingSettings& s) {
   if (s.steps < 1) throw_bad_input("steps", std::to_string(s.steps) + " is less than 1", "use e.g. 50 steps");
   for (auto [name, v] : {std::pair{"width", s.width}, {"height", s.height}})
@@ -199,6 +416,36 @@ void configure_process(int threads) {
 // Model::Impl
 // ---------------------------------------------------------------------------------------
 
+void Model::Impl::check_run(const std::vector<PlannedImage>& images, const GenerateOptions& o) const {
+  if (images.empty()) return;
+  check_clip_skip(sd, o.clip_skip, "--clip-skip");
+  if (!pipe->device().is_cpu()) return;  // CUDA memory is the device's: not estimated here
+  // Activations of the largest batch: the UNet's first level holds a few tensors of
+  // rows x C0 x h x w (rows: CFG's two per image, one more per edit prompt), the VAE's
+  // last level a few of B x C x H x W per decode (one tile's with --vae-tiling).
+  const UNet2DConditionConfig& u = sd.unet->config();
+  const AutoencoderKLConfig& v = sd.vae->config();
+  const double f = static_cast<double>(pipe->vae_scale_factor());
+  const double batch = static_cast<double>(std::min<int64_t>(o.batch_size, static_cast<int64_t>(images.size())));
+  const double rows = batch * (2 + static_cast<double>(edits.prompts.size()));
+  double worst = 0;
+  const PlannedImage* largest = &images.front();
+  for (const PlannedImage& img : images) {
+    const double pixels = static_cast<double>(img.width) * static_cast<double>(img.height);
+    const double decode_pixels = sd.vae->tiling() ? std::min(pixels, 1024.0 * 1024.0) : pixels;
+    const double bytes = 4 * (4 * rows * static_cast<double>(u.block_out_channels.front()) * pixels / (f * f) +
+                              3 * batch * static_cast<double>(v.block_out_channels.front()) * decode_pixels);
+    if (bytes > worst) worst = bytes, largest = &img;
+  }
+  const double available = available_memory();
+  if (worst > available)
+    throw_bad_input("-W/-H, --batch-size", std::to_string(largest->width) + "x" + std::to_string(largest->height) +
+                                               " images in batches of " + std::to_string(static_cast<int64_t>(batch)) +
+                                               " need at least " + bytes_text(worst) + " for activations, more than the " +
+                                               bytes_text(available) + " of memory available here",
+                    "use a smaller size or --batch-size, --vae-tiling, or a machine with more memory");
+}
+
 const std::string& Model::Impl::model_hash() {
   if (hash_.empty()) hash_ = sha256_file(weights_file(options.model)).substr(0, 10);
   return hash_;
@@ -211,6 +458,7 @@ GeneratedBatch Model::Impl::generate(const std::vector<ImageRequest>& batch, con
   if (s.width == 0) s.width = native_width;
   if (s.height == 0) s.height = native_height;
   check_settings(s);
+  check_clip_skip(sd, s.clip_skip, "clip_skip");
   const int64_t B = static_cast<int64_t>(batch.size());
   GeneratedBatch out;
   if (B == 0) return out;
@@ -269,13 +517,19 @@ GeneratedBatch Model::Impl::generate(const std::vector<ImageRequest>& batch, con
   auto last = std::chrono::steady_clock::now();
   const at::Tensor latents = pipe->denoise(
       *scheduler, noise, emb, s.cfg_scale, &generators,
-      [&](size_t step, size_t steps, const at::Tensor&) {
+      [&](size_t step, size_t steps, const at::Tensor& x) {
+        // One reduction on the batch after the first step: a broken model stops here,
+        // before the other steps and before any image is written.
+        if (step == 0 && !at::isfinite(x).all().item<bool>())
+          non_finite(sd, options, "the latents after the first denoising step");
         const auto now = std::chrono::steady_clock::now();
         if (on_step) on_step({step, steps, B, std::chrono::duration<double>(now - last).count()});
         last = now;
       },
       sega.get());
-  out.pixels = StableDiffusionPipeline::to_uint8(StableDiffusionPipeline::to_image(pipe->decode(latents)));
+  const at::Tensor decoded = pipe->decode(latents);
+  if (!at::isfinite(decoded).all().item<bool>()) non_finite(sd, options, "the decoded images");
+  out.pixels = StableDiffusionPipeline::to_uint8(StableDiffusionPipeline::to_image(decoded));
 
   // 6. What made each image: A1111's parameters and the full record (nothing that varies
   // between runs, so an image's bytes depend only on the image).
@@ -336,7 +590,9 @@ Model Model::load(const ModelOptions& options) {
   if (!fs::exists(impl->options.model))
     throw_bad_input(impl->options.model, "model not found", "pass a diffusers model folder or a .safetensors checkpoint");
   const LoadOptions lo = resolve_runtime(impl->options);
+  check_weights_fit(impl->options);  // before a single parameter is allocated
   impl->sd = load_networks(impl->options, lo);
+  check_tokenizer_fits(impl->sd, impl->options);
   impl->pipe = std::make_unique<StableDiffusionPipeline>(impl->sd);
   impl->name = model_name(impl->options.model);
   impl->device_name = lo.device.str();

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "fairdiff/generate.h"
 #include "fairdiff/model.h"
 #include "fairness.h"
 #include "infotext.h"
@@ -46,6 +47,9 @@ struct Model::Impl {
 
   std::set<std::string> warned_truncated;
 
+  // Before a run writes anything: --clip-skip against the text encoder's layers, and on
+  // the CPU the activations of its largest batch against the available memory (BadInput).
+  void check_run(const std::vector<PlannedImage>& images, const GenerateOptions& options) const;
   // The A1111 "Model hash": the first 10 hex digits of the weights' SHA-256, computed once.
   const std::string& model_hash();
   // Checks the batch against the settings and the fairness instruction (BadInput), then

@@ -72,6 +72,9 @@ class Tokenizer {
   int64_t unk_id() const { return special_.unk; }
   int64_t model_max_length() const { return model_max_length_; }
   virtual int64_t vocab_size() const = 0;
+  // The largest id this tokenizer can emit (vocabulary, added and special tokens): the
+  // text encoder needs that many embeddings plus one (checked when a model loads).
+  virtual int64_t max_id() const = 0;
 
  protected:
   Tokenizer(SpecialTokenIds special, int64_t model_max_length)

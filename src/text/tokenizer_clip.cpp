@@ -665,6 +665,13 @@ class ClipTokenizer final : public Tokenizer {
 
   int64_t vocab_size() const override { return static_cast<int64_t>(d_.vocab.size()); }
 
+  int64_t max_id() const override {
+    int64_t m = std::max({bos_id(), eos_id(), pad_id(), unk_id()});
+    for (const auto& [token, id] : d_.vocab) m = std::max(m, id);
+    for (const AddedToken& a : d_.added) m = std::max(m, a.id);
+    return m;
+  }
+
  private:
   // The longest added token starting at text[i] (the leftmost match wins, as
   // transformers' trie split).
@@ -855,7 +862,8 @@ void read_added_tokens(const fs::path& path, TokenSettings& s) {
   const nlohmann::json a = parse_json(path, read_file(path, "added tokens"));
   if (!a.is_object()) throw_bad_input(path.string(), "expected a JSON object {token: id}");
   for (const auto& [token, id] : a.items()) {
-    if (!id.is_number_integer()) throw_bad_input(path.string(), "the id of '" + token + "' must be an integer");
+    if (!id.is_number_integer() || id.get<int64_t>() < 0)
+      throw_bad_input(path.string(), "the id of '" + token + "' must be a non-negative integer, found " + id.dump());
     s.added.emplace_back(token, id.get<int64_t>());
   }
 }

@@ -509,6 +509,7 @@ class SentencePieceTokenizer final : public Tokenizer {
   }
 
   int64_t vocab_size() const override { return model_->size(); }
+  int64_t max_id() const override { return model_->size() - 1; }  // ids are piece indices
 
  private:
   std::unique_ptr<const SentencePieceModel> model_;
