@@ -53,6 +53,16 @@ void check_size(const std::string& where, int64_t width, int64_t height) {
                       "use a size such as 512 or 768");
 }
 
+// Prompts go into JSON records and PNG text, which hold UTF-8 only (nlohmann refuses to
+// write anything else, after the image was made).
+void check_utf8(const std::string& where, const std::string& text) {
+  try {
+    (void)nlohmann::json(text).dump();
+  } catch (const nlohmann::json::type_error&) {
+    throw_bad_input(where, "is not valid UTF-8 text", "save the prompts as UTF-8");
+  }
+}
+
 // One JSONL line: {"prompt": ..., "negative_prompt": ..., "count": N, "seed": S, "steps": ..., "cfg_scale": ..., "width": ..., "height": ...}
 PromptSpec parse_jsonl_line(const std::string& line, const std::string& where) {
   const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
@@ -107,6 +117,7 @@ std::vector<PromptSpec> read_prompts(const GenerateOptions& o) {
       if (p.negative_prompt.empty()) p.negative_prompt = o.negative_prompt;
       prompts.push_back(p);
     } else {
+      check_utf8(where, text);
       PromptSpec p;
       p.prompt = text;
       p.negative_prompt = o.negative_prompt;
@@ -146,6 +157,8 @@ void validate(GenerateOptions& o) {
     throw_bad_input("--prompt", "no prompt given", "pass -p \"a photo of ...\" or --prompts FILE");
   if (!o.prompt.empty() && !o.prompts_file.empty())
     throw_bad_input("--prompt", "give either --prompt or --prompts, not both");
+  check_utf8("--prompt", o.prompt);
+  check_utf8("--negative-prompt", o.negative_prompt);
   if (o.images_per_prompt < 1) throw_bad_input("-N/--images", "must be at least 1");
   if (o.batch_size < 1) throw_bad_input("--batch-size", "must be at least 1");
   if (o.vae_tile < -1 || (o.vae_tile > 0 && (o.vae_tile < 32 || o.vae_tile % 8 != 0)))
