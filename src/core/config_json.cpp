@@ -66,11 +66,12 @@ namespace {
 }
 
 int64_t as_int(const nlohmann::json& value, const std::string& key, const std::string& where) {
-  if (value.is_number_integer()) return value.get<int64_t>();
-  // Some writers store integral values as floats (1.0).
+  if (value.is_number_integer() && !(value.is_number_unsigned() && value.get<uint64_t>() > INT64_MAX))
+    return value.get<int64_t>();
+  // Some writers store integral values as floats (1.0); out of int64's range the cast is UB.
   if (value.is_number_float()) {
     const double d = value.get<double>();
-    if (std::floor(d) == d) return static_cast<int64_t>(d);
+    if (std::floor(d) == d && d >= -0x1p63 && d < 0x1p63) return static_cast<int64_t>(d);
   }
   wrong_type(where, key, "an integer", value);
 }

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -18,6 +19,7 @@
 
 #include "fairdiff/error.h"
 #include "fairdiff/generate.h"
+#include "config_json.h"
 #include "fairness.h"
 #include "fs_util.h"
 #include "run_plan.h"
@@ -74,18 +76,23 @@ PromptSpec parse_jsonl_line(const std::string& line, const std::string& where) {
       throw_bad_input(where, "unknown key \"" + it.key() + "\"",
                       "known keys: prompt, negative_prompt, count, seed, steps, cfg_scale, width, height");
   PromptSpec p;
+  const char* types = "prompt/negative_prompt are strings, cfg_scale a number, the rest integers";
   try {
     if (!j.contains("prompt") || !j["prompt"].is_string()) throw_bad_input(where, "has no \"prompt\" string");
     p.prompt = j["prompt"].get<std::string>();
     p.negative_prompt = j.value("negative_prompt", std::string());
-    p.count = j.value("count", int64_t{0});
-    p.seed = j.value("seed", int64_t{-1});
-    p.steps = j.value("steps", int64_t{0});
     p.cfg_scale = j.value("cfg_scale", -1.0);
-    p.width = j.value("width", int64_t{0});
-    p.height = j.value("height", int64_t{0});
+    // config_json's integers: 1e20 or 2.5 is refused (nlohmann's own conversion truncates,
+    // and out of range is UB).
+    p.count = config_json::get_int(j, "count", 0, where);
+    p.seed = config_json::get_int(j, "seed", -1, where);
+    p.steps = config_json::get_int(j, "steps", 0, where);
+    p.width = config_json::get_int(j, "width", 0, where);
+    p.height = config_json::get_int(j, "height", 0, where);
   } catch (const nlohmann::json::exception&) {
-    throw_bad_input(where, "a value has the wrong type", "prompt/negative_prompt are strings, the rest numbers");
+    throw_bad_input(where, "a value has the wrong type", types);
+  } catch (const Error& e) {
+    throw_bad_input(where, e.problem(), types);
   }
   if (j.contains("count") && p.count < 1) throw_bad_input(where, "count must be at least 1");
   if (j.contains("steps") && p.steps < 1) throw_bad_input(where, "steps must be at least 1");
@@ -235,6 +242,12 @@ RunPlan plan_run(const GenerateOptions& o, int64_t native_width, int64_t native_
   for (size_t p = 0; p < prompts.size(); ++p) {
     const PromptSpec& spec = prompts[p];
     const int64_t count = spec.count > 0 ? spec.count : o.images_per_prompt;
+    // The last seed of the prompt must not run past int64 (the sum would be UB).
+    const int64_t base = spec.seed >= 0 ? spec.seed : o.seed, first = spec.seed >= 0 ? 0 : index;
+    if (base > std::numeric_limits<int64_t>::max() - first - count)
+      throw_bad_input(spec.seed >= 0 ? o.prompts_file : "--seed",
+                      "seed " + std::to_string(base) + " plus the image count runs past the largest seed",
+                      "use a seed below 2^63 minus the number of images, e.g. a 32-bit one");
     // Groups are assigned per prompt over the whole run, before sharding: every shard sees the same plan.
     const auto groups = assign_groups(fairness, o.assignment, o.seed, static_cast<int64_t>(p), count);
     for (int64_t n = 0; n < count; ++n, ++index) {
