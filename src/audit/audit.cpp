@@ -240,6 +240,9 @@ nlohmann::ordered_json number_or_null(const std::optional<double>& v) {
 }  // namespace
 
 RgbImage read_png_rgb(const std::string& path) {
+  // stb_image believes chunk lengths: a 100-byte file whose IDAT claims 2 GB makes it
+  // allocate 2 GB before it finds the data missing. A complete PNG's chunks fit the file.
+  if (!png_is_complete(path)) throw_bad_input(path, "is not a complete PNG file", "regenerate the image");
   int w = 0, h = 0, channels = 0;
   uint8_t* pixels = stbi_load(path.c_str(), &w, &h, &channels, 3);
   if (!pixels) throw_bad_input(path, std::string("cannot decode the PNG: ") + stbi_failure_reason(), "regenerate the image");
