@@ -260,6 +260,9 @@ nlohmann::ordered_json number_or_null(const std::optional<double>& v) {
 }  // namespace
 
 RgbImage read_png_rgb(const std::string& path) {
+  // stb_image believes chunk lengths: a 100-byte file whose IDAT claims 2 GB makes it
+  // allocate 2 GB before it finds the data missing. A complete PNG's chunks fit the file.
+  if (!png_is_complete(path)) throw_bad_input(path, "is not a complete PNG file", "regenerate the image");
   // The size from IHDR before decoding: a few hundred bytes of PNG can claim gigapixels
   // (a decompression bomb); stb would try to allocate them.
   const PngSize size = read_png_size(path);

@@ -53,8 +53,9 @@ std::string python_float(double value) {
 
 std::string a1111_quote(const std::string& value) {
   if (value.find_first_of(",:\n") == std::string::npos) return value;
-  // ensure_ascii=False: non-ASCII characters stay as they are.
-  return nlohmann::json(value).dump(-1, ' ', /*ensure_ascii=*/false);
+  // ensure_ascii=False: non-ASCII characters stay as they are; invalid UTF-8 becomes U+FFFD
+  // (as Python, which cannot hold it, would have it) instead of throwing.
+  return nlohmann::json(value).dump(-1, ' ', /*ensure_ascii=*/false, nlohmann::json::error_handler_t::replace);
 }
 
 std::string format_infotext(const Infotext& info) {

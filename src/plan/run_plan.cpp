@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -23,6 +24,7 @@
 #include "config_json.h"
 #include "fairdiff/error.h"
 #include "fairdiff/generate.h"
+#include "config_json.h"
 #include "fairness.h"
 #include "file_lock.h"
 #include "fs_util.h"
@@ -115,6 +117,8 @@ int64_t whole_field(const nlohmann::json& j, const std::string& key, int64_t fal
   return *v;
 }
 
+}
+
 // One JSONL line: {"prompt": ..., "negative_prompt": ..., "count": N, "seed": S, "steps": ..., "cfg_scale": ..., "width": ..., "height": ...}
 PromptSpec parse_jsonl_line(const std::string& line, const std::string& where) {
   check_utf8(where, line);
@@ -127,13 +131,14 @@ PromptSpec parse_jsonl_line(const std::string& line, const std::string& where) {
       throw_bad_input(where, "unknown key \"" + it.key() + "\"",
                       "known keys: prompt, negative_prompt, count, seed, steps, cfg_scale, width, height");
   PromptSpec p;
+  const char* types = "prompt/negative_prompt are strings, cfg_scale a number, the rest integers";
+  if (!j.contains("prompt") || !j["prompt"].is_string()) throw_bad_input(where, "has no \"prompt\" string");
   try {
-    if (!j.contains("prompt") || !j["prompt"].is_string()) throw_bad_input(where, "has no \"prompt\" string");
     p.prompt = j["prompt"].get<std::string>();
     p.negative_prompt = j.value("negative_prompt", std::string());
     p.cfg_scale = j.value("cfg_scale", -1.0);
   } catch (const nlohmann::json::exception&) {
-    throw_bad_input(where, "a value has the wrong type", "prompt/negative_prompt are strings, the rest numbers");
+    throw_bad_input(where, "a value has the wrong type", types);
   }
   p.count = whole_field(j, "count", 0, where);
   p.seed = whole_field(j, "seed", -1, where);
@@ -302,6 +307,12 @@ RunPlan plan_run(const GenerateOptions& o, int64_t native_width, int64_t native_
   for (size_t p = 0; p < prompts.size(); ++p) {
     const PromptSpec& spec = prompts[p];
     const int64_t count = spec.count > 0 ? spec.count : o.images_per_prompt;
+    // The last seed of the prompt must not run past int64 (the sum would be UB).
+    const int64_t base = spec.seed >= 0 ? spec.seed : o.seed, first = spec.seed >= 0 ? 0 : index;
+    if (base > std::numeric_limits<int64_t>::max() - first - count)
+      throw_bad_input(spec.seed >= 0 ? o.prompts_file : "--seed",
+                      "seed " + std::to_string(base) + " plus the image count runs past the largest seed",
+                      "use a seed below 2^63 minus the number of images, e.g. a 32-bit one");
     // Groups are assigned per prompt over the whole run, before sharding: every shard sees the same plan.
     const auto groups = assign_groups(fairness, o.assignment, o.seed, static_cast<int64_t>(p), count);
     for (int64_t n = 0; n < count; ++n, ++index) {

@@ -608,7 +608,7 @@ std::string read_file(const fs::path& path, const std::string& what) {
 nlohmann::json parse_json(const fs::path& path, const std::string& text) {
   try {
     return nlohmann::json::parse(text);
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {
     throw_bad_input(path.string(), std::string("malformed JSON: ") + e.what());
   }
 }
@@ -911,9 +911,10 @@ std::unique_ptr<Tokenizer> load_clip_tokenizer(const std::string& dir, TextClean
     added.emplace_back(special[key], id_of(special[key], key));
   for (const std::string& t : settings.additional) added.emplace_back(t, id_of(t, "additional_special_tokens"));
   std::stable_sort(added.begin(), added.end(), [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
-  for (const auto& [content, id] : added) {
+  for (const auto& token : added) {
+    const auto& [content, id] = token;
     const bool seen =
-        std::any_of(data.added.begin(), data.added.end(), [&](const AddedToken& d) { return d.content == content; });
+        std::any_of(data.added.begin(), data.added.end(), [&](const AddedToken& d) { return d.content == token.first; });
     if (!content.empty() && !seen) data.added.push_back({content, utf8_decode(content), id});
   }
 

@@ -819,7 +819,7 @@ std::unique_ptr<Tokenizer> load_sentencepiece_tokenizer(const std::string& model
     nlohmann::json cfg;
     try {
       cfg = nlohmann::json::parse(text.str());
-    } catch (const nlohmann::json::parse_error& e) {
+    } catch (const nlohmann::json::exception& e) {
       throw_bad_input(config_path.string(), std::string("malformed JSON: ") + e.what());
     }
     if (!cfg.is_object()) throw_bad_input(config_path.string(), "expected a JSON object");
