@@ -117,8 +117,6 @@ int64_t whole_field(const nlohmann::json& j, const std::string& key, int64_t fal
   return *v;
 }
 
-}
-
 // One JSONL line: {"prompt": ..., "negative_prompt": ..., "count": N, "seed": S, "steps": ..., "cfg_scale": ..., "width": ..., "height": ...}
 PromptSpec parse_jsonl_line(const std::string& line, const std::string& where) {
   check_utf8(where, line);
