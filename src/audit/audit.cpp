@@ -260,16 +260,17 @@ nlohmann::ordered_json number_or_null(const std::optional<double>& v) {
 }  // namespace
 
 RgbImage read_png_rgb(const std::string& path) {
-  // stb_image believes chunk lengths: a 100-byte file whose IDAT claims 2 GB makes it
-  // allocate 2 GB before it finds the data missing. A complete PNG's chunks fit the file.
-  if (!png_is_complete(path)) throw_bad_input(path, "is not a complete PNG file", "regenerate the image");
   // The size from IHDR before decoding: a few hundred bytes of PNG can claim gigapixels
   // (a decompression bomb); stb would try to allocate them.
   const PngSize size = read_png_size(path);
-  if (size.width * size.height > kMaxAuditPixels)
+  // In double: two 32-bit sides multiply past int64 (found by the png fuzzer).
+  if (static_cast<double>(size.width) * static_cast<double>(size.height) > static_cast<double>(kMaxAuditPixels))
     throw_bad_input(path, "claims " + std::to_string(size.width) + "x" + std::to_string(size.height) +
                               " pixels, more than the audit reads (" + std::to_string(kMaxAuditPixels) + ")",
                     "audit the images fairdiff generated; this one is not");
+  // stb_image believes chunk lengths: a 100-byte file whose IDAT claims 2 GB makes it
+  // allocate 2 GB before it finds the data missing. A complete PNG's chunks fit the file.
+  if (!png_is_complete(path)) throw_bad_input(path, "is not a complete PNG file", "regenerate the image");
   int w = 0, h = 0, channels = 0;
   uint8_t* pixels = stbi_load(path.c_str(), &w, &h, &channels, 3);
   if (!pixels) throw_bad_input(path, std::string("cannot decode the PNG: ") + stbi_failure_reason(), "regenerate the image");
