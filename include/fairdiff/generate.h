@@ -66,6 +66,10 @@ struct RunPlan {
 // resolves the shard from the environment; nothing is written.
 void validate(GenerateOptions& options);
 
+// The manifest this shard writes in out_dir: "manifest.jsonl", or
+// "manifest-shard-K-of-N.jsonl" with shards (validate resolves them first).
+std::string manifest_name(const GenerateOptions& options);
+
 // The plan: prompts (file or flag) x images_per_prompt; image k of prompt p gets
 // seed (prompt seed or base seed + k over the whole run) and its settings.
 // `native_width/height` fill in 0 sizes (the model's native size).

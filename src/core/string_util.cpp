@@ -43,29 +43,4 @@ std::string first_names(const std::vector<std::string>& names, size_t limit) {
   return s;
 }
 
-size_t invalid_utf8_offset(std::string_view s) {
-  const auto byte = [&](size_t i) { return static_cast<unsigned char>(s[i]); };
-  for (size_t i = 0; i < s.size();) {
-    const unsigned char c = byte(i);
-    size_t n = 0;          // continuation bytes
-    unsigned char lo = 0x80, hi = 0xBF;  // the range of the first continuation byte
-    if (c < 0x80) n = 0;
-    else if (c >= 0xC2 && c <= 0xDF) n = 1;
-    else if (c == 0xE0) n = 2, lo = 0xA0;
-    else if (c == 0xED) n = 2, hi = 0x9F;  // no surrogates
-    else if (c >= 0xE1 && c <= 0xEF) n = 2;
-    else if (c == 0xF0) n = 3, lo = 0x90;
-    else if (c == 0xF4) n = 3, hi = 0x8F;  // nothing above U+10FFFF
-    else if (c >= 0xF1 && c <= 0xF3) n = 3;
-    else return i;
-    for (size_t k = 1; k <= n; ++k) {
-      if (i + k >= s.size()) return i;
-      const unsigned char b = byte(i + k);
-      if (b < (k == 1 ? lo : 0x80) || b > (k == 1 ? hi : 0xBF)) return i;
-    }
-    i += n + 1;
-  }
-  return std::string_view::npos;
-}
-
 }  // namespace fairdiff

@@ -23,9 +23,4 @@ std::string shape_str(const std::vector<int64_t>& shape);
 // "a, b, c, ... (12 in all)": the first `limit` names of a list in error messages.
 std::string first_names(const std::vector<std::string>& names, size_t limit = 5);
 
-// Byte offset of the first byte of `s` that is not well-formed UTF-8 (RFC 3629: no
-// overlong forms, surrogates or code points above U+10FFFF), or npos when it all is.
-// Checked where text comes in, so that an error names the prompt and the byte.
-size_t invalid_utf8_offset(std::string_view s);
-
 }  // namespace fairdiff

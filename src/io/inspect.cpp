@@ -30,11 +30,11 @@ ModelSummary inspect_model(const std::string& model_dir) {
   tok.detail = "max length " + std::to_string(m.tokenizer->model_max_length());
   s.components.push_back(tok);
   s.components.push_back(summarize(m.index, "text_encoder", *m.text_encoder,
-                                   component_weights(model_dir + "/text_encoder", "model")));
+                                   model_weights(model_dir, "text_encoder")));
   s.components.push_back(summarize(m.index, "unet", *m.unet,
-                                   component_weights(model_dir + "/unet", "diffusion_pytorch_model")));
+                                   model_weights(model_dir, "unet")));
   s.components.push_back(summarize(m.index, "vae", *m.vae,
-                                   component_weights(model_dir + "/vae", "diffusion_pytorch_model")));
+                                   model_weights(model_dir, "vae")));
   ComponentSummary sched;
   sched.name = "scheduler";
   sched.class_name = m.index.components.at("scheduler").second;

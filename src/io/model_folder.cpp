@@ -87,17 +87,30 @@ std::string component_weights(const std::string& dir, const std::string& name) {
   throw_bad_input(dir, "has no " + name + ".safetensors", kFolderHint);
 }
 
+namespace {
+
+// transformers names its weights model.*, diffusers diffusion_pytorch_model.*.
+const char* weights_name(const std::string& component) {
+  return component == "text_encoder" ? "model" : "diffusion_pytorch_model";
+}
+
+}  // namespace
+
+std::string model_weights(const std::string& model_dir, const std::string& component) {
+  return component_weights(model_dir + "/" + component, weights_name(component));
+}
+
 CLIPTextModel load_text_encoder(const std::string& dir, const LoadOptions& options, MappedWeights* mapped) {
-  return load_component<CLIPTextModel, CLIPTextConfig>(dir, "text_encoder", "model", options, mapped);
+  return load_component<CLIPTextModel, CLIPTextConfig>(dir, "text_encoder", weights_name("text_encoder"), options, mapped);
 }
 
 UNet2DConditionModel load_unet(const std::string& dir, const LoadOptions& options, MappedWeights* mapped) {
-  return load_component<UNet2DConditionModel, UNet2DConditionConfig>(dir, "unet", "diffusion_pytorch_model", options,
+  return load_component<UNet2DConditionModel, UNet2DConditionConfig>(dir, "unet", weights_name("unet"), options,
                                                                      mapped);
 }
 
 AutoencoderKL load_vae(const std::string& dir, const LoadOptions& options, MappedWeights* mapped) {
-  return load_component<AutoencoderKL, AutoencoderKLConfig>(dir, "vae", "diffusion_pytorch_model", options, mapped);
+  return load_component<AutoencoderKL, AutoencoderKLConfig>(dir, "vae", weights_name("vae"), options, mapped);
 }
 
 StableDiffusionModel load_model_folder(const std::string& model_dir, const LoadOptions& options) {

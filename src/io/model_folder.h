@@ -53,6 +53,10 @@ ModelIndex read_model_index(const std::string& model_dir);
 // `<name>.fp16.safetensors` variant; a pickle (.bin/.ckpt) only is an error.
 std::string component_weights(const std::string& component_dir, const std::string& name);
 
+// The weights file of a network component of a model folder ("text_encoder": model.*,
+// "unet" / "vae": diffusion_pytorch_model.*), by component_weights.
+std::string model_weights(const std::string& model_dir, const std::string& component);
+
 // `mapped` (optional) receives the weights that alias the file (tensor_io.h).
 CLIPTextModel load_text_encoder(const std::string& component_dir, const LoadOptions& options,
                                 MappedWeights* mapped = nullptr);

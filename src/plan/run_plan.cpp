@@ -32,6 +32,7 @@
 #include "run_plan.h"
 #include "safetensors.h"
 #include "string_util.h"
+#include "unicode.h"
 
 namespace fs = std::filesystem;
 
@@ -291,14 +292,18 @@ void validate(GenerateOptions& o) {
   if (fair) check_text_encoder(o.model, o.fairness.empty() ? "--fairness-file" : "--fairness");
 }
 
+std::string manifest_name(const GenerateOptions& o) {
+  const int64_t shards = o.num_shards > 0 ? o.num_shards : 1, shard = o.shard_index >= 0 ? o.shard_index : 0;
+  return shards > 1 ? "manifest-shard-" + std::to_string(shard) + "-of-" + std::to_string(shards) + ".jsonl"
+                    : "manifest.jsonl";
+}
+
 RunPlan plan_run(const GenerateOptions& o, int64_t native_width, int64_t native_height) {
   RunPlan plan;
   plan.base_seed = o.seed;
   plan.num_shards = o.num_shards > 0 ? o.num_shards : 1;
   plan.shard_index = o.shard_index >= 0 ? o.shard_index : 0;
-  plan.manifest_name = plan.num_shards > 1 ? "manifest-shard-" + std::to_string(plan.shard_index) + "-of-" +
-                                                 std::to_string(plan.num_shards) + ".jsonl"
-                                           : "manifest.jsonl";
+  plan.manifest_name = manifest_name(o);
   const std::vector<PromptSpec> prompts = read_prompts(o);
   const FairnessSpec fairness = parse_fairness(o);
   int64_t index = 0;

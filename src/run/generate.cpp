@@ -114,8 +114,7 @@ RunSummary generate(GenerateOptions o) {
   // 1. Everything that can fail on bad input happens before the first file is written.
   Model model = Model::load(o);
   Model::Impl& m = model.impl();
-  RunPlan probe = plan_run(o, m.native_width, m.native_height);
-  const std::string manifest_path = (out / probe.manifest_name).string();
+  const std::string manifest_path = (out / manifest_name(o)).string();
   const std::map<int64_t, nlohmann::json> done = read_manifest(manifest_path);
   resolve_random_seed(o, done);
   const RunPlan plan = plan_run(o, m.native_width, m.native_height);

@@ -80,7 +80,7 @@ StableDiffusionModel load_networks(const ModelOptions& o, const LoadOptions& lo)
 }
 
 std::string weights_file(const std::string& model) {
-  return is_single_file(model) ? model : component_weights(model + "/unet", "diffusion_pytorch_model");
+  return is_single_file(model) ? model : model_weights(model, "unet");
 }
 
 std::string model_name(const std::string& model) {
@@ -291,8 +291,7 @@ void check_weights_fit(const ModelOptions& o) {
   if (is_single_file(o.model)) {
     parts.push_back({o.model, file_parameters(o.model), false});
   } else {
-    for (const auto& [component, weights] :
-         {std::pair{"text_encoder", "model"}, {"unet", "diffusion_pytorch_model"}, {"vae", "diffusion_pytorch_model"}}) {
+    for (const std::string component : {"text_encoder", "unet", "vae"}) {
       const std::string dir = o.model + "/" + component, config = dir + "/config.json";
       if (!is_regular_file(config)) continue;
       nlohmann::json j;
@@ -305,7 +304,7 @@ void check_weights_fit(const ModelOptions& o) {
       double from_file = -1;
       std::string file;
       try {
-        file = component_weights(dir, weights);
+        file = model_weights(o.model, component);
         from_file = file_parameters(file);
       } catch (const Error&) {
       }
@@ -369,7 +368,7 @@ void check_tokenizer_fits(const StableDiffusionModel& sd, const ModelOptions& o)
       std::string file = o.model;
       if (!is_single_file(o.model)) {
         try {
-          file = component_weights(o.model + "/" + component, component == "text_encoder" ? "model" : "diffusion_pytorch_model");
+          file = model_weights(o.model, component);
         } catch (const Error&) {
           file = o.model + "/" + component;
         }

@@ -69,4 +69,14 @@ std::string utf8_encode(const std::u32string& text) {
   return out;
 }
 
+size_t invalid_utf8_offset(std::string_view s) {
+  for (size_t i = 0; i < s.size();) {
+    char32_t cp = 0;
+    const size_t n = utf8_char(s.substr(i), &cp);
+    if (n == 0) return i;
+    i += n;
+  }
+  return std::string_view::npos;
+}
+
 }  // namespace fairdiff
