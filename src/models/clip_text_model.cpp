@@ -51,14 +51,15 @@ CLIPAttentionImpl::CLIPAttentionImpl(const CLIPTextConfig& c)
 }
 
 at::Tensor CLIPAttentionImpl::forward(const at::Tensor& x, const at::Tensor& causal_mask) {
-  // x [B, L, D], causal_mask [L, L] (0 on and below the diagonal, dtype-min above)
+  // x [B, L, D], causal_mask [L, L] or [B, 1, L, L] (0 where seen, dtype-min where not), or undefined
   const int64_t B = x.size(0), L = x.size(1);
   auto split = [&](const at::Tensor& t) {
     return t.view({B, L, heads, head_dim}).transpose(1, 2);  // [B, H, L, d]
   };
   // The reference scales q before the product (eager CLIPAttention).
   at::Tensor q = split(q_proj_(x) * scale), k = split(k_proj_(x)), v = split(v_proj_(x));
-  at::Tensor weights = at::matmul(q, k.transpose(-1, -2)) + causal_mask;  // [B, H, L, L]
+  at::Tensor weights = at::matmul(q, k.transpose(-1, -2));  // [B, H, L, L]
+  if (causal_mask.defined()) weights = weights + causal_mask;  // the vision tower has none
   weights = at::softmax(weights, -1);
   at::Tensor out = at::matmul(weights, v);                    // [B, H, L, d]
   out = out.transpose(1, 2).reshape({B, L, heads * head_dim});  // [B, L, D]
@@ -113,7 +114,7 @@ CLIPEncoderImpl::CLIPEncoderImpl(const CLIPTextConfig& c) {
   }
 }
 
-CLIPTextTransformerImpl::CLIPTextTransformerImpl(const CLIPTextConfig& c) {
+CLIPTextTransformerImpl::CLIPTextTransformerImpl(const CLIPTextConfig& c) : config(c) {
   embeddings_ = register_module("embeddings", CLIPTextEmbeddings(c));
   encoder_ = register_module("encoder", CLIPEncoder(c));
   final_layer_norm_ = register_module(
@@ -124,12 +125,12 @@ CLIPTextModelImpl::CLIPTextModelImpl(const CLIPTextConfig& config) : config_(con
   text_model_ = register_module("text_model", CLIPTextTransformer(config));
 }
 
-CLIPTextOutput CLIPTextModelImpl::forward(const at::Tensor& input_ids) {
-  // input_ids [B, L]
-  TORCH_CHECK(input_ids.dim() == 2 && input_ids.size(1) <= config_.max_position_embeddings,
-              "CLIPTextModel: input_ids must be [B, L<=", config_.max_position_embeddings, "]");
+CLIPTextOutput CLIPTextTransformerImpl::forward(const at::Tensor& input_ids, const at::Tensor& attention_mask) {
+  // input_ids [B, L], attention_mask [B, L] (1 = token, 0 = padding) or undefined
+  TORCH_CHECK(input_ids.dim() == 2 && input_ids.size(1) <= config.max_position_embeddings,
+              "CLIPTextModel: input_ids must be [B, L<=", config.max_position_embeddings, "]");
   CLIPTextOutput out;
-  at::Tensor h = text_model_->embeddings_(input_ids);  // [B, L, D]
+  at::Tensor h = embeddings_(input_ids);  // [B, L, D]
   const int64_t L = h.size(1);
   // Causal mask: position i sees positions <= i. The reference fills with the
   // dtype's most negative finite value (torch.finfo(dtype).min), not -inf.
@@ -137,17 +138,23 @@ CLIPTextOutput CLIPTextModelImpl::forward(const at::Tensor& input_ids) {
                         : h.scalar_type() == at::kBFloat16 ? -3.3895313892515355e38
                                                            : double(std::numeric_limits<float>::lowest());
   at::Tensor mask = at::full({L, L}, lowest, h.options()).triu(1);  // [L, L]
-  out.hidden_states.reserve(config_.num_hidden_layers + 1);
+  if (attention_mask.defined()) {
+    // The reference adds the padding mask after the causal one; lowest + lowest
+    // overflows to -inf there as here, and both give exp = 0.
+    at::Tensor padding = (1 - attention_mask.to(h.scalar_type())) * lowest;  // [B, L]
+    mask = mask.unsqueeze(0).unsqueeze(0) + padding.view({-1, 1, 1, L});   // [B, 1, L, L]
+  }
+  out.hidden_states.reserve(config.num_hidden_layers + 1);
   out.hidden_states.push_back(h);
-  for (auto& layer : text_model_->encoder_->layer_list) {
+  for (auto& layer : encoder_->layer_list) {
     h = layer(h, mask);
     out.hidden_states.push_back(h);
   }
-  out.last_hidden_state = text_model_->final_layer_norm_(h);
+  out.last_hidden_state = final_layer_norm_(h);
   // Pool at the end-of-text token: argmax(input_ids) for legacy configs (eos id 2,
   // all SD text encoders; EOS 49407 is the largest id), else the first EOS.
-  at::Tensor eos_pos = config_.eos_token_id == 2 ? input_ids.argmax(-1)
-                                                 : (input_ids == config_.eos_token_id).to(at::kInt).argmax(-1);
+  at::Tensor eos_pos = config.eos_token_id == 2 ? input_ids.argmax(-1)
+                                                 : (input_ids == config.eos_token_id).to(at::kInt).argmax(-1);
   const int64_t B = input_ids.size(0);
   at::Tensor rows = at::arange(B, eos_pos.options()) * L + eos_pos;  // [B] rows of the flattened [B*L, D]
   out.pooler_output = out.last_hidden_state.reshape({B * L, -1}).index_select(0, rows);  // [B, D]

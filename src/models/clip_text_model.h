@@ -71,27 +71,34 @@ struct CLIPEncoderImpl : torch::nn::Module {
 };
 TORCH_MODULE(CLIPEncoder);
 
-struct CLIPTextTransformerImpl : torch::nn::Module {
-  CLIPTextTransformerImpl(const CLIPTextConfig& config);
-  CLIPTextEmbeddings embeddings_{nullptr};
-  CLIPEncoder encoder_{nullptr};
-  torch::nn::LayerNorm final_layer_norm_{nullptr};
-};
-TORCH_MODULE(CLIPTextTransformer);
-
 struct CLIPTextOutput {
   at::Tensor last_hidden_state;           // [B, L, D] after final_layer_norm
   at::Tensor pooler_output;               // [B, D] at the end-of-text token
   std::vector<at::Tensor> hidden_states;  // [embeddings, layer 1, ..., layer N], before final_layer_norm
 };
 
+// `text_model.*`: the text tower, shared by CLIPTextModel and CLIPModel (src/models/clip_model.h).
+struct CLIPTextTransformerImpl : torch::nn::Module {
+  CLIPTextTransformerImpl(const CLIPTextConfig& config);
+  // input_ids [B, L] int64, L <= max_position_embeddings. Stable Diffusion pipelines
+  // pass no attention_mask (causal mask only); CLIPModel's processor does, and it
+  // changes only the padded rows, never the pooled output.
+  CLIPTextOutput forward(const at::Tensor& input_ids, const at::Tensor& attention_mask = {});
+  CLIPTextConfig config;
+  CLIPTextEmbeddings embeddings_{nullptr};
+  CLIPEncoder encoder_{nullptr};
+  torch::nn::LayerNorm final_layer_norm_{nullptr};
+};
+TORCH_MODULE(CLIPTextTransformer);
+
 class CLIPTextModelImpl : public torch::nn::Module {
  public:
   explicit CLIPTextModelImpl(const CLIPTextConfig& config);
 
-  // input_ids [B, L] int64, L <= max_position_embeddings; causal mask only, as
-  // Stable Diffusion pipelines call it (no padding mask).
-  CLIPTextOutput forward(const at::Tensor& input_ids);
+  // See CLIPTextTransformerImpl::forward.
+  CLIPTextOutput forward(const at::Tensor& input_ids, const at::Tensor& attention_mask = {}) {
+    return text_model_->forward(input_ids, attention_mask);
+  }
 
   // Prompt embeddings as diffusers computes them: clip_skip 0 is the last hidden
   // state; clip_skip k is final_layer_norm(hidden_states[-(k + 1)]).
