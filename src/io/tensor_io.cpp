@@ -47,6 +47,14 @@ namespace {
 
 // Checks that `module` and `file` name the same tensors with the same shapes; throws
 // listing the first few differences. Returns the module's tensors by name.
+// transformers' CLIP embeddings kept `position_ids` (0..L-1) as a checkpoint tensor until
+// 4.31; the real SD 1.x text encoders and OpenAI's CLIP files still carry it. Newer
+// transformers rebuild it and skip the stored copy, as we do: it never differs.
+bool is_legacy_position_ids(const std::string& name) {
+  const std::string suffix = "embeddings.position_ids";
+  return name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
 std::vector<std::pair<std::string, at::Tensor>> match_state_dict(torch::nn::Module& module, const SafeTensors& file,
                                                                  const std::string& component) {
   std::vector<std::pair<std::string, at::Tensor>> targets;
@@ -67,7 +75,7 @@ std::vector<std::pair<std::string, at::Tensor>> match_state_dict(torch::nn::Modu
   }
   std::vector<std::string> unexpected;
   for (const auto& t : file.tensors())
-    if (!expected.count(t.name)) unexpected.push_back(t.name);
+    if (!expected.count(t.name) && !is_legacy_position_ids(t.name)) unexpected.push_back(t.name);
 
   const std::string hint = "the " + component + " config.json does not describe these weights";
   if (!mismatched.empty())

@@ -52,6 +52,7 @@ class ParityCase {
 
   bool has_input(const std::string& input) const;
   at::Tensor input(const std::string& input) const;      // spec.inputs[input] -> tensor key (CPU)
+  at::Tensor tensor(const std::string& key) const;       // a tensor of the case file by key (CPU)
   bool has_output(const std::string& output) const;
   at::Tensor expected(const std::string& output) const;  // spec.outputs[output].key (CPU)
   std::vector<std::string> output_names() const;
@@ -90,6 +91,7 @@ void register_unet_vae_ops(OpRegistry& registry);   // unet_forward, vae_decode,
 void register_tokenizer_ops(OpRegistry& registry);  // tokenize
 void register_pipeline_ops(OpRegistry& registry);   // sd_pipeline, cpu_randn
 void register_sega_ops(OpRegistry& registry);       // sega_pipeline
+void register_clip_ops(OpRegistry& registry);       // clip_image_embeds, clip_text_embeds, clip_preprocess, clip_zero_shot
 
 // Builds our modules from the real SD configs in fixtures/keysets and compares
 // every parameter name and shape; returns false on any mismatch.

@@ -75,7 +75,10 @@ bool ParityCase::has_input(const std::string& input) const {
 
 at::Tensor ParityCase::input(const std::string& input) const {
   if (!has_input(input)) throw std::runtime_error("case has no input '" + input + "'");
-  const auto& key = spec_["inputs"][input].get<std::string>();
+  return tensor(spec_["inputs"][input].get<std::string>());
+}
+
+at::Tensor ParityCase::tensor(const std::string& key) const {
   auto& file = const_cast<std::unique_ptr<SafeTensors>&>(file_);
   const TensorView& view = case_file(file, group_dir_, spec_).at(key);
   return load_tensor(view, scalar_type(view.dtype));
@@ -208,6 +211,7 @@ int run(const std::string& dir, const std::string& filter, const RunOptions& opt
   register_tokenizer_ops(registry);
   register_pipeline_ops(registry);
   register_sega_ops(registry);
+  register_clip_ops(registry);
 
   if (!fs::is_directory(dir)) throw_bad_input(dir, "fixtures folder not found", "give the path of ../shared/fixtures");
   Totals totals;
