@@ -269,6 +269,52 @@ else
   echo "note: fixtures not found at $fixtures; the 2 tiny-sd1 rows are skipped"
 fi
 
+# --- the CLIP classifier and generate --verify (issue 12) ----------------------------------------
+gen_row verify_without_fairness 2 "--verify: there is nothing to verify without a fairness instruction" -- \
+  "$fairdiff" generate -p "a kite" --verify --verify-classifier hue -q -o "$tmp/never"
+gen_row verify_without_clip_model 2 "--verify: the clip verifier needs a CLIP model" -- \
+  "$fairdiff" generate -p "a kite" --fairness colour=red:1,blue:1 --verify -q -o "$tmp/never"
+gen_row verify_negative_retries 2 "--max-retries: -1 is not in [0, 100]" -- \
+  "$fairdiff" generate -p "a kite" --fairness colour=red:1,blue:1 --verify --verify-classifier hue --max-retries -1 \
+  -q -o "$tmp/never"
+gen_row verify_retry_seed 2 "--retry-seed: unknown mode \"other\"" -- \
+  "$fairdiff" generate -p "a kite" --fairness colour=red:1,blue:1 --verify --verify-classifier hue --retry-seed other \
+  -q -o "$tmp/never"
+if [ -d "$fixtures/models/tiny-clip" ]; then
+  "$fairdiff" generate -p "a kite" -N 2 --steps 2 --device cpu --threads 1 -q -o "$tmp/run12" >/dev/null 2>&1
+  clip() { rm -rf "$tmp/clip"; cp -r "$fixtures/models/tiny-clip" "$tmp/clip"; }
+  audit_clip() { "$fairdiff" audit "$tmp/run12" --attribute colour --classifier clip --clip-model "$tmp/clip" "$@"; }
+  clip; rm "$tmp/clip/preprocessor_config.json"
+  row clip_no_preprocessor 2 "clip: has no preprocessor_config.json" -- audit_clip
+  clip; edit_json "$tmp/clip/config.json" "j['vision_config']['hidden_act'] = 'relu'"
+  row clip_vision_config 2 "vision_config.hidden_act = \"relu\" is not supported" -- audit_clip
+  clip; python3 - "$tmp/clip/model.safetensors" <<'PY'
+import json, struct, sys
+path = sys.argv[1]
+raw = open(path, "rb").read()
+n = struct.unpack("<Q", raw[:8])[0]
+header = json.loads(raw[8:8 + n])
+data = raw[8 + n:]
+header["vision_model.extra.weight"] = {"dtype": "F32", "shape": [2], "data_offsets": [len(data), len(data) + 8]}
+h = json.dumps(header).encode()
+h += b" " * (-len(h) % 8)
+open(path, "wb").write(struct.pack("<Q", len(h)) + h + data + b"\0" * 8)
+PY
+  row clip_unexpected_key 2 "1 tensors are not part of the CLIP model: vision_model.extra.weight" -- audit_clip
+  clip; mkdir -p "$tmp/attrs12"
+  edit_json_copy() { python3 -c "import json,sys; j=json.load(open(sys.argv[1])); j.pop('classifier_prompts'); json.dump(j, open(sys.argv[2],'w'))" "$@"; }
+  edit_json_copy "$source_dir/configs/attributes/colour.json" "$tmp/attrs12/colour.json"
+  row clip_no_class_prompts 2 "attribute \"colour\" has no classifier_prompts" -- audit_clip --attributes "$tmp/attrs12"
+  row clip_without_model 2 "--classifier clip: needs a CLIP model" -- \
+    "$fairdiff" audit "$tmp/run12" --attribute colour --classifier clip
+  first=$(ls "$tmp/run12"/*.png | head -1)
+  cp "$first" "$tmp/first.png"; head -c 100 "$tmp/first.png" >"$first"
+  row clip_corrupt_image 2 "is not a complete PNG file" -- audit_clip
+  cp "$tmp/first.png" "$first"
+else
+  echo "note: fixtures not found at $fixtures; the 7 tiny-clip rows are skipped"
+fi
+
 # --- resume after a kill: kill -9 while the toy model makes 6 images, then rerun -----------------
 resume() { exec "$fairdiff" generate -p "a kite" -N 6 --steps 60 --device cpu --threads 1 -q -o "$1"; }
 (resume "$tmp/full") >/dev/null 2>&1

@@ -120,6 +120,19 @@ void add_generate_flags(CLI::App* cmd, fairdiff::GenerateOptions& o, int& thread
                   "exact (assigned group forward, the others reversed: 2 + groups UNet rows per image) or fast "
                   "(assigned group only: 3 rows)")
       ->capture_default_str();
+  cmd->add_flag("--verify", o.verify,
+                "with --fairness: classify every image for its assigned groups and remake the ones that missed "
+                "(up to --max-retries times); what was seen and kept is recorded per image");
+  cmd->add_option("--verify-classifier", o.verify_classifier, "the verifier: clip (with --clip-model) or hue (the toy world)")
+      ->capture_default_str();
+  cmd->add_option("--clip-model", o.clip_model, "the verifier's transformers CLIPModel folder (e.g. models/toy-clip)");
+  cmd->add_option("--verify-margin", o.verify_margin,
+                  "a best-group probability below this counts as unclassified (a miss)")->capture_default_str();
+  cmd->add_option("--max-retries", o.max_retries, "extra attempts for an image that missed its groups")->capture_default_str();
+  cmd->add_option("--retry-edit-scale", o.retry_edit_scale, "retry k multiplies every edit scale by this to the k-th power")
+      ->capture_default_str();
+  cmd->add_option("--retry-seed", o.retry_seed_mode, "new (a seed derived from the image's seed and the attempt) or same")
+      ->capture_default_str();
   cmd->add_flag("-q,--quiet", o.quiet, "no progress output");
 }
 
@@ -164,9 +177,14 @@ int main(int argc, char** argv) {
       if (gen.model.empty()) gen.model = fairdiff::default_model();
       fairdiff::configure_process(threads);
       const fairdiff::RunSummary s = fairdiff::generate(gen);
-      if (!gen.quiet)
-        spdlog::info("{} images: {} generated, {} already done; manifest {}", s.planned, s.generated, s.skipped,
-                     s.manifest_path);
+      if (!gen.quiet) {
+        std::string verify;
+        if (gen.verify)
+          verify = ", " + std::to_string(s.verified) + " verified, " + std::to_string(s.unverified) +
+                   " unverified (missed after every retry), " + std::to_string(s.retries) + " retries";
+        spdlog::info("{} images: {} generated, {} already done{}; manifest {}", s.planned, s.generated, s.skipped,
+                     verify, s.manifest_path);
+      }
       return 0;
     }
   } catch (const fairdiff::Error& e) {

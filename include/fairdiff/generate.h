@@ -38,7 +38,26 @@ struct GenerateOptions : ModelOptions, SamplingSettings, FairnessOptions {
   int64_t shard_index = -1;       // -1: from the environment (SLURM, Kubernetes, RANK), else unsharded
   int64_t num_shards = 0;
   bool quiet = false;
+
+  // --verify (with --fairness): each decoded image is classified for every attribute it was
+  // assigned; one that shows another group (or none) is made again, up to max_retries
+  // times, and the first attempt that reaches its groups is kept. Retry k (1..K) uses the
+  // seed retry_seed(seed, k) (retry_seed_mode "new") or the same seed ("same"), and every
+  // edit's guidance scale times retry_edit_scale^k. An image that misses every attempt keeps
+  // its first attempt and is recorded as unverified. Deterministic: the same command gives
+  // the same bytes for any batch size, shard or resume.
+  bool verify = false;
+  std::string verify_classifier = "clip";  // a name of the audit's classifier registry
+  std::string clip_model;                  // the classifier's model folder (--clip-model)
+  double verify_margin = 0;                // below this best-group probability: unclassified, a miss
+  int64_t max_retries = 2;
+  double retry_edit_scale = 2.0;
+  std::string retry_seed_mode = "new";
 };
+
+// The seed of retry `attempt` (>= 1) of the image planned with `seed`: a 32-bit value mixed
+// from both (splitmix64), as A1111 seeds are.
+int64_t retry_seed(int64_t seed, int64_t attempt);
 
 // One image of the run, fully determined before anything runs.
 struct PlannedImage {
@@ -77,6 +96,7 @@ RunPlan plan_run(const GenerateOptions& options, int64_t native_width, int64_t n
 
 struct RunSummary {
   int64_t planned = 0, skipped = 0, generated = 0;
+  int64_t retries = 0, verified = 0, unverified = 0;  // --verify: extra attempts made; images reached / missed
   std::string manifest_path;
 };
 

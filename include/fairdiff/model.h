@@ -43,6 +43,7 @@ struct ImageRequest {
   std::string prompt, negative_prompt;
   int64_t seed = 0;
   GroupAssignment groups;  // empty: not steered (also when no fairness is set)
+  double edit_scale = 1.0;  // multiplies every edit concept's guidance scale (generate --verify's retries)
 };
 
 struct Image {

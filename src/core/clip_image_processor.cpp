@@ -10,6 +10,8 @@
 namespace fairdiff {
 namespace {
 
+const std::string kProcessorHint = "use a CLIPImageProcessor preprocessor_config.json as transformers writes it for CLIP";
+
 // Pillow's cubic convolution kernel, a = -0.5, support 2.
 double bicubic_filter(double x) {
   constexpr double a = -0.5;
@@ -95,14 +97,14 @@ int64_t size_value(const nlohmann::json& j, const std::string& key, const std::s
   const nlohmann::json& v = j[key];
   if (v.is_number()) return config_json::get_int(j, key, fallback, where);
   if (v.is_object() && v.contains(field)) return config_json::get_int(v, field, fallback, where + " (" + key + ")");
-  reject_config(where, key, v, std::string("an integer or {\"") + field + "\": N}");
+  reject_config(where, key, v, std::string("an integer or {\"") + field + "\": N}", kProcessorHint);
 }
 
 std::array<double, 3> channel_values(const nlohmann::json& j, const std::string& key, std::array<double, 3> fallback,
                                      const std::string& where) {
   if (!config_json::has_value(j, key)) return fallback;
   const std::vector<double> v = config_json::get_number_list(j, key, {}, where);
-  if (v.size() != 3) reject_config(where, key, j[key], "three numbers (R, G, B)");
+  if (v.size() != 3) throw_bad_input(where, key + " = " + j[key].dump() + " is not three numbers (R, G, B)", kProcessorHint);
   return {v[0], v[1], v[2]};
 }
 
@@ -113,13 +115,13 @@ CLIPImageProcessorConfig CLIPImageProcessorConfig::from_json(const nlohmann::jso
   CLIPImageProcessorConfig c;
   if (auto type = j.find("image_processor_type");
       type != j.end() && *type != "CLIPImageProcessor" && *type != "CLIPFeatureExtractor")
-    reject_config(where, "image_processor_type", *type, "\"CLIPImageProcessor\"");
+    reject_config(where, "image_processor_type", *type, "\"CLIPImageProcessor\"", kProcessorHint);
   c.do_resize = config_json::get_bool(j, "do_resize", c.do_resize, where);
   if (j.contains("size") && j["size"].is_object() && !j["size"].contains("shortest_edge"))
-    reject_config(where, "size", j["size"], "{\"shortest_edge\": N} (CLIP's resize)");
+    reject_config(where, "size", j["size"], "{\"shortest_edge\": N} (CLIP's resize)", kProcessorHint);
   c.shortest_edge = size_value(j, "size", "shortest_edge", c.shortest_edge, where);
   c.resample = config_json::get_int(j, "resample", c.resample, where);
-  if (c.resample != 3) reject_config(where, "resample", c.resample, "3 (bicubic)");
+  if (c.resample != 3) reject_config(where, "resample", c.resample, "3 (bicubic)", kProcessorHint);
   c.do_center_crop = config_json::get_bool(j, "do_center_crop", c.do_center_crop, where);
   c.crop_height = size_value(j, "crop_size", "height", c.crop_height, where);
   c.crop_width = size_value(j, "crop_size", "width", c.crop_width, where);
@@ -132,7 +134,7 @@ CLIPImageProcessorConfig CLIPImageProcessorConfig::from_json(const nlohmann::jso
                         {"crop_size.width", c.crop_width}})
     if (v <= 0 || v > 4096) throw_bad_input(where, std::string(key) + " = " + std::to_string(v) + " is out of range 1..4096");
   for (double s : c.image_std)
-    if (!(s > 0)) reject_config(where, "image_std", j.value("image_std", nlohmann::json()), "positive numbers");
+    if (!(s > 0)) throw_bad_input(where, "image_std has a value that is not positive", kProcessorHint);
   return c;
 }
 

@@ -50,9 +50,10 @@ nlohmann::json read_json_file(const std::string& path, const std::string& hint) 
 }
 
 void reject_config(const std::string& where, const std::string& key, const nlohmann::json& value,
-                   const std::string& supported) {
+                   const std::string& supported, const std::string& hint) {
   throw_unsupported(where, key + " = " + value.dump() + " is not supported (supported: " + supported + ")",
-                    "fairdiff cannot build this model faithfully; use a Stable Diffusion 1.x/2.x model");
+                    hint.empty() ? "fairdiff cannot build this model faithfully; use a Stable Diffusion 1.x/2.x model"
+                                 : hint);
 }
 
 std::optional<int64_t> whole_number(const nlohmann::json& value) {

@@ -15,9 +15,10 @@ namespace fairdiff {
 // The parsed config.json of `path`; throws a BadInput error when unreadable or not JSON.
 nlohmann::json read_json_file(const std::string& path, const std::string& hint = {});
 
-// Rejects a config value we do not implement, naming it and what is supported.
+// Rejects a config value we do not implement, naming it and what is supported; the hint
+// defaults to the one for Stable Diffusion networks.
 [[noreturn]] void reject_config(const std::string& where, const std::string& key, const nlohmann::json& value,
-                                const std::string& supported);
+                                const std::string& supported, const std::string& hint = {});
 
 // A JSON number as an int64 when it is a whole number that int64 holds: integers, and
 // integral floats (2.0, as some writers store them); nullopt for anything else (2.5,

@@ -5,6 +5,9 @@
 #include "config_json.h"
 
 namespace fairdiff {
+namespace {
+const std::string kClipHint = "use a transformers CLIPModel folder (OpenAI CLIP ViT-B/32, B/16, L/14, L/14-336 or one of their size)";
+}  // namespace
 
 CLIPVisionConfig CLIPVisionConfig::from_json(const nlohmann::json& j, const std::string& where) {
   CLIPVisionConfig c;
@@ -19,9 +22,9 @@ CLIPVisionConfig CLIPVisionConfig::from_json(const nlohmann::json& j, const std:
   c.layer_norm_eps = config_json::get_number(j, "layer_norm_eps", c.layer_norm_eps, where);
 
   if (auto type = j.find("model_type"); type != j.end() && *type != "clip_vision_model")
-    reject_config(where, "vision_config.model_type", *type, "\"clip_vision_model\"");
+    reject_config(where, "vision_config.model_type", *type, "\"clip_vision_model\"", kClipHint);
   if (c.hidden_act != "quick_gelu" && c.hidden_act != "gelu")
-    reject_config(where, "vision_config.hidden_act", c.hidden_act, "\"quick_gelu\", \"gelu\"");
+    reject_config(where, "vision_config.hidden_act", c.hidden_act, "\"quick_gelu\", \"gelu\"", kClipHint);
   for (auto [key, v] : {std::pair{"hidden_size", c.hidden_size}, {"intermediate_size", c.intermediate_size},
                         {"num_hidden_layers", c.num_hidden_layers}, {"num_attention_heads", c.num_attention_heads},
                         {"num_channels", c.num_channels}, {"image_size", c.image_size}, {"patch_size", c.patch_size}})
@@ -32,7 +35,7 @@ CLIPVisionConfig CLIPVisionConfig::from_json(const nlohmann::json& j, const std:
   // The position embedding has one row per patch of the training size: no interpolation.
   if (c.image_size % c.patch_size != 0)
     reject_config(where, "vision_config.image_size", c.image_size,
-                  "a multiple of patch_size " + std::to_string(c.patch_size));
+                  "a multiple of patch_size " + std::to_string(c.patch_size), kClipHint);
   return c;
 }
 
@@ -51,10 +54,10 @@ CLIPConfig CLIPConfig::from_json(const nlohmann::json& j, const std::string& whe
   if (!j.is_object()) throw_bad_input(where, "is not a JSON object", "a CLIPModel config.json");
   if (auto type = j.find("model_type"); type == j.end() || *type != "clip")
     reject_config(where, "model_type", type == j.end() ? nlohmann::json() : *type,
-                  "\"clip\" (a transformers CLIPModel folder)");
+                  "\"clip\" (a transformers CLIPModel folder)", kClipHint);
   if (auto arch = j.find("architectures"); arch != j.end() && arch->is_array())
     for (const auto& a : *arch)
-      if (a != "CLIPModel") reject_config(where, "architectures", *arch, "[\"CLIPModel\"]");
+      if (a != "CLIPModel") reject_config(where, "architectures", *arch, "[\"CLIPModel\"]", kClipHint);
   CLIPConfig c;
   c.projection_dim = config_json::get_int(j, "projection_dim", c.projection_dim, where);
   if (c.projection_dim <= 0) throw_bad_input(where, "projection_dim must be positive");

@@ -242,6 +242,22 @@ void validate(GenerateOptions& o) {
   if (o.scheduler == "karras" && !(row && row->supports_karras))
     throw_bad_input("--scheduler", "karras sigmas are available with --sampling-method euler, dpm++2m or lms",
                     "pick one of those samplers, or drop --scheduler karras");
+  if (o.max_retries < 0 || o.max_retries > 100)
+    throw_bad_input("--max-retries", std::to_string(o.max_retries) + " is not in [0, 100]",
+                    "the number of extra attempts for an image that missed its group, e.g. 2");
+  if (!(o.retry_edit_scale > 0 && o.retry_edit_scale <= 100))
+    throw_bad_input("--retry-edit-scale", python_float(o.retry_edit_scale) + " is not in (0, 100]",
+                    "the factor on every edit scale per retry, e.g. 2");
+  if (o.retry_seed_mode != "new" && o.retry_seed_mode != "same")
+    throw_bad_input("--retry-seed", "unknown mode \"" + o.retry_seed_mode + "\"", "use new or same");
+  if (!(o.verify_margin >= 0 && o.verify_margin <= 1))
+    throw_bad_input("--verify-margin", python_float(o.verify_margin) + " is not a probability", "give a value in [0, 1]");
+  if (o.verify && o.fairness.empty() && o.fairness_file.empty())
+    throw_bad_input("--verify", "there is nothing to verify without a fairness instruction",
+                    "add --fairness ATTRIBUTE=RATIOS (or --fairness-file), or drop --verify");
+  if (o.verify && o.verify_classifier == "clip" && o.clip_model.empty())
+    throw_bad_input("--verify", "the clip verifier needs a CLIP model",
+                    "give --clip-model DIR (e.g. models/toy-clip), or --verify-classifier hue for the toy world");
   if (o.fairness_mode != "exact" && o.fairness_mode != "fast")
     throw_bad_input("--fairness-mode", "unknown mode \"" + o.fairness_mode + "\"", "use exact or fast");
   if (o.dtype != "fp32" && o.dtype != "fp16" && o.dtype != "bf16")
@@ -347,15 +363,19 @@ namespace {
 
 // How a manifest record differs from the planned image ("" when it does not): the first
 // setting that changes the picture or the instruction.
-std::string record_difference(const nlohmann::json& r, const PlannedImage& img, const FairnessSpec& spec) {
+std::string record_difference(const nlohmann::json& r, const PlannedImage& img, const FairnessSpec& spec,
+                              const nlohmann::json& verify) {
   nlohmann::json groups = nlohmann::json::object();
   for (const auto& [attribute, group] : img.groups) groups[attribute] = group;
   nlohmann::json fairness = r.value("fairness", nlohmann::json::object());
+  nlohmann::json made_verify = r.value("verify", nlohmann::json::object());
+  if (!made_verify.is_object()) made_verify = nlohmann::json::object();
   if (!fairness.is_object()) fairness = nlohmann::json::object();  // a hand-edited line: compared as none
   const std::vector<std::tuple<std::string, nlohmann::json, nlohmann::json>> settings = {
       {"prompt", r.value("prompt", nlohmann::json()), img.prompt},
       {"negative prompt", r.value("negative_prompt", nlohmann::json()), img.negative_prompt},
-      {"seed", r.value("seed", nlohmann::json()), img.seed},
+      // A verified image may keep a retry's seed; it records the planned one too.
+      {"seed", made_verify.value("planned_seed", r.value("seed", nlohmann::json())), img.seed},
       {"steps", r.value("steps", nlohmann::json()), img.steps},
       {"guidance scale", r.value("guidance_scale", nlohmann::json()), img.cfg_scale},
       {"size", {r.value("width", nlohmann::json()), r.value("height", nlohmann::json())}, {img.width, img.height}},
@@ -365,7 +385,8 @@ std::string record_difference(const nlohmann::json& r, const PlannedImage& img, 
       {"joint target", fairness.value("joint", nlohmann::json()), joint_record(spec)},
       // Records from before --fairness-mode existed were made in the exact mode.
       {"fairness mode", spec.enabled() ? fairness.value("mode", nlohmann::json("exact")) : nlohmann::json(),
-       spec.enabled() ? nlohmann::json(spec.mode) : nlohmann::json()}};
+       spec.enabled() ? nlohmann::json(spec.mode) : nlohmann::json()},
+      {"--verify settings", made_verify.value("settings", nlohmann::json()), verify}};
   for (const auto& [name, made, planned] : settings)
     if (made != planned) return name + " " + made.dump() + ", this run plans " + planned.dump();
   return "";
@@ -374,14 +395,14 @@ std::string record_difference(const nlohmann::json& r, const PlannedImage& img, 
 }  // namespace
 
 void check_resume(const std::map<int64_t, nlohmann::json>& done, const std::vector<PlannedImage>& images,
-                  const FairnessSpec& spec, const std::string& manifest_path) {
+                  const FairnessSpec& spec, const std::string& manifest_path, const nlohmann::json& verify) {
   const std::string hint = "use a new --out for changed settings, or rerun the original command to resume";
   for (const auto& [index, record] : done) {
     const std::string name = "image " + std::to_string(index) + " (" + record.value("file", std::string("?")) + ")";
     if (index < 0 || index >= static_cast<int64_t>(images.size()))
       throw_bad_input(manifest_path, name + " is not in this run, which plans " + std::to_string(images.size()) +
                                          " images: the folder holds another run", hint);
-    const std::string difference = record_difference(record, images[static_cast<size_t>(index)], spec);
+    const std::string difference = record_difference(record, images[static_cast<size_t>(index)], spec, verify);
     if (!difference.empty())
       throw_bad_input(manifest_path, name + " was made with " + difference + ": the folder holds another run", hint);
   }

@@ -35,10 +35,12 @@ FairnessSpec parse_fairness(const GenerateOptions& options);
 
 // Resume safety (run_plan.cpp): `done` holds the records already in the manifest of --out.
 // Throws BadInput naming the first image whose record was made for another plan (prompt,
-// seed, steps, guidance, size, assigned groups or fairness targets) or that this plan
+// seed, steps, guidance, size, assigned groups, fairness targets or --verify settings:
+// `verify`, null when off, against the records' verify.settings) or that this plan
 // does not have, so that a changed command never mixes two runs in one folder.
 void check_resume(const std::map<int64_t, nlohmann::json>& done, const std::vector<PlannedImage>& images,
-                  const FairnessSpec& spec, const std::string& manifest_path);
+                  const FairnessSpec& spec, const std::string& manifest_path,
+                  const nlohmann::json& verify = nullptr);
 
 // With fairness on: BadInput when `model` positively has no text encoder to embed the
 // edit prompts (model_index.json lists none; a .safetensors checkpoint without

@@ -133,7 +133,8 @@ std::vector<int64_t> group_indices(const FairnessSpec& spec, const GroupAssignme
 
 // One image's concepts: per attribute, the assigned group's prompts forward, every other
 // group's reversed (exact), or the assigned group's only (fast).
-std::vector<EditConcept> fair_concepts(const FairnessSpec& spec, const FairEdits& edits, const GroupAssignment& groups) {
+std::vector<EditConcept> fair_concepts(const FairnessSpec& spec, const FairEdits& edits, const GroupAssignment& groups,
+                                       double edit_scale) {
   std::vector<EditConcept> concepts;
   if (groups.empty()) return concepts;
   const std::vector<int64_t> targets = group_indices(spec, groups);
@@ -141,7 +142,7 @@ std::vector<EditConcept> fair_concepts(const FairnessSpec& spec, const FairEdits
   for (size_t a = 0; a < spec.targets.size(); ++a) {
     const Attribute& attr = spec.targets[a].attribute;
     EditConcept base;
-    base.guidance_scale = attr.defaults.edit_guidance_scale;
+    base.guidance_scale = attr.defaults.edit_guidance_scale * edit_scale;
     base.threshold = attr.defaults.edit_threshold;
     base.warmup_steps = attr.defaults.edit_warmup_steps;
     // steer_toward gives concept k for group k; each group's prompts share its direction.
@@ -470,7 +471,9 @@ GeneratedBatch Model::Impl::generate(const std::vector<ImageRequest>& batch, con
     if (!r.groups.empty() && !fairness.enabled())
       throw_bad_input("fairness", "an image is assigned groups but no fairness instruction is set",
                       "call set_fairness first");
-    concepts.push_back(fair_concepts(fairness, edits, r.groups));
+    if (!(r.edit_scale > 0 && std::isfinite(r.edit_scale)))
+      throw_bad_input("edit_scale", python_float(r.edit_scale) + " is not a positive factor", "use e.g. 1 or 2");
+    concepts.push_back(fair_concepts(fairness, edits, r.groups, r.edit_scale));
     steered = steered || !r.groups.empty();
   }
   if (steered && !cfg)
