@@ -234,7 +234,7 @@ fi
 mkdir "$tmp/empty-run"
 row audit_missing_dir 2 "run folder not found" -- "$fairdiff" audit "$tmp/no-such-run"
 row audit_no_manifest 2 "has no manifest.jsonl" -- "$fairdiff" audit "$tmp/empty-run"
-row audit_classifier 2 "unknown classifier (available: hue)" -- "$fairdiff" audit "$tmp/empty-run" --classifier clip
+row audit_classifier 2 "unknown classifier (available: hue, clip)" -- "$fairdiff" audit "$tmp/empty-run" --classifier vit
 mkdir "$tmp/run"
 printf 'x' >"$tmp/x.png"
 echo '{"index": 0, "file": "../x.png", "prompt": "a kite"}' >"$tmp/run/manifest.jsonl"

@@ -16,6 +16,9 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -50,21 +53,54 @@ struct Options {
   double cfg = 7.0;
   double check = 0;  // percentage points; 0 = report only
   std::string mode = "exact";  // --fairness-mode of the guided runs
+  bool paper = false;          // the paper's edit settings instead of the colour attribute's defaults
+  std::string verify_model;    // a CLIP folder: adds a guided run with --verify judged by it
+  std::string verifier = "clip";
+  int64_t max_retries = 2;
+  double check_verified = 0;   // percentage points for the verified run; 0 = report only
+  size_t only_case = 0;        // 1-based; 0 = every case
 };
+
+// Fair Diffusion's published edit settings (scale 4, threshold 0.95, warm-up 5, momentum
+// 0.5 / 0.6), which under-steer the toy model: the realistic case for --verify.
+std::string paper_fairness_file(const Options& o, const Case& c, const std::string& dir) {
+  nlohmann::json targets = nlohmann::json::object();
+  std::stringstream ratios(c.fairness.substr(c.fairness.find('=') + 1));
+  for (std::string item; std::getline(ratios, item, ',');)
+    targets[item.substr(0, item.find(':'))] = std::stod(item.substr(item.find(':') + 1));
+  const nlohmann::json file = {
+      {"attributes", {{{"name", "colour"}, {"targets", targets}, {"edit_guidance_scale", 4}, {"edit_threshold", 0.95},
+                       {"edit_warmup_steps", 5}, {"edit_momentum_scale", 0.5}, {"edit_mom_beta", 0.6}}}}};
+  fs::create_directories(dir);
+  const std::string path = dir + "/paper-settings.json";
+  std::ofstream(path) << file.dump(2) << "\n";
+  (void)o;
+  return path;
+}
 
 struct RunResult {
   fairdiff::AuditReport audit;
   double seconds_per_image = 0;
+  double retries_per_image = 0;
 };
 
-RunResult run_case(const Options& o, const Case& c, const std::string& dir, bool fair) {
+RunResult run_case(const Options& o, const Case& c, const std::string& dir, bool fair, bool verify = false) {
   fs::remove_all(dir);
   fairdiff::GenerateOptions g = fairdiff::tools::toy_run(o.run, c.prompt, fair ? c.fairness : "", dir);
   g.cfg_scale = o.cfg;
   g.fairness_mode = o.mode;
+  if (fair && o.paper) {
+    g.fairness.clear();
+    g.fairness_file = paper_fairness_file(o, c, dir + "-settings");
+  }
+  g.verify = verify;
+  g.verify_classifier = o.verifier;
+  g.clip_model = o.verify_model;
+  g.max_retries = o.max_retries;
   const auto t0 = std::chrono::steady_clock::now();
-  fairdiff::generate(g);
+  const fairdiff::RunSummary summary = fairdiff::generate(g);
   RunResult r;
+  r.retries_per_image = static_cast<double>(summary.retries) / static_cast<double>(o.run.images);
   r.seconds_per_image = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / o.run.images;
   fairdiff::AuditOptions a;
   a.dir = dir;
@@ -104,6 +140,7 @@ int run(const Options& o) {
   bool ok = true;
   double sum_error = 0;
   for (size_t k = 0; k < kCases.size(); ++k) {
+    if (o.only_case && k + 1 != o.only_case) continue;
     const Case& c = kCases[k];
     const std::string dir = o.out + "/case-" + std::to_string(k + 1);
     const RunResult plain = run_case(o, c, dir + "/unguided", false);
@@ -124,6 +161,22 @@ int run(const Options& o) {
                 c.fairness.c_str(), shares(p, false).c_str(), shares(f, true).c_str(), shares(f, false).c_str(),
                 100 * mean, 100 * worst, 100 * f.hit_rate().value_or(0.0), plain.seconds_per_image,
                 fair.seconds_per_image, unet);
+    if (!o.verify_model.empty() || o.verifier != "clip") {
+      // The same guided run with --verify; the judge is still the exact hue classifier.
+      const RunResult v = run_case(o, c, dir + "/verified", true, true);
+      const fairdiff::PromptAudit& pv = v.audit.prompts.front();
+      const double vmean = v.audit.mean_abs_error.value_or(0.0), vworst = v.audit.max_abs_error.value_or(0.0);
+      std::printf("%-20s %-26s | %-22s | %-22s | %-22s | %5.1f%% %5.1f%% | %4.0f%% | %6s %6.2f | retries/img %.2f, "
+                  "unverified %lld\n",
+                  "  + --verify", o.verifier.c_str(), "", "", shares(pv, false).c_str(), 100 * vmean, 100 * vworst,
+                  100 * pv.hit_rate().value_or(0.0), "", v.seconds_per_image, v.retries_per_image,
+                  static_cast<long long>(v.audit.unverified));
+      if (o.check_verified > 0 && 100 * vworst > o.check_verified) {
+        std::printf("  FAIL: a verified share is %.1f points from its target (bound %.0f)\n", 100 * vworst,
+                    o.check_verified);
+        ok = false;
+      }
+    }
     std::fflush(stdout);  // a row as soon as its case is done (the full run takes a while)
     if (o.check > 0) {
       if (100 * worst > o.check) {
@@ -139,7 +192,7 @@ int run(const Options& o) {
   }
   std::printf("mean |achieved - target| over all cases and groups: %.1f points\n",
               100 * sum_error / static_cast<double>(kCases.size()));
-  std::printf("runs, charts and contact sheets: %s/case-*/{unguided,fair}/audit-*.png\n", o.out.c_str());
+  std::printf("runs, charts and contact sheets: %s/case-*/{unguided,fair,verified}/audit-*.png\n", o.out.c_str());
   if (o.check > 0) std::printf("%s\n", ok ? "check passed" : "check FAILED");
   return ok ? 0 : 1;
 }
@@ -163,7 +216,17 @@ int main(int argc, char** argv) {
   app.add_option("--check", o.check,
                  "fail unless every guided share is within this many points of its target and the unguided "
                  "runs of targets against the bias miss by twice as much");
+  app.add_option("--case", o.only_case, "run only case K (1-based)");
+  app.add_flag("--paper", o.paper,
+               "guide with the paper's edit settings (scale 4, threshold 0.95, warm-up 5, momentum 0.5/0.6) "
+               "instead of the colour attribute's tuned defaults");
+  app.add_option("--verify-model", o.verify_model, "a CLIP folder (models/toy-clip): adds a guided run with --verify");
+  app.add_option("--verifier", o.verifier, "the verify classifier (clip, or hue: the judge itself)")->capture_default_str();
+  app.add_option("--max-retries", o.max_retries, "retries of the verified run")->capture_default_str();
+  app.add_option("--check-verified", o.check_verified,
+                 "fail unless every verified share is within this many points of its target");
   return fairdiff::tools::run_tool("fairdiff-fairness-bench", app, argc, argv, [&] {
+    if (o.verifier == "clip" && !o.verify_model.empty()) fairdiff::register_clip_classifier();
     if (o.run.model.empty()) o.run.model = fairdiff::default_model();
     if (o.run.model.empty())
       throw fairdiff::Error(fairdiff::ErrorKind::BadInput, "--model", "models/toy is missing: pass --model");

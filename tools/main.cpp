@@ -131,6 +131,11 @@ void add_generate_flags(CLI::App* cmd, fairdiff::GenerateOptions& o, int& thread
   cmd->add_option("--max-retries", o.max_retries, "extra attempts for an image that missed its groups")->capture_default_str();
   cmd->add_option("--retry-edit-scale", o.retry_edit_scale, "retry k multiplies every edit scale by this to the k-th power")
       ->capture_default_str();
+  cmd->add_option("--retry-warmup", o.retry_warmup, "retry k multiplies every edit's warm-up by this to the k-th power")
+      ->capture_default_str();
+  cmd->add_option("--retry-reach", o.retry_reach,
+                  "retry k multiplies the share of positions an edit keeps (1 - threshold) by this to the k-th power")
+      ->capture_default_str();
   cmd->add_option("--retry-seed", o.retry_seed_mode, "new (a seed derived from the image's seed and the attempt) or same")
       ->capture_default_str();
   cmd->add_flag("-q,--quiet", o.quiet, "no progress output");

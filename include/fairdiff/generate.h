@@ -42,8 +42,9 @@ struct GenerateOptions : ModelOptions, SamplingSettings, FairnessOptions {
   // --verify (with --fairness): each decoded image is classified for every attribute it was
   // assigned; one that shows another group (or none) is made again, up to max_retries
   // times, and the first attempt that reaches its groups is kept. Retry k (1..K) uses the
-  // seed retry_seed(seed, k) (retry_seed_mode "new") or the same seed ("same"), and every
-  // edit's guidance scale times retry_edit_scale^k. An image that misses every attempt keeps
+  // seed retry_seed(seed, k) (retry_seed_mode "new") or the same seed ("same"), every
+  // edit's guidance scale times retry_edit_scale^k, its warm-up times retry_warmup^k and
+  // the share its threshold keeps times retry_reach^k. An image that misses every attempt keeps
   // its first attempt and is recorded as unverified. Deterministic: the same command gives
   // the same bytes for any batch size, shard or resume.
   bool verify = false;
@@ -52,6 +53,8 @@ struct GenerateOptions : ModelOptions, SamplingSettings, FairnessOptions {
   double verify_margin = 0;                // below this best-group probability: unclassified, a miss
   int64_t max_retries = 2;
   double retry_edit_scale = 2.0;
+  double retry_warmup = 0.5;  // the edit starts earlier: the attribute settles in the first steps
+  double retry_reach = 2.0;   // and touches more of the latent (0.95 -> 0.9 -> 0.8)
   std::string retry_seed_mode = "new";
 };
 

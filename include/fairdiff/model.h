@@ -43,7 +43,10 @@ struct ImageRequest {
   std::string prompt, negative_prompt;
   int64_t seed = 0;
   GroupAssignment groups;  // empty: not steered (also when no fairness is set)
-  double edit_scale = 1.0;  // multiplies every edit concept's guidance scale (generate --verify's retries)
+  // generate --verify's retries: every edit concept's guidance scale times edit_scale, its
+  // warm-up times edit_warmup (rounded down), and the share of latent positions its threshold
+  // keeps (1 - threshold) times edit_reach (at most all of them).
+  double edit_scale = 1.0, edit_warmup = 1.0, edit_reach = 1.0;
 };
 
 struct Image {

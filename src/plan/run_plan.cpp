@@ -248,6 +248,12 @@ void validate(GenerateOptions& o) {
   if (!(o.retry_edit_scale > 0 && o.retry_edit_scale <= 100))
     throw_bad_input("--retry-edit-scale", python_float(o.retry_edit_scale) + " is not in (0, 100]",
                     "the factor on every edit scale per retry, e.g. 2");
+  if (!(o.retry_warmup >= 0 && o.retry_warmup <= 1))
+    throw_bad_input("--retry-warmup", python_float(o.retry_warmup) + " is not in [0, 1]",
+                    "the factor on the warm-up per retry, e.g. 0.5 (earlier) or 1 (unchanged)");
+  if (!(o.retry_reach >= 1 && o.retry_reach <= 100))
+    throw_bad_input("--retry-reach", python_float(o.retry_reach) + " is not in [1, 100]",
+                    "the factor on the share of positions an edit keeps per retry, e.g. 2 or 1 (unchanged)");
   if (o.retry_seed_mode != "new" && o.retry_seed_mode != "same")
     throw_bad_input("--retry-seed", "unknown mode \"" + o.retry_seed_mode + "\"", "use new or same");
   if (!(o.verify_margin >= 0 && o.verify_margin <= 1))

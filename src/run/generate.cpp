@@ -138,7 +138,8 @@ class Verifier {
     }
     settings_ = {{"classifier", o.verify_classifier}, {"model", o.clip_model},
                  {"margin", o.verify_margin},         {"max_retries", o.max_retries},
-                 {"retry_edit_scale", o.retry_edit_scale}, {"retry_seed", o.retry_seed_mode}};
+                 {"retry_edit_scale", o.retry_edit_scale}, {"retry_warmup", o.retry_warmup},
+                 {"retry_reach", o.retry_reach},         {"retry_seed", o.retry_seed_mode}};
   }
 
   bool on() const { return options_.verify; }
@@ -150,7 +151,10 @@ class Verifier {
     ImageRequest r{img.prompt, img.negative_prompt, img.seed, img.groups};
     if (attempt > 0) {
       if (options_.retry_seed_mode == "new") r.seed = retry_seed(img.seed, attempt);
-      r.edit_scale = std::pow(options_.retry_edit_scale, static_cast<double>(attempt));
+      const auto k = static_cast<double>(attempt);
+      r.edit_scale = std::pow(options_.retry_edit_scale, k);
+      r.edit_warmup = std::pow(options_.retry_warmup, k);
+      r.edit_reach = std::pow(options_.retry_reach, k);
     }
     return r;
   }
@@ -223,7 +227,12 @@ void verify_batch(Model::Impl& m, const GenerateOptions& o, const Verifier& veri
       const Made& a = attempt_made[attempt > 0 ? k : i];
       const Verifier::Look l = verifier.look(a, batch[i].groups);
       const ImageRequest r = verifier.request(batch[i], attempt);
-      tries[i].push_back({{"seed", r.seed}, {"edit_scale", r.edit_scale}, {"seen", l.seen}, {"probability", l.probability}});
+      tries[i].push_back({{"seed", r.seed},
+                          {"edit_scale", r.edit_scale},
+                          {"edit_warmup", r.edit_warmup},
+                          {"edit_reach", r.edit_reach},
+                          {"seen", l.seen},
+                          {"probability", l.probability}});
       if (l.hit) {
         kept[i] = attempt;
         if (attempt > 0) made[i] = a;

@@ -133,8 +133,8 @@ std::vector<int64_t> group_indices(const FairnessSpec& spec, const GroupAssignme
 
 // One image's concepts: per attribute, the assigned group's prompts forward, every other
 // group's reversed (exact), or the assigned group's only (fast).
-std::vector<EditConcept> fair_concepts(const FairnessSpec& spec, const FairEdits& edits, const GroupAssignment& groups,
-                                       double edit_scale) {
+std::vector<EditConcept> fair_concepts(const FairnessSpec& spec, const FairEdits& edits, const ImageRequest& request) {
+  const GroupAssignment& groups = request.groups;
   std::vector<EditConcept> concepts;
   if (groups.empty()) return concepts;
   const std::vector<int64_t> targets = group_indices(spec, groups);
@@ -142,9 +142,9 @@ std::vector<EditConcept> fair_concepts(const FairnessSpec& spec, const FairEdits
   for (size_t a = 0; a < spec.targets.size(); ++a) {
     const Attribute& attr = spec.targets[a].attribute;
     EditConcept base;
-    base.guidance_scale = attr.defaults.edit_guidance_scale * edit_scale;
-    base.threshold = attr.defaults.edit_threshold;
-    base.warmup_steps = attr.defaults.edit_warmup_steps;
+    base.guidance_scale = attr.defaults.edit_guidance_scale * request.edit_scale;
+    base.threshold = std::max(0.0, 1.0 - (1.0 - attr.defaults.edit_threshold) * request.edit_reach);
+    base.warmup_steps = static_cast<int64_t>(std::floor(static_cast<double>(attr.defaults.edit_warmup_steps) * request.edit_warmup));
     // steer_toward gives concept k for group k; each group's prompts share its direction.
     const std::vector<EditConcept> per_group =
         steer_toward(targets[a], static_cast<int64_t>(attr.groups.size()), base);
@@ -471,9 +471,11 @@ GeneratedBatch Model::Impl::generate(const std::vector<ImageRequest>& batch, con
     if (!r.groups.empty() && !fairness.enabled())
       throw_bad_input("fairness", "an image is assigned groups but no fairness instruction is set",
                       "call set_fairness first");
-    if (!(r.edit_scale > 0 && std::isfinite(r.edit_scale)))
-      throw_bad_input("edit_scale", python_float(r.edit_scale) + " is not a positive factor", "use e.g. 1 or 2");
-    concepts.push_back(fair_concepts(fairness, edits, r.groups, r.edit_scale));
+    for (double f : {r.edit_scale, r.edit_warmup, r.edit_reach})
+      if (!(f >= 0 && std::isfinite(f)))
+        throw_bad_input("ImageRequest", "an edit factor of " + python_float(f) + " is not a finite factor >= 0",
+                        "use e.g. 1 (unchanged) or 2");
+    concepts.push_back(fair_concepts(fairness, edits, r));
     steered = steered || !r.groups.empty();
   }
   if (steered && !cfg)
