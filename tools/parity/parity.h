@@ -90,6 +90,7 @@ void register_unet_vae_ops(OpRegistry& registry);   // unet_forward, vae_decode,
 void register_tokenizer_ops(OpRegistry& registry);  // tokenize
 void register_pipeline_ops(OpRegistry& registry);   // sd_pipeline, cpu_randn
 void register_sega_ops(OpRegistry& registry);       // sega_pipeline
+void register_sdxl_ops(OpRegistry& registry);       // sdxl_text_encode, unet_forward_sdxl, sdxl_pipeline
 
 // Builds our modules from the real SD configs in fixtures/keysets and compares
 // every parameter name and shape; returns false on any mismatch.
