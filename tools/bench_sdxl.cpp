@@ -64,7 +64,7 @@ void write_random_safetensors(const std::string& keys_path, const std::string& o
   if (!f.flush()) throw_bad_input(out, "could not be written completely", "check the free space");
 }
 
-void copy_file(const fs::path& from, const fs::path& to) {
+void copy_writable(const fs::path& from, const fs::path& to) {
   fs::copy_file(from, to, fs::copy_options::overwrite_existing);
   fs::permissions(to, fs::perms::owner_write, fs::perm_options::add);  // shared/ is read-only
 }
@@ -81,8 +81,8 @@ int save_random_sdxl(const std::string& fixtures, const std::string& dir) {
     fs::create_directories(out / sub);
   for (const char* tok : {"tokenizer", "tokenizer_2"})
     for (const auto& entry : fs::directory_iterator(tiny / tok))
-      if (entry.is_regular_file()) copy_file(entry.path(), out / tok / entry.path().filename());
-  copy_file(tiny / "scheduler/scheduler_config.json", out / "scheduler/scheduler_config.json");
+      if (entry.is_regular_file()) copy_writable(entry.path(), out / tok / entry.path().filename());
+  copy_writable(tiny / "scheduler/scheduler_config.json", out / "scheduler/scheduler_config.json");
   at::Generator gen = at::detail::createCPUGenerator(1234);
   for (const std::string component : {"text_encoder", "text_encoder_2", "vae", "unet"}) {
     nlohmann::json config = read_json_file((keysets / (component + ".config.json")).string());

@@ -366,7 +366,7 @@ void check_tokenizer_fits(const StableDiffusionModel& sd, const ModelOptions& o)
 // cause). Scanning the weights costs one pass over them, and only once something failed.
 [[noreturn]] void non_finite(const StableDiffusionModel& sd, const ModelOptions& o, const std::string& what) {
   const std::vector<std::pair<std::string, const torch::nn::Module*>> networks = {
-      {"text_encoder", sd.text_encoder.get()}, {"text_encoder_2", sd.text_encoder_2.get()},
+      {"text_encoder", sd.text_encoder.get()}, {"text_encoder_2", sd.text_encoder_2 ? sd.text_encoder_2.get() : nullptr},
       {"unet", sd.unet.get()}, {"vae", sd.vae.get()}};
   for (const auto& [component, module] : networks) {
     if (!module) continue;
