@@ -57,16 +57,8 @@ void unet_forward_sdxl(ParityCase& c) {
   Conditioning cond(model_input(c, "encoder_hidden_states"));
   cond.pooled = model_input(c, "text_embeds");
   cond.time_ids = c.input("time_ids").to(c.options().device);
-  at::Tensor timestep;
-  if (c.has_input("timestep")) {
-    timestep = c.input("timestep");
-  } else {
-    const nlohmann::json& t = c.params().at("timestep");
-    timestep = t.is_number_integer() ? at::scalar_tensor(t.get<int64_t>(), at::kLong)
-                                     : at::scalar_tensor(t.get<double>(), at::kDouble);
-  }
   model.use("unet");
-  c.check("sample", model.unet->forward(model_input(c, "sample"), timestep, cond));
+  c.check("sample", model.unet->forward(model_input(c, "sample"), case_timestep(c), cond));
 }
 
 void sdxl_pipeline(ParityCase& c) {
