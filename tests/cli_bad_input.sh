@@ -96,7 +96,7 @@ row invalid_config_json 2 "unet/config.json: is not valid JSON" -- "$fairdiff" i
 model; own unet/config.json; edit_json "$tmp/m/unet/config.json" 'j["resnet_time_scale_shift"] = "scale_shift"'
 row unsupported_config 2 "resnet_time_scale_shift" -- "$fairdiff" inspect "$tmp/m"
 model; own model_index.json; edit_json "$tmp/m/model_index.json" 'j["_class_name"] = "StableDiffusionXLPipeline"'
-row sdxl_rejected 2 "SDXL is not supported yet" -- "$fairdiff" inspect "$tmp/m"
+row sdxl_without_text_encoder_2 2 "lists no text_encoder_2 component" -- "$fairdiff" inspect "$tmp/m"
 model; own unet/config.json; edit_json "$tmp/m/unet/config.json" 'j["layers_per_block"] = 1.8446744073709552e20'
 row config_float_past_int64 2 "layers_per_block = 1.844674407370955e+20 has the wrong type" -- "$fairdiff" inspect "$tmp/m"
 model; own unet/config.json; edit_json "$tmp/m/unet/config.json" 'j["norm_num_groups"] = 18446744073709551615'
@@ -314,6 +314,44 @@ PY
 else
   echo "note: fixtures not found at $fixtures; the 7 tiny-clip rows are skipped"
 fi
+# --- SDXL (issue 13): refused by name, nothing written ---------------------------------------
+# A copy of the fixtures' tiny-sdxl as symlinks in $tmp/x (a part to break is made a real copy).
+if [ -d "$fixtures/models/tiny-sdxl" ]; then
+  xl=$fixtures/models/tiny-sdxl
+  sdxl() {
+    rm -rf "$tmp/x"; mkdir "$tmp/x"
+    for c in "$xl"/*; do
+      if [ -d "$c" ]; then mkdir "$tmp/x/$(basename "$c")"; ln -s "$c"/* "$tmp/x/$(basename "$c")/"; else ln -s "$c" "$tmp/x/"; fi
+    done
+  }
+  xl_own() { rm "$tmp/x/$1"; cp "$xl/$1" "$tmp/x/$1"; }
+  xl_gen() { "$fairdiff" generate -m "$tmp/x" -p "a photo of a nurse" --steps 2 --device cpu -q -o "$tmp/never" "$@"; }
+  sdxl; rm -rf "$tmp/x/text_encoder_2"
+  gen_row sdxl_no_text_encoder_2 2 "component folder text_encoder_2/ is missing" -- xl_gen
+  sdxl; rm -rf "$tmp/x/tokenizer_2"
+  gen_row sdxl_no_tokenizer_2 2 "component folder tokenizer_2/ is missing" -- xl_gen
+  sdxl; xl_own model_index.json; edit_json "$tmp/x/model_index.json" 'del j["tokenizer_2"]'
+  gen_row sdxl_index_without_tokenizer_2 2 "lists no tokenizer_2 component (an SDXL pipeline needs it)" -- xl_gen
+  sdxl; xl_own unet/config.json; edit_json "$tmp/x/unet/config.json" 'del j["projection_class_embeddings_input_dim"]'
+  gen_row sdxl_text_time_without_sizes 2 "unet/config.json: addition_embed_type \"text_time\" needs projection_class_embeddings_input_dim" -- xl_gen
+  sdxl; xl_own model_index.json
+  edit_json "$tmp/x/model_index.json" 'j["_class_name"] = "StableDiffusionXLImg2ImgPipeline"; j["text_encoder"] = [None, None]; j["tokenizer"] = [None, None]'
+  rm -rf "$tmp/x/text_encoder" "$tmp/x/tokenizer"
+  gen_row sdxl_refiner 2 "an SDXL refiner" -- xl_gen
+  mkdir -p "$tmp/attrs"; cp "$source_dir"/configs/attributes/*.json "$tmp/attrs/"
+  edit_json "$tmp/attrs/gender.json" 'j["groups"][0]["edit_prompts"] = [" "]'
+  sdxl
+  gen_row sdxl_fairness_empty_edit_prompt 2 "has an empty edit prompt" -- xl_gen --fairness gender=50:50 --attributes "$tmp/attrs"
+  gen_row sdxl_bad_crop 2 "--crop-top-left: \"4;8\" is not TOP,LEFT" -- xl_gen --crop-top-left "4;8"
+  gen_row sdxl_bad_original_size 2 "--original-size: \"1024\" is not WIDTHxHEIGHT" -- xl_gen --original-size 1024
+  raw "$tmp/sdxl.safetensors" '{"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}' 4
+  gen_row sdxl_single_file 2 "single-file SDXL is not supported" -- \
+    "$fairdiff" generate -m "$tmp/sdxl.safetensors" --tokenizer "$xl/tokenizer" -p "a cat" --device cpu -q -o "$tmp/never"
+else
+  echo "note: fixtures not found at $fixtures; the SDXL rows are skipped"
+fi
+gen_row size_conditioning_not_sdxl 2 "--original-size: size conditioning is for SDXL" -- \
+  "$fairdiff" generate -p "a kite" --original-size 1024x1024 --device cpu -q -o "$tmp/never"
 
 # --- resume after a kill: kill -9 while the toy model makes 6 images, then rerun -----------------
 resume() { exec "$fairdiff" generate -p "a kite" -N 6 --steps 60 --device cpu --threads 1 -q -o "$1"; }

@@ -91,11 +91,17 @@ TEST(ModelFolder, UnsupportedConfigValues) {
   copy.edit_json("text_encoder/config.json", [](nlohmann::json& j) { j["hidden_act"] = "relu"; });
   test::expect_error([&] { load_text_encoder(copy.path("text_encoder"), {}); }, ErrorKind::Unsupported,
                      {"text_encoder/config.json", "hidden_act = \"relu\"", "quick_gelu"});
-  copy.edit_json("unet/config.json", [](nlohmann::json& j) { j["addition_embed_type"] = "text_time"; });
+  copy.edit_json("unet/config.json", [](nlohmann::json& j) { j["addition_embed_type"] = "text_image"; });
   test::expect_error([&] { load_unet(copy.path("unet"), {}); }, ErrorKind::Unsupported,
-                     {"unet/config.json", "addition_embed_type"});
+                     {"unet/config.json", "addition_embed_type = \"text_image\"", "text_time"});
+  // An SDXL text_time UNet without its projection sizes is refused by name.
+  copy.edit_json("unet/config.json", [](nlohmann::json& j) { j["addition_embed_type"] = "text_time"; });
+  test::expect_error([&] { load_unet(copy.path("unet"), {}); }, ErrorKind::BadInput,
+                     {"unet/config.json", "needs addition_time_embed_dim"});
+  // An SD 1.x folder relabelled SDXL lacks the second encoder: said by name.
   copy.edit_json("model_index.json", [](nlohmann::json& j) { j["_class_name"] = "StableDiffusionXLPipeline"; });
-  test::expect_error([&] { read_model_index(copy.dir); }, ErrorKind::Unsupported, {"model_index.json", "SDXL"});
+  test::expect_error([&] { read_model_index(copy.dir); }, ErrorKind::BadInput,
+                     {"model_index.json", "lists no text_encoder_2 component", "SDXL"});
 }
 
 TEST(ModelFolder, StrictKeys) {

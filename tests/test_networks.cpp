@@ -259,8 +259,10 @@ TEST(UNetConfig, RejectsWhatWeDoNotImplement) {
     j[key] = value;
     return [j] { UNet2DConditionConfig::from_json(j, "unet/config.json"); };
   };
-  expect_error(with("addition_embed_type", "text_time"), ErrorKind::Unsupported,
-               {"unet/config.json", "addition_embed_type", "SDXL is not supported yet"});
+  expect_error(with("addition_embed_type", "text_image"), ErrorKind::Unsupported,
+               {"unet/config.json", "addition_embed_type", "\"text_time\""});
+  expect_error(with("addition_embed_type", "text_time"), ErrorKind::BadInput,
+               {"unet/config.json", "needs addition_time_embed_dim"});
   expect_error(with("class_embed_type", "timestep"), ErrorKind::Unsupported, {"class_embed_type", "null"});
   expect_error(with("dual_cross_attention", true), ErrorKind::Unsupported, {"dual_cross_attention"});
   expect_error(with("attention_type", "gated"), ErrorKind::Unsupported, {"attention_type", "\"gated\"", "default"});

@@ -76,6 +76,10 @@
 #include "tensor_io.h"
 #include "tool_main.h"
 
+namespace fairdiff::bench {
+int save_random_sdxl(const std::string& fixtures, const std::string& dir);  // tools/bench_sdxl.cpp
+}
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -382,6 +386,7 @@ struct Options {
   bool prepack = false;  // LoadOptions::prepack_convolutions
   int64_t vae_tile = 0;  // 0 off, -1 the VAE's sample_size, else pixels
   std::string save_random_model;  // write the random SD 1.5 there and exit
+  std::string save_random_sdxl;   // write the random SDXL base there and exit (bench_sdxl.cpp)
 };
 
 at::ScalarType parse_dtype(const std::string& s) {
@@ -988,6 +993,7 @@ int run(const Options& o) {
   const std::string malloc_setting = configure_runtime(o);
   c10::InferenceMode inference;
   if (!o.save_random_model.empty()) return save_random(o, lo);
+  if (!o.save_random_sdxl.empty()) return fairdiff::bench::save_random_sdxl(fixtures_root(o), o.save_random_sdxl);
 
   nlohmann::json report = start_report(o, lo.device, malloc_setting);
   const double peak = measure_machine(o, lo, report);
@@ -1041,5 +1047,8 @@ int main(int argc, char** argv) {
   app.add_flag("--vae-tiling{-1}", o.vae_tile, "decode in tiles (the VAE's sample_size, or --vae-tiling=PX)");
   app.add_option("--save-random-model", o.save_random_model,
                  "write the random SD 1.5 (float32) as a diffusers folder DIR and exit; bench it with --model DIR");
+  app.add_option("--save-random-sdxl", o.save_random_sdxl,
+                 "write the SDXL base architecture with random float32 weights (10.3 GB) as a diffusers folder DIR "
+                 "and exit; bench it with --model DIR");
   return fairdiff::tools::run_tool("fairdiff-bench", app, argc, argv, [&] { return run(o); });
 }

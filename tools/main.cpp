@@ -97,6 +97,9 @@ void add_generate_flags(CLI::App* cmd, fairdiff::GenerateOptions& o, int& thread
   cmd->add_option("-H,--height", o.height, "image height, a multiple of 8 (default: the model's size)");
   cmd->add_option("-s,--seed", o.seed, "seed of image 0; image i uses seed+i; -1 = random (recorded)")->capture_default_str();
   cmd->add_option("--clip-skip", o.clip_skip, "text encoder layers to skip from the end (diffusers' clip_skip)");
+  cmd->add_option("--original-size", o.original_size, "SDXL: WxH conditioned on as the original image size (default: -W x -H)");
+  cmd->add_option("--crop-top-left", o.crop_top_left, "SDXL: TOP,LEFT crop offset conditioned on (diffusers' crops_coords_top_left; default 0,0)");
+  cmd->add_option("--target-size", o.target_size, "SDXL: WxH conditioned on as the target size (default: -W x -H)");
   cmd->add_option("--dtype", o.dtype, "fp32, fp16 (CUDA) or bf16")->capture_default_str();
   cmd->add_option("--device", o.device, "auto, cpu, cuda or cuda:N")->capture_default_str();
   cmd->add_option("-o,--out", o.out_dir, "output folder (PNGs + manifest.jsonl)")->capture_default_str();

@@ -34,6 +34,10 @@ struct SamplingSettings {
   int64_t clip_skip = 0;          // diffusers' meaning: layers skipped from the end (A1111 "Clip skip" - 1)
   std::string sampling_method;    // "" = the model's scheduler; pndm, ddim, euler, euler_a, dpm++2m, lms
   std::string scheduler;          // "" / discrete or karras
+  // SDXL size conditioning (diffusers' original_size, crops_coords_top_left, target_size),
+  // as given: "WxH", "TOP,LEFT" and "WxH" in pixels; "" = the reference's default (the
+  // output size; 0,0). Refused for a model without size conditioning.
+  std::string original_size, crop_top_left, target_size;
 };
 
 // Fair Diffusion's instruction: which attributes to balance and toward which shares.

@@ -427,8 +427,13 @@ class Planner {
 
   void reject_other_models() const {
     const std::string hint = "fairdiff reads Stable Diffusion 1.x / 2.x single-file checkpoints";
+    // SDXL folders are supported; their single-file layout is not mapped: no reference key
+    // set of a converted SDXL checkpoint was available to establish the table with certainty.
     if (has_prefix("conditioner.embedders."))
-      throw_unsupported(where_, "is an SDXL checkpoint (conditioner.embedders.*): SDXL is not supported yet", hint);
+      throw_unsupported(where_,
+                        "is an SDXL single-file checkpoint (conditioner.embedders.*): single-file SDXL is not supported",
+                        "use the diffusers folder of the model (stabilityai/stable-diffusion-xl-base-1.0), which "
+                        "fairdiff runs");
     if (has_prefix("model.diffusion_model.joint_blocks.") || has_prefix("double_blocks."))
       throw_unsupported(where_, "is an SD3 / Flux transformer checkpoint, not an SD 1.x / 2.x UNet", hint);
     if (has_prefix("control_model."))

@@ -24,13 +24,21 @@ ModelSummary inspect_model(const std::string& model_dir) {
   ModelSummary s;
   s.dir = model_dir;
   s.class_name = m.index.class_name;
-  ComponentSummary tok;
-  tok.name = "tokenizer";
-  tok.class_name = m.index.components.at("tokenizer").second;
-  tok.detail = "max length " + std::to_string(m.tokenizer->model_max_length());
-  s.components.push_back(tok);
+  auto tokenizer = [&](const std::string& name, const Tokenizer& t) {
+    ComponentSummary tok;
+    tok.name = name;
+    tok.class_name = m.index.components.at(name).second;
+    tok.detail = "max length " + std::to_string(t.model_max_length());
+    s.components.push_back(tok);
+  };
+  tokenizer("tokenizer", *m.tokenizer);
   s.components.push_back(summarize(m.index, "text_encoder", *m.text_encoder,
                                    model_weights(model_dir, "text_encoder")));
+  if (m.xl()) {  // SDXL's second tokenizer and encoder
+    tokenizer("tokenizer_2", *m.tokenizer_2);
+    s.components.push_back(summarize(m.index, "text_encoder_2", *m.text_encoder_2,
+                                     model_weights(model_dir, "text_encoder_2")));
+  }
   s.components.push_back(summarize(m.index, "unet", *m.unet,
                                    model_weights(model_dir, "unet")));
   s.components.push_back(summarize(m.index, "vae", *m.vae,

@@ -23,6 +23,14 @@ const std::map<std::string, std::vector<std::string>> kRequired = {
     {"scheduler", {}},  // any class name: the scheduler is chosen from its config later
 };
 
+// What an SDXL pipeline adds.
+const std::map<std::string, std::vector<std::string>> kRequiredXL = {
+    {"text_encoder_2", {"CLIPTextModelWithProjection"}},
+    {"tokenizer_2", {"CLIPTokenizer", "CLIPTokenizerFast"}},
+};
+
+const std::vector<std::string> kPipelines = {"StableDiffusionPipeline", "StableDiffusionXLPipeline"};
+
 template <typename Holder, typename Config>
 Holder load_component(const std::string& dir, const std::string& component, const std::string& weights_name,
                       const LoadOptions& options, MappedWeights* mapped) {
@@ -40,6 +48,9 @@ Holder load_component(const std::string& dir, const std::string& component, cons
   if (!(options.prepack_convolutions && options.device.is_cpu())) views.prefault_all();
   if (mapped) *mapped = std::move(views);
   module->eval();
+  // The values the constructor initialised (torch::nn layers do; the CLIP encoders hold
+  // 2.6 GiB of them in SDXL) are freed now: give them back rather than keep them in the heap.
+  release_free_memory();
   return module;
 }
 
@@ -52,9 +63,7 @@ ModelIndex read_model_index(const std::string& model_dir) {
   const nlohmann::json j = read_json_file(path);
   ModelIndex index;
   index.class_name = config_json::get_string(j, "_class_name", "", path);
-  if (index.class_name.find("XL") != std::string::npos)
-    throw_unsupported(path, "_class_name = " + index.class_name + ": SDXL is not supported yet",
-                      "use a Stable Diffusion 1.x or 2.x model");
+  index.xl = index.class_name == "StableDiffusionXLPipeline";
   for (auto it = j.begin(); it != j.end(); ++it) {
     if (it.key().empty() || it.key()[0] == '_' || !it.value().is_array() || it.value().size() != 2) continue;
     if (it.value()[0].is_null() || it.value()[1].is_null()) continue;  // e.g. safety_checker [null, null]
@@ -62,18 +71,34 @@ ModelIndex read_model_index(const std::string& model_dir) {
       throw_bad_input(path, "component " + it.key() + " = " + it.value().dump() + " is not [library, class]");
     index.components[it.key()] = {it.value()[0].get<std::string>(), it.value()[1].get<std::string>()};
   }
-  for (const auto& [name, classes] : kRequired) {
-    auto it = index.components.find(name);
-    if (it == index.components.end())
-      throw_bad_input(path, "lists no " + name + " component", kFolderHint);
-    const std::string& cls = it->second.second;
-    if (!classes.empty() && std::find(classes.begin(), classes.end(), cls) == classes.end())
-      throw_unsupported(path, name + " class " + cls + " is not supported (supported: " + join(classes) + ")",
-                        "use a Stable Diffusion 1.x or 2.x model");
+  // The SDXL refiner has text_encoder_2 only and works on images (img2img): say so by name.
+  if (index.components.count("text_encoder_2") && !index.components.count("text_encoder"))
+    throw_unsupported(path, "has text_encoder_2 but no text_encoder: an SDXL refiner (" + index.class_name +
+                                "), which refines images and does not generate them",
+                      "use the SDXL base model (stabilityai/stable-diffusion-xl-base-1.0)");
+  if (index.class_name.find("XL") != std::string::npos && !index.xl)
+    throw_unsupported(path, "_class_name = " + index.class_name + " is not supported (supported: " + join(kPipelines) +
+                                ")",
+                      "use a text-to-image Stable Diffusion 1.x, 2.x or XL model");
+  for (const auto* required : {&kRequired, &kRequiredXL}) {
+    if (required == &kRequiredXL && !index.xl) break;
+    for (const auto& [name, classes] : *required) {
+      auto it = index.components.find(name);
+      if (it == index.components.end())
+        throw_bad_input(path, "lists no " + name + " component" + (index.xl ? " (an SDXL pipeline needs it)" : ""),
+                        kFolderHint);
+      const std::string& cls = it->second.second;
+      if (!classes.empty() && std::find(classes.begin(), classes.end(), cls) == classes.end())
+        throw_unsupported(path, name + " class " + cls + " is not supported (supported: " + join(classes) + ")",
+                          "use a Stable Diffusion 1.x, 2.x or XL model");
+    }
   }
-  if (index.components.count("text_encoder_2"))
-    throw_unsupported(path, "has a second text encoder (SDXL): not supported yet",
-                      "use a Stable Diffusion 1.x or 2.x model");
+  if (!index.xl && index.components.count("text_encoder_2"))
+    throw_unsupported(path, "has a second text encoder but _class_name = " + index.class_name +
+                                " (supported with two: StableDiffusionXLPipeline)",
+                      "use a Stable Diffusion 1.x, 2.x or XL model");
+  // diffusers' StableDiffusionXLPipeline defaults force_zeros_for_empty_prompt to true.
+  index.force_zeros_for_empty_prompt = index.xl && config_json::get_bool(j, "force_zeros_for_empty_prompt", true, path);
   return index;
 }
 
@@ -91,7 +116,7 @@ namespace {
 
 // transformers names its weights model.*, diffusers diffusion_pytorch_model.*.
 const char* weights_name(const std::string& component) {
-  return component == "text_encoder" ? "model" : "diffusion_pytorch_model";
+  return component == "text_encoder" || component == "text_encoder_2" ? "model" : "diffusion_pytorch_model";
 }
 
 }  // namespace
@@ -100,8 +125,31 @@ std::string model_weights(const std::string& model_dir, const std::string& compo
   return component_weights(model_dir + "/" + component, weights_name(component));
 }
 
+namespace {
+
+// The class the folder's config.json names must be the one its slot takes (a projection
+// head in text_encoder/, or none in text_encoder_2/, is a mixed-up folder).
+void require_architecture(const std::string& dir, const std::string& architecture) {
+  const std::string config_path = dir + "/config.json";
+  if (!is_regular_file(config_path)) return;  // load_component names what is missing
+  const CLIPTextConfig c = CLIPTextConfig::from_json(read_json_file(config_path), config_path);
+  if (!c.architecture.empty() && c.architecture != architecture)
+    throw_bad_input(config_path, "architectures is " + c.architecture + ", this folder holds a " + architecture,
+                    "take the folder from the model's release");
+}
+
+}  // namespace
+
 CLIPTextModel load_text_encoder(const std::string& dir, const LoadOptions& options, MappedWeights* mapped) {
+  require_architecture(dir, "CLIPTextModel");
   return load_component<CLIPTextModel, CLIPTextConfig>(dir, "text_encoder", weights_name("text_encoder"), options, mapped);
+}
+
+CLIPTextModelWithProjection load_text_encoder_2(const std::string& dir, const LoadOptions& options,
+                                                MappedWeights* mapped) {
+  require_architecture(dir, "CLIPTextModelWithProjection");
+  return load_component<CLIPTextModelWithProjection, CLIPTextConfig>(dir, "text_encoder_2",
+                                                                     weights_name("text_encoder_2"), options, mapped);
 }
 
 UNet2DConditionModel load_unet(const std::string& dir, const LoadOptions& options, MappedWeights* mapped) {
@@ -125,6 +173,16 @@ StableDiffusionModel load_model_folder(const std::string& model_dir, const LoadO
     throw_bad_input(model_dir, "component folder tokenizer/ is missing", kFolderHint);
   m.tokenizer = load_tokenizer(model_dir + "/tokenizer");
   m.text_encoder = load_text_encoder(model_dir + "/text_encoder", options, &m.mapped["text_encoder"]);
+  if (m.index.xl) {
+    if (!is_directory(model_dir + "/tokenizer_2"))
+      throw_bad_input(model_dir, "component folder tokenizer_2/ is missing (an SDXL model has two tokenizers)",
+                      kFolderHint);
+    m.tokenizer_2 = load_tokenizer(model_dir + "/tokenizer_2");
+    if (!is_directory(model_dir + "/text_encoder_2"))
+      throw_bad_input(model_dir, "component folder text_encoder_2/ is missing (an SDXL model has two text encoders)",
+                      kFolderHint);
+    m.text_encoder_2 = load_text_encoder_2(model_dir + "/text_encoder_2", options, &m.mapped["text_encoder_2"]);
+  }
   m.unet = load_unet(model_dir + "/unet", options, &m.mapped["unet"]);
   m.vae = load_vae(model_dir + "/vae", options, &m.mapped["vae"]);
   m.page_out_idle = options.page_out_idle;

@@ -7,6 +7,9 @@
 //   vae/{config.json, diffusion_pytorch_model.safetensors}
 //   scheduler/scheduler_config.json
 //
+// An SDXL folder (StableDiffusionXLPipeline) adds text_encoder_2/ (CLIPTextModelWithProjection)
+// and tokenizer_2/, and model_index.json's force_zeros_for_empty_prompt.
+//
 // Each component is built from its own config.json and loaded strictly by name.
 #pragma once
 
@@ -44,9 +47,13 @@ struct ModelIndex {
   std::string class_name;  // "StableDiffusionPipeline"
   // component name -> (library, class), e.g. "unet" -> ("diffusers", "UNet2DConditionModel")
   std::map<std::string, std::pair<std::string, std::string>> components;
+  bool xl = false;  // StableDiffusionXLPipeline: two text encoders
+  // SDXL: a missing negative prompt is zero embeddings (diffusers' default for the pipeline: true).
+  bool force_zeros_for_empty_prompt = false;
 };
 
-// Reads and validates model_index.json; rejects pipelines we cannot run (SDXL, ...).
+// Reads and validates model_index.json; rejects pipelines we cannot run (SDXL refiners,
+// img2img, ...).
 ModelIndex read_model_index(const std::string& model_dir);
 
 // The weights file of a component folder: `<name>.safetensors`, else the
@@ -60,6 +67,9 @@ std::string model_weights(const std::string& model_dir, const std::string& compo
 // `mapped` (optional) receives the weights that alias the file (tensor_io.h).
 CLIPTextModel load_text_encoder(const std::string& component_dir, const LoadOptions& options,
                                 MappedWeights* mapped = nullptr);
+// SDXL's text_encoder_2/ (CLIPTextModelWithProjection).
+CLIPTextModelWithProjection load_text_encoder_2(const std::string& component_dir, const LoadOptions& options,
+                                                MappedWeights* mapped = nullptr);
 UNet2DConditionModel load_unet(const std::string& component_dir, const LoadOptions& options,
                                MappedWeights* mapped = nullptr);
 AutoencoderKL load_vae(const std::string& component_dir, const LoadOptions& options, MappedWeights* mapped = nullptr);
@@ -69,11 +79,16 @@ struct StableDiffusionModel {
   ModelIndex index;
   std::unique_ptr<Tokenizer> tokenizer;
   CLIPTextModel text_encoder{nullptr};
+  // SDXL only (index.xl): the second tokenizer (pads with "!") and text encoder.
+  std::unique_ptr<Tokenizer> tokenizer_2;
+  CLIPTextModelWithProjection text_encoder_2{nullptr};
   UNet2DConditionModel unet{nullptr};
   AutoencoderKL vae{nullptr};
   nlohmann::json scheduler_config;
 
-  // Weights that alias their files, by component ("text_encoder", "unet", "vae").
+  bool xl() const { return static_cast<bool>(text_encoder_2); }
+
+  // Weights that alias their files, by component ("text_encoder", "text_encoder_2", "unet", "vae").
   std::map<std::string, MappedWeights> mapped;
   bool page_out_idle = false;  // LoadOptions::page_out_idle, as loaded
   // Called before running a component: its weights are made resident (one prefault call

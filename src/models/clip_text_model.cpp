@@ -19,12 +19,16 @@ CLIPTextConfig CLIPTextConfig::from_json(const nlohmann::json& j, const std::str
   c.hidden_act = config_json::get_string(j, "hidden_act", c.hidden_act, where);
   c.layer_norm_eps = config_json::get_number(j, "layer_norm_eps", c.layer_norm_eps, where);
   c.eos_token_id = config_json::get_int(j, "eos_token_id", c.eos_token_id, where);
+  c.projection_dim = config_json::get_int(j, "projection_dim", c.projection_dim, where);
 
-  // A text model with a projection head (SDXL's second encoder) is a different network.
-  if (auto arch = j.find("architectures"); arch != j.end() && arch->is_array())
-    for (const auto& a : *arch)
-      if (a != "CLIPTextModel")
-        reject_config(where, "architectures", *arch, "[\"CLIPTextModel\"]; SDXL is not supported yet");
+  // A text model with a projection head (SDXL's second encoder) is a different network:
+  // the loader builds the class that config.json names.
+  if (auto arch = j.find("architectures"); arch != j.end() && arch->is_array()) {
+    if (arch->size() != 1 || !(*arch)[0].is_string() ||
+        ((*arch)[0] != "CLIPTextModel" && (*arch)[0] != "CLIPTextModelWithProjection"))
+      reject_config(where, "architectures", *arch, "[\"CLIPTextModel\"], [\"CLIPTextModelWithProjection\"]");
+    c.architecture = (*arch)[0].get<std::string>();
+  }
   if (auto type = j.find("model_type"); type != j.end() && *type != "clip_text_model")
     reject_config(where, "model_type", *type, "\"clip_text_model\"");
   if (c.hidden_act != "quick_gelu" && c.hidden_act != "gelu")
@@ -34,7 +38,7 @@ CLIPTextConfig CLIPTextConfig::from_json(const nlohmann::json& j, const std::str
                                std::to_string(c.num_attention_heads));
   for (auto [key, v] : {std::pair{"vocab_size", c.vocab_size}, {"hidden_size", c.hidden_size},
                         {"intermediate_size", c.intermediate_size}, {"num_hidden_layers", c.num_hidden_layers},
-                        {"max_position_embeddings", c.max_position_embeddings}})
+                        {"max_position_embeddings", c.max_position_embeddings}, {"projection_dim", c.projection_dim}})
     if (v <= 0) throw_bad_input(where, std::string(key) + " = " + std::to_string(v) + " must be positive");
   return c;
 }
@@ -123,6 +127,19 @@ CLIPTextTransformerImpl::CLIPTextTransformerImpl(const CLIPTextConfig& c) : conf
 
 CLIPTextModelImpl::CLIPTextModelImpl(const CLIPTextConfig& config) : config_(config) {
   text_model_ = register_module("text_model", CLIPTextTransformer(config));
+}
+
+CLIPTextModelWithProjectionImpl::CLIPTextModelWithProjectionImpl(const CLIPTextConfig& config) : config_(config) {
+  text_model_ = register_module("text_model", CLIPTextTransformer(config));
+  text_projection_ = register_module(
+      "text_projection", torch::nn::Linear(torch::nn::LinearOptions(config.hidden_size, config.projection_dim).bias(false)));
+}
+
+CLIPTextOutput CLIPTextModelWithProjectionImpl::forward(const at::Tensor& input_ids, const at::Tensor& attention_mask) {
+  // input_ids [B, L] -> hidden states as CLIPTextModel, text_embeds [B, P]
+  CLIPTextOutput out = text_model_->forward(input_ids, attention_mask);
+  out.text_embeds = text_projection_(out.pooler_output);  // [B, P]
+  return out;
 }
 
 CLIPTextOutput CLIPTextTransformerImpl::forward(const at::Tensor& input_ids, const at::Tensor& attention_mask) {

@@ -1,4 +1,6 @@
-// CLIPTextModel (transformers), the text encoder of Stable Diffusion 1.x/2.x.
+// CLIPTextModel (transformers), the text encoder of Stable Diffusion 1.x/2.x, and
+// CLIPTextModelWithProjection, SDXL's second text encoder (the same tower plus
+// `text_projection`, which makes the pooled output SDXL's text_embeds).
 //
 // Token + position embeddings, a pre-LayerNorm transformer with a causal mask,
 // and a final LayerNorm. Module names equal the transformers checkpoint keys
@@ -27,6 +29,9 @@ struct CLIPTextConfig {  // defaults: transformers' CLIPTextConfig
   std::string hidden_act = "quick_gelu";  // SD 1.x; SD 2.x (OpenCLIP) uses "gelu"
   double layer_norm_eps = 1e-5;
   int64_t eos_token_id = 2;  // 2 is the legacy value of SD configs: pool at argmax(input_ids)
+  int64_t projection_dim = 512;  // CLIPTextModelWithProjection's text_projection output width
+  // config.json's architectures: "CLIPTextModel", "CLIPTextModelWithProjection", or "" when absent.
+  std::string architecture;
 
   static CLIPTextConfig from_json(const nlohmann::json& config, const std::string& where);
 };
@@ -74,6 +79,7 @@ TORCH_MODULE(CLIPEncoder);
 struct CLIPTextOutput {
   at::Tensor last_hidden_state;           // [B, L, D] after final_layer_norm
   at::Tensor pooler_output;               // [B, D] at the end-of-text token
+  at::Tensor text_embeds;                 // [B, P] text_projection(pooler_output); WithProjection only
   std::vector<at::Tensor> hidden_states;  // [embeddings, layer 1, ..., layer N], before final_layer_norm
 };
 
@@ -114,5 +120,26 @@ class CLIPTextModelImpl : public torch::nn::Module {
   CLIPTextTransformer text_model_{nullptr};
 };
 TORCH_MODULE(CLIPTextModel);
+
+}  // namespace fairdiff
+
+namespace fairdiff {
+
+// CLIPTextModelWithProjection: `text_model.*` plus `text_projection` (no bias). Its forward
+// also fills text_embeds, the pooled output projected (SDXL's pooled prompt embedding).
+class CLIPTextModelWithProjectionImpl : public torch::nn::Module {
+ public:
+  explicit CLIPTextModelWithProjectionImpl(const CLIPTextConfig& config);
+
+  // See CLIPTextTransformerImpl::forward; text_embeds [B, projection_dim] set.
+  CLIPTextOutput forward(const at::Tensor& input_ids, const at::Tensor& attention_mask = {});
+  const CLIPTextConfig& config() const { return config_; }
+
+ private:
+  CLIPTextConfig config_;
+  CLIPTextTransformer text_model_{nullptr};
+  torch::nn::Linear text_projection_{nullptr};
+};
+TORCH_MODULE(CLIPTextModelWithProjection);
 
 }  // namespace fairdiff

@@ -56,16 +56,22 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j, 
   UNet2DConditionConfig c;
 
   // Architectures we do not build: say which, before anything else fails on them.
+  // text_time (SDXL) is the one addition embedding we implement.
   if (has_value(j, "addition_embed_type")) {
-    const std::string value = j.at("addition_embed_type").is_string()
-                                  ? "\"" + j.at("addition_embed_type").get<std::string>() + "\""
-                                  : j.at("addition_embed_type").dump();
-    const bool sdxl = value == "\"text_time\"";
-    throw_unsupported(where, "addition_embed_type = " + value + " is not supported (supported: null)",
-                      sdxl ? "this is an SDXL UNet: SDXL is not supported yet"
-                           : "only Stable Diffusion 1.x / 2.x UNets are supported");
+    const auto& v = j.at("addition_embed_type");
+    if (!v.is_string() || v.get<std::string>() != "text_time")
+      throw_unsupported(where, "addition_embed_type = " + v.dump() + " is not supported (supported: null, \"text_time\")",
+                        "only Stable Diffusion 1.x / 2.x / XL UNets are supported");
+    c.addition_embed_type = "text_time";
+    // Without these the reference would build add_embedding with no sizes: refuse by name.
+    for (const char* key : {"addition_time_embed_dim", "projection_class_embeddings_input_dim"})
+      if (!has_value(j, key))
+        throw_bad_input(where, std::string("addition_embed_type \"text_time\" needs ") + key + ", found none",
+                        "take unet/config.json from the model's release (SDXL base: 256 and 2816)");
+    c.addition_time_embed_dim = get_int(j, "addition_time_embed_dim", 0, where);
+    c.projection_class_embeddings_input_dim = get_int(j, "projection_class_embeddings_input_dim", 0, where);
   }
-  const std::string sd_only = "only Stable Diffusion 1.x / 2.x UNets are supported";
+  const std::string sd_only = "only Stable Diffusion 1.x / 2.x / XL UNets are supported";
   require_null(j, "class_embed_type", where, sd_only);
   require_null(j, "num_class_embeds", where, sd_only);
   require_null(j, "encoder_hid_dim", where, sd_only);
@@ -95,8 +101,9 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j, 
       throw_unsupported(where, "only_cross_attention = " + v.dump() + " is not supported (supported: false)", sd_only);
   }
   // Used only by block types and embeddings rejected above; the reference ignores them here too:
-  // mid_block_only_cross_attention, class_embeddings_concat, addition_time_embed_dim,
-  // projection_class_embeddings_input_dim, addition_embed_type_num_heads.
+  // mid_block_only_cross_attention, class_embeddings_concat, addition_embed_type_num_heads
+  // (text_image only); addition_time_embed_dim and projection_class_embeddings_input_dim
+  // without text_time.
   warn_unknown_keys(j, kKnownKeys, where);
 
   require_string(where, "attention_type", get_string(j, "attention_type", "default", where), {"default"});
@@ -198,6 +205,17 @@ void UNet2DConditionConfig::validate(const std::string& where) const {
       throw_unsupported(where, "conv_in_kernel / conv_out_kernel = " + std::to_string(k) +
                                    " is not supported (supported: odd sizes)");
   if (downsample_padding < 0) throw_bad_input(where, "downsample_padding must be >= 0");
+  if (!addition_embed_type.empty()) {
+    require_string(where, "addition_embed_type", addition_embed_type, {"text_time"});
+    positive("addition_time_embed_dim", addition_time_embed_dim);
+    // add_embedding's input is [pooled (P), 6 time features of addition_time_embed_dim].
+    if (projection_class_embeddings_input_dim <= 6 * addition_time_embed_dim)
+      throw_bad_input(where, "projection_class_embeddings_input_dim " +
+                                 std::to_string(projection_class_embeddings_input_dim) +
+                                 " leaves no room for the pooled text embedding next to 6 x addition_time_embed_dim " +
+                                 std::to_string(addition_time_embed_dim),
+                      "it is the pooled width + 6 x addition_time_embed_dim (SDXL base: 1280 + 6 x 256 = 2816)");
+  }
   const std::vector<int64_t> heads = num_heads();
   for (size_t i = 0; i < n; ++i) {
     const std::string block = "block " + std::to_string(i) + ": ";
@@ -231,6 +249,12 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
       "conv_in", leaf::Conv2d(c.in_channels, c.block_out_channels[0], c.conv_in_kernel, 1, (c.conv_in_kernel - 1) / 2));
   time_proj_ = register_module("time_proj", Timesteps(time_input_dim, c.flip_sin_to_cos, c.freq_shift));
   time_embedding_ = register_module("time_embedding", TimestepEmbedding(time_input_dim, time_embed_dim));
+  if (takes_text_time()) {
+    add_time_proj_ = register_module("add_time_proj", Timesteps(c.addition_time_embed_dim, c.flip_sin_to_cos,
+                                                                 c.freq_shift));
+    add_embedding_ =
+        register_module("add_embedding", TimestepEmbedding(c.projection_class_embeddings_input_dim, time_embed_dim));
+  }
 
   UNetBlockOptions common;
   common.temb_channels = time_embed_dim;
@@ -312,14 +336,26 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
 
 at::Tensor UNet2DConditionModelImpl::forward(const at::Tensor& sample, const at::Tensor& timestep,
                                              const Conditioning& conditioning) {
-  TORCH_CHECK(!conditioning.pooled.defined() && !conditioning.time_ids.defined(),
-              "UNet2DConditionModel: pooled embeddings or time ids given to a UNet without addition_embed_type");
-  return forward(sample, timestep, conditioning.context);
+  if (!takes_text_time()) {
+    TORCH_CHECK(!conditioning.pooled.defined() && !conditioning.time_ids.defined(),
+                "UNet2DConditionModel: pooled embeddings or time ids given to a UNet without addition_embed_type");
+    return run(sample, timestep, conditioning.context, nullptr);
+  }
+  return run(sample, timestep, conditioning.context, &conditioning);
 }
 
 at::Tensor UNet2DConditionModelImpl::forward(const at::Tensor& sample, const at::Tensor& timestep,
                                              const at::Tensor& encoder_hidden_states) {
+  return run(sample, timestep, encoder_hidden_states, nullptr);
+}
+
+at::Tensor UNet2DConditionModelImpl::run(const at::Tensor& sample, const at::Tensor& timestep,
+                                         const at::Tensor& encoder_hidden_states, const Conditioning* added) {
   // sample [B,C,H,W], timestep [] / [1] / [B], encoder_hidden_states [B,L,D] -> [B,C_out,H,W]
+  // added (text_time): pooled [B,P], time_ids [B,6]
+  TORCH_CHECK(added || !takes_text_time(),
+              "UNet2DConditionModel: this UNet (addition_embed_type text_time, SDXL) needs pooled text embeddings "
+              "and time ids: pass a Conditioning");
   TORCH_CHECK(sample.dim() == 4, "UNet2DConditionModel: sample must be [B,C,H,W], got ", sample.sizes());
   TORCH_CHECK(encoder_hidden_states.dim() == 3, "UNet2DConditionModel: encoder_hidden_states must be [B,L,D], got ",
               encoder_hidden_states.sizes());
@@ -344,6 +380,24 @@ at::Tensor UNet2DConditionModelImpl::forward(const at::Tensor& sample, const at:
   t = shared ? t.narrow(0, 0, 1) : t.expand({B});             // [1] or [B]
   at::Tensor t_emb = time_proj_(t).to(sample.scalar_type());  // [1|B,C0]
   at::Tensor emb = time_embedding_(t_emb);                    // [1|B,T]
+  if (added) {
+    // SDXL: each of the 6 time ids gets its own sinusoidal features, flattened after the
+    // pooled text embedding: [B, P + 6 A] -> add_embedding -> [B,T], added to the time's.
+    TORCH_CHECK(added->pooled.defined() && added->time_ids.defined(),
+                "UNet2DConditionModel: addition_embed_type text_time needs pooled text embeddings and time ids");
+    TORCH_CHECK(added->pooled.dim() == 2 && added->pooled.size(0) == B && added->time_ids.dim() == 2 &&
+                    added->time_ids.size(0) == B,
+                "UNet2DConditionModel: pooled must be [", B, ",P] and time_ids [", B, ",6], got ",
+                added->pooled.sizes(), " and ", added->time_ids.sizes());
+    const at::Tensor time_ids = added->time_ids.to(sample.device());
+    at::Tensor time_embeds = add_time_proj_(time_ids.flatten()).reshape({B, -1});  // [B, 6 A]
+    at::Tensor add_embeds = at::cat({added->pooled.to(sample.device(), emb.scalar_type()),
+                                     time_embeds.to(emb.scalar_type())}, -1);      // [B, P + 6 A]
+    TORCH_CHECK(add_embeds.size(1) == config_.projection_class_embeddings_input_dim,
+                "UNet2DConditionModel: pooled width + 6 x addition_time_embed_dim is ", add_embeds.size(1),
+                ", projection_class_embeddings_input_dim is ", config_.projection_class_embeddings_input_dim);
+    emb = emb + add_embedding_(add_embeds);  // [B,T]
+  }
 
   // 2. pre-process
   at::Tensor h = config_.center_input_sample ? sample * 2.0 - 1.0 : sample;

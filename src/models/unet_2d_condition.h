@@ -1,5 +1,5 @@
-// UNet2DConditionModel: the Stable Diffusion 1.x / 2.x denoiser, built from its diffusers
-// `unet/config.json`; parameter names equal the checkpoint keys.
+// UNet2DConditionModel: the Stable Diffusion 1.x / 2.x / XL denoiser, built from its
+// diffusers `unet/config.json`; parameter names equal the checkpoint keys.
 //
 //   auto config = fairdiff::UNet2DConditionConfig::from_json(json, "unet/config.json");
 //   fairdiff::UNet2DConditionModel unet(config);
@@ -7,7 +7,10 @@
 //   fairdiff::load_state_dict(*unet, weights, "unet");
 //   at::Tensor eps = unet->forward(latents, timestep, prompt_embeds);
 //
-// Config values we do not implement (SDXL's text_time embedding, class embeddings, other
+// SDXL's UNet adds `addition_embed_type: text_time`: the pooled text embedding and the six
+// size conditions (add_time_ids) feed add_embedding, which is added to the timestep
+// embedding; it takes a Conditioning with all three parts.
+// Config values we do not implement (class embeddings, other addition embeddings, other
 // block types, ...) are rejected by from_json with an Unsupported error; nothing is
 // silently ignored that would change the computation.
 #pragma once
@@ -64,6 +67,13 @@ struct UNet2DConditionConfig {
   int64_t time_embedding_dim = 0;  // null by default: 4 * block_out_channels[0]
   int64_t conv_in_kernel = 3;
   int64_t conv_out_kernel = 3;
+  // SDXL: "text_time" or "" (null). text_time embeds each of the 6 time ids with
+  // addition_time_embed_dim sinusoidal channels and feeds [pooled, time features]
+  // (projection_class_embeddings_input_dim = pooled width + 6 * addition_time_embed_dim)
+  // through add_embedding.
+  std::string addition_embed_type;
+  int64_t addition_time_embed_dim = 0;                // null by default
+  int64_t projection_class_embeddings_input_dim = 0;  // null by default
 
   // Parses a diffusers UNet2DConditionModel config. `where` (the config.json path) names
   // the file in errors. Absent keys take the defaults above.
@@ -88,13 +98,21 @@ class UNet2DConditionModelImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& sample, const at::Tensor& timestep, const Conditioning& conditioning);
 
   const UNet2DConditionConfig& config() const { return config_; }
+  // Whether forward needs pooled embeddings and time ids (addition_embed_type text_time).
+  bool takes_text_time() const { return config_.addition_embed_type == "text_time"; }
 
  private:
+  // The network, with the addition embedding `aug` [B,T] added to the time embedding (undefined: none).
+  at::Tensor run(const at::Tensor& sample, const at::Tensor& timestep, const at::Tensor& encoder_hidden_states,
+                 const Conditioning* added);
+
   UNet2DConditionConfig config_;
   int64_t num_upsamplers_ = 0;
   leaf::Conv2d conv_in_{nullptr}, conv_out_{nullptr};
   Timesteps time_proj_{nullptr};
   TimestepEmbedding time_embedding_{nullptr};
+  Timesteps add_time_proj_{nullptr};             // text_time only
+  TimestepEmbedding add_embedding_{nullptr};     // text_time only
   std::vector<std::shared_ptr<UNetDownBlock>> down_blocks_;
   UNetMidBlock2DCrossAttn mid_block_{nullptr};
   std::vector<std::shared_ptr<UNetUpBlock>> up_blocks_;

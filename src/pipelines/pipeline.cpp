@@ -7,6 +7,8 @@
 
 #include <cstring>
 
+#include "fairdiff/error.h"
+
 namespace fairdiff {
 
 StableDiffusionPipeline::StableDiffusionPipeline(StableDiffusionModel& model)
@@ -33,6 +35,24 @@ PromptEmbeddings StableDiffusionPipeline::encode_prompts(const std::vector<std::
   return conditioner_->encode_prompts(prompts, negatives, clip_skip, classifier_free_guidance);
 }
 
+bool StableDiffusionPipeline::takes_size_conditioning() const { return model_.unet->takes_text_time(); }
+
+SizeConditioning StableDiffusionPipeline::default_size_conditioning(int64_t height, int64_t width) {
+  SizeConditioning s;
+  s.original_height = s.target_height = height;
+  s.original_width = s.target_width = width;
+  return s;
+}
+
+void StableDiffusionPipeline::condition_on_size(PromptEmbeddings& e, const SizeConditioning& size) const {
+  if (!takes_size_conditioning())
+    throw_bad_input("--original-size", "size conditioning is for SDXL; " + model_.dir +
+                                           "'s UNet has no addition_embed_type text_time",
+                    "drop --original-size, --crop-top-left and --target-size for this model");
+  e.cond.time_ids = add_time_ids(size, e.cond.rows()).to(device());
+  if (e.uncond.defined()) e.uncond.time_ids = add_time_ids(size, e.uncond.rows()).to(device());
+}
+
 at::Tensor StableDiffusionPipeline::initial_noise(const std::vector<int64_t>& seeds, int64_t height, int64_t width,
                                                   std::vector<at::Generator>* generators) const {
   const int64_t f = vae_scale_factor();
@@ -54,7 +74,16 @@ at::Tensor StableDiffusionPipeline::denoise(Scheduler& scheduler, const at::Tens
   TORCH_CHECK(!cfg || embeddings.uncond.defined(), "classifier-free guidance needs negative prompt embeddings");
   const int64_t B = noise.size(0);
   at::Tensor latents = noise * scheduler.init_noise_sigma();  // [B, C, h, w]
-  const Conditioning base_cond = cfg ? Conditioning::cat({embeddings.uncond, embeddings.cond}) : embeddings.cond;  // [2B|B, ...]
+  PromptEmbeddings sized;
+  const PromptEmbeddings* emb = &embeddings;
+  if (takes_size_conditioning() && !embeddings.cond.time_ids.defined()) {
+    // Not conditioned on a size: the reference's default, the output size.
+    sized = embeddings;
+    const int64_t f = vae_scale_factor();
+    condition_on_size(sized, default_size_conditioning(noise.size(2) * f, noise.size(3) * f));
+    emb = &sized;
+  }
+  const Conditioning base_cond = cfg ? Conditioning::cat({emb->uncond, emb->cond}) : emb->cond;  // [2B|B, ...]
   const auto& timesteps = scheduler.timesteps();
   if (cfg && extension) extension->begin(timesteps.size(), B);
   model_.use("unet");
@@ -64,9 +93,11 @@ at::Tensor StableDiffusionPipeline::denoise(Scheduler& scheduler, const at::Tens
     Conditioning cond = base_cond;
     std::vector<int64_t> extra_rows;
     if (cfg && extension) {
-      const Conditioning extra = extension->embeddings(i, &extra_rows);
+      Conditioning extra = extension->embeddings(i, &extra_rows);
       if (extra.rows() > 0) {
         const at::Tensor rows = at::tensor(extra_rows, at::kLong).to(latents.device());
+        if (emb->cond.time_ids.defined() && !extra.time_ids.defined())
+          extra.time_ids = emb->cond.time_ids.index_select(0, rows.to(emb->cond.time_ids.device()));  // [E, 6]
         x = at::cat({x, latents.index_select(0, rows)});  // [2B + E, C, h, w]
         cond = Conditioning::cat({cond, extra});
       }

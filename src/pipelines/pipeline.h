@@ -34,7 +34,8 @@ class GuidanceExtension {
   // 0 .. steps-1) and of images. A run starts here: reset per-run state.
   virtual void begin(size_t /*steps*/, int64_t /*batch_size*/) {}
   // Rows of extra conditioning (E rows, E may be 0) to evaluate at `step`, and for each
-  // row the batch item whose latents it is evaluated on.
+  // row the batch item whose latents it is evaluated on. Rows without time ids get their
+  // image's (SDXL: an edit row is conditioned on its image's size, like the image's own rows).
   virtual Conditioning embeddings(size_t step, std::vector<int64_t>* latent_rows) = 0;
   // g: the CFG term s_g (eps_t - eps_u) [B,C,h,w]; returns g plus this extension's term.
   virtual at::Tensor apply(size_t step, const at::Tensor& eps_uncond, const at::Tensor& eps_text,
@@ -60,6 +61,15 @@ class StableDiffusionPipeline {
   // negatives without it).
   PromptEmbeddings encode_prompts(const std::vector<std::string>& prompts, const std::vector<std::string>& negatives,
                                   int64_t clip_skip, bool classifier_free_guidance);
+  TextConditioner& conditioner() { return *conditioner_; }
+
+  // Whether the UNet takes size conditioning (SDXL's add_time_ids).
+  bool takes_size_conditioning() const;
+  // The reference's default: original and target size = the output size, crop 0,0.
+  static SizeConditioning default_size_conditioning(int64_t height, int64_t width);
+  // Sets add_time_ids on the prompt and negative conditioning (identical rows, as the
+  // reference); BadInput (naming --original-size) for a UNet that takes none.
+  void condition_on_size(PromptEmbeddings& embeddings, const SizeConditioning& size) const;
 
   // Initial noise [B, C, H/f, W/f]: image b drawn from its own CPU generator seeded
   // seeds[b], in float32 (equal to torch.randn with torch.Generator("cpu").manual_seed),

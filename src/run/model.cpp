@@ -11,6 +11,7 @@
 #include <fstream>
 #include <limits>
 #include <sstream>
+#include <tuple>
 
 #include "config_json.h"
 #include "data_paths.h"
@@ -237,7 +238,7 @@ double dtype_bytes(const std::string& dtype) { return dtype == "fp32" ? 4 : 2; }
 // parse (the loader names what is wrong).
 double config_parameters(const std::string& component, const nlohmann::json& j, const std::string& where) {
   try {
-    if (component == "text_encoder") {
+    if (component == "text_encoder" || component == "text_encoder_2") {
       const CLIPTextConfig c = CLIPTextConfig::from_json(j, where);
       const double h = static_cast<double>(c.hidden_size);
       return static_cast<double>(c.vocab_size + c.max_position_embeddings) * h +
@@ -292,7 +293,7 @@ void check_weights_fit(const ModelOptions& o) {
   if (is_single_file(o.model)) {
     parts.push_back({o.model, file_parameters(o.model), false});
   } else {
-    for (const std::string component : {"text_encoder", "unet", "vae"}) {
+    for (const std::string component : {"text_encoder", "text_encoder_2", "unet", "vae"}) {
       const std::string dir = o.model + "/" + component, config = dir + "/config.json";
       if (!is_regular_file(config)) continue;
       nlohmann::json j;
@@ -338,21 +339,26 @@ void check_weights_fit(const ModelOptions& o) {
 // Every id the tokenizer can emit must have a row in the text encoder's embedding, and every
 // position of its window one in the position embedding: LibTorch would stop with "index out
 // of range in self" at the first prompt.
-void check_tokenizer_fits(const StableDiffusionModel& sd, const ModelOptions& o) {
-  if (!sd.text_encoder || !sd.tokenizer) return;
-  const std::string where = is_single_file(o.model) ? o.tokenizer_dir : o.model + "/tokenizer";
-  const CLIPTextConfig& c = sd.text_encoder->config();
-  const int64_t max_id = sd.tokenizer->max_id();
+void check_tokenizer_fits(const Tokenizer& tokenizer, const CLIPTextConfig& c, const std::string& where) {
+  const int64_t max_id = tokenizer.max_id();
   if (max_id >= c.vocab_size)
     throw_bad_input(where, "token id " + std::to_string(max_id) + " is beyond the text encoder's vocabulary of " +
                                std::to_string(c.vocab_size) + " embeddings",
                     "vocab.json, added_tokens.json or tokenizer_config.json gives a token an id the model does not "
                     "have: use the tokenizer that came with the model");
-  if (sd.tokenizer->model_max_length() > c.max_position_embeddings)
-    throw_bad_input(where, "model_max_length " + std::to_string(sd.tokenizer->model_max_length()) +
+  if (tokenizer.model_max_length() > c.max_position_embeddings)
+    throw_bad_input(where, "model_max_length " + std::to_string(tokenizer.model_max_length()) +
                                " is more than the text encoder's " + std::to_string(c.max_position_embeddings) +
                                " positions (max_position_embeddings)",
                     "use the tokenizer that came with the model");
+}
+
+void check_tokenizer_fits(const StableDiffusionModel& sd, const ModelOptions& o) {
+  if (!sd.text_encoder || !sd.tokenizer) return;
+  check_tokenizer_fits(*sd.tokenizer, sd.text_encoder->config(),
+                       is_single_file(o.model) ? o.tokenizer_dir : o.model + "/tokenizer");
+  if (sd.text_encoder_2 && sd.tokenizer_2)
+    check_tokenizer_fits(*sd.tokenizer_2, sd.text_encoder_2->config(), o.model + "/tokenizer_2");
 }
 
 // Non-finite latents or pixels: a model file holding NaN or infinite weights (BadInput,
@@ -361,7 +367,8 @@ void check_tokenizer_fits(const StableDiffusionModel& sd, const ModelOptions& o)
 // cause). Scanning the weights costs one pass over them, and only once something failed.
 [[noreturn]] void non_finite(const StableDiffusionModel& sd, const ModelOptions& o, const std::string& what) {
   const std::vector<std::pair<std::string, const torch::nn::Module*>> networks = {
-      {"text_encoder", sd.text_encoder.get()}, {"unet", sd.unet.get()}, {"vae", sd.vae.get()}};
+      {"text_encoder", sd.text_encoder.get()}, {"text_encoder_2", sd.text_encoder_2 ? sd.text_encoder_2.get() : nullptr},
+      {"unet", sd.unet.get()}, {"vae", sd.vae.get()}};
   for (const auto& [component, module] : networks) {
     if (!module) continue;
     for (const at::Tensor& p : module->parameters()) {
@@ -385,7 +392,9 @@ void check_tokenizer_fits(const StableDiffusionModel& sd, const ModelOptions& o)
 // Clip skip: diffusers' hidden_states[-(k + 1)] needs k below the encoder's layer count.
 void check_clip_skip(const StableDiffusionModel& sd, int64_t clip_skip, const std::string& where) {
   if (clip_skip <= 0 || !sd.text_encoder) return;
-  const int64_t layers = sd.text_encoder->config().num_hidden_layers;
+  // SDXL's hidden_states[-(k + 2)] has the same bound, on the smaller of its two encoders.
+  int64_t layers = sd.text_encoder->config().num_hidden_layers;
+  if (sd.text_encoder_2) layers = std::min(layers, sd.text_encoder_2->config().num_hidden_layers);
   if (clip_skip >= layers)
     throw_bad_input(where, std::to_string(clip_skip) + " skips all of the text encoder's " + std::to_string(layers) +
                                " layers",
@@ -398,6 +407,54 @@ void check_settings(const SamplingSettings& s) {
     if (v < 8 || v % 8 != 0)
       throw_bad_input(name, std::to_string(v) + " is not a positive multiple of 8", "use a size such as 512 or 768");
   if (s.clip_skip < 0) throw_bad_input("clip_skip", "must be non-negative");
+}
+
+// "WxH" -> (height, width) in pixels, each in [1, 16384].
+std::pair<int64_t, int64_t> parse_size(const std::string& text, const std::string& flag) {
+  const size_t x = text.find('x');
+  int64_t w = 0, h = 0;
+  try {
+    size_t used_w = 0, used_h = 0;
+    if (x == std::string::npos) throw std::invalid_argument("no x");
+    w = std::stoll(text.substr(0, x), &used_w);
+    h = std::stoll(text.substr(x + 1), &used_h);
+    if (used_w != x || used_h != text.size() - x - 1) throw std::invalid_argument("trailing");
+  } catch (const std::exception&) {
+    throw_bad_input(flag, "\"" + text + "\" is not WIDTHxHEIGHT", "give it in pixels, e.g. 1024x1024");
+  }
+  if (w < 1 || h < 1 || w > 16384 || h > 16384)
+    throw_bad_input(flag, "\"" + text + "\" is outside 1..16384 pixels", "give it in pixels, e.g. 1024x1024");
+  return {h, w};
+}
+
+// SDXL's size conditioning of an image of s.width x s.height: the flags, else the
+// reference's defaults. BadInput naming the flag when the model takes none.
+SizeConditioning size_conditioning(const SamplingSettings& s, const StableDiffusionPipeline& pipe,
+                                   const std::string& model) {
+  for (auto [flag, value] : {std::pair{"--original-size", &s.original_size}, {"--crop-top-left", &s.crop_top_left},
+                             {"--target-size", &s.target_size}})
+    if (!value->empty() && !pipe.takes_size_conditioning())
+      throw_bad_input(flag, "size conditioning is for SDXL; " + model + " has no UNet addition_embed_type text_time",
+                      "drop --original-size, --crop-top-left and --target-size for this model");
+  SizeConditioning c = StableDiffusionPipeline::default_size_conditioning(s.height, s.width);
+  if (!s.original_size.empty()) std::tie(c.original_height, c.original_width) = parse_size(s.original_size, "--original-size");
+  if (!s.target_size.empty()) std::tie(c.target_height, c.target_width) = parse_size(s.target_size, "--target-size");
+  if (!s.crop_top_left.empty()) {
+    const std::string& t = s.crop_top_left;
+    const size_t comma = t.find(',');
+    try {
+      size_t used_top = 0, used_left = 0;
+      if (comma == std::string::npos) throw std::invalid_argument("no comma");
+      c.crop_top = std::stoll(t.substr(0, comma), &used_top);
+      c.crop_left = std::stoll(t.substr(comma + 1), &used_left);
+      if (used_top != comma || used_left != t.size() - comma - 1 || c.crop_top < 0 || c.crop_left < 0 ||
+          c.crop_top > 16384 || c.crop_left > 16384)
+        throw std::invalid_argument("range");
+    } catch (const std::exception&) {
+      throw_bad_input("--crop-top-left", "\"" + t + "\" is not TOP,LEFT", "give two pixel offsets in 0..16384, e.g. 0,0");
+    }
+  }
+  return c;
 }
 
 }  // namespace
@@ -419,6 +476,7 @@ void configure_process(int threads) {
 void Model::Impl::check_run(const std::vector<PlannedImage>& images, const GenerateOptions& o) const {
   if (images.empty()) return;
   check_clip_skip(sd, o.clip_skip, "--clip-skip");
+  size_conditioning(o, *pipe, options.model);  // refused flags and malformed sizes, before anything is written
   if (!pipe->device().is_cpu()) return;  // CUDA memory is the device's: not estimated here
   // Activations of the largest batch: the UNet's first level holds a few tensors of
   // rows x C0 x h x w (rows: CFG's two per image, one more per edit prompt), the VAE's
@@ -459,6 +517,7 @@ GeneratedBatch Model::Impl::generate(const std::vector<ImageRequest>& batch, con
   if (s.height == 0) s.height = native_height;
   check_settings(s);
   check_clip_skip(sd, s.clip_skip, "clip_skip");
+  const SizeConditioning size = size_conditioning(s, *pipe, options.model);
   const int64_t B = static_cast<int64_t>(batch.size());
   GeneratedBatch out;
   if (B == 0) return out;
@@ -500,7 +559,8 @@ GeneratedBatch Model::Impl::generate(const std::vector<ImageRequest>& batch, con
     negatives.push_back(r.negative_prompt);
     seeds.push_back(r.seed);
   }
-  const PromptEmbeddings emb = pipe->encode_prompts(prompts, negatives, s.clip_skip, cfg);
+  PromptEmbeddings emb = pipe->encode_prompts(prompts, negatives, s.clip_skip, cfg);
+  if (pipe->takes_size_conditioning()) pipe->condition_on_size(emb, size);
   for (int64_t i = 0; i < B; ++i)
     if (emb.truncated[static_cast<size_t>(i)] && warned_truncated.insert(prompts[static_cast<size_t>(i)]).second)
       spdlog::warn("prompt truncated at {} tokens: \"{}\"", sd.tokenizer->model_max_length(), prompts[static_cast<size_t>(i)]);
@@ -563,6 +623,12 @@ GeneratedBatch Model::Impl::generate(const std::vector<ImageRequest>& batch, con
                              {"clip_skip", s.clip_skip},   {"model", name},
                              {"model_hash", hash},         {"dtype", options.dtype},
                              {"version", kVersion}};
+    if (pipe->takes_size_conditioning()) {
+      // SDXL: the size conditions, resolved (diffusers' names and (height, width) order).
+      record["original_size"] = {size.original_height, size.original_width};
+      record["crops_coords_top_left"] = {size.crop_top, size.crop_left};
+      record["target_size"] = {size.target_height, size.target_width};
+    }
     if (!r.groups.empty())
       record["fairness"] = fair_record(fairness, edits, fairness_options.assignment, r.groups,
                                        concepts[static_cast<size_t>(i)]);

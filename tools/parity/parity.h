@@ -92,6 +92,11 @@ void register_tokenizer_ops(OpRegistry& registry);  // tokenize
 void register_pipeline_ops(OpRegistry& registry);   // sd_pipeline, cpu_randn
 void register_sega_ops(OpRegistry& registry);       // sega_pipeline
 void register_clip_ops(OpRegistry& registry);       // clip_image_embeds, clip_text_embeds, clip_preprocess, clip_zero_shot
+void register_sdxl_ops(OpRegistry& registry);       // sdxl_text_encode, unet_forward_sdxl, sdxl_pipeline
+
+// A UNet case's timestep: in.timestep [B], else params.timestep with its JSON type
+// (int -> int64, float -> float64), as the reference's UNet sees it.
+at::Tensor case_timestep(const ParityCase& c);
 
 // Builds our modules from the real SD configs in fixtures/keysets and compares
 // every parameter name and shape; returns false on any mismatch.

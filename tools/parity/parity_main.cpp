@@ -212,6 +212,7 @@ int run(const std::string& dir, const std::string& filter, const RunOptions& opt
   register_pipeline_ops(registry);
   register_sega_ops(registry);
   register_clip_ops(registry);
+  register_sdxl_ops(registry);
 
   if (!fs::is_directory(dir)) throw_bad_input(dir, "fixtures folder not found", "give the path of ../shared/fixtures");
   Totals totals;

@@ -45,17 +45,7 @@ void unet_forward(ParityCase& c) {
   UNet2DConditionModel& unet = unet_for(c);
   const at::Tensor sample = model_input(c, "sample");
   const at::Tensor context = model_input(c, "encoder_hidden_states");
-  // Per-sample timesteps come as in.timestep [B] (int64); a scalar comes in params, and
-  // keeps its Python type as the reference's UNet sees it (int -> int64, float -> float64).
-  at::Tensor timestep;
-  if (c.has_input("timestep")) {
-    timestep = c.input("timestep");
-  } else {
-    const nlohmann::json& t = c.params().at("timestep");
-    timestep = t.is_number_integer() ? at::scalar_tensor(t.get<int64_t>(), at::kLong)
-                                     : at::scalar_tensor(t.get<double>(), at::kDouble);
-  }
-  c.check("sample", unet->forward(sample, timestep, context));
+  c.check("sample", unet->forward(sample, case_timestep(c), context));
 }
 
 void vae_decode(ParityCase& c) {
@@ -89,6 +79,15 @@ void vae_encode(ParityCase& c) {
 }
 
 }  // namespace
+
+at::Tensor case_timestep(const ParityCase& c) {
+  // Per-sample timesteps come as in.timestep [B] (int64); a scalar comes in params, and
+  // keeps its Python type as the reference's UNet sees it (int -> int64, float -> float64).
+  if (c.has_input("timestep")) return c.input("timestep");
+  const nlohmann::json& t = c.params().at("timestep");
+  return t.is_number_integer() ? at::scalar_tensor(t.get<int64_t>(), at::kLong)
+                               : at::scalar_tensor(t.get<double>(), at::kDouble);
+}
 
 void register_unet_vae_ops(OpRegistry& registry) {
   registry["unet_forward"] = unet_forward;
