@@ -58,6 +58,15 @@ void add_audit_flags(CLI::App* cmd, AuditFlags& f) {
   cmd->add_option("--attribute", f.options.attribute, "the attribute to audit (default: the one the run assigns)");
   cmd->add_option("--classifier", f.options.classifier, "how images are put into groups: " + classifiers)->capture_default_str();
   cmd->add_flag("--json", f.json, "print the report as JSON (schema in include/fairdiff/audit.h)");
+  cmd->add_option("--clip-model", f.options.classifier_options.model,
+                  "--classifier clip: a transformers CLIPModel folder (e.g. models/toy-clip, openai/clip-vit-large-patch14)");
+  cmd->add_option("--margin", f.options.classifier_options.margin,
+                  "--classifier clip: an image whose best group probability is below this stays unclassified")
+      ->capture_default_str();
+  cmd->add_option("--device", f.options.classifier_options.device, "where a network classifier runs: cpu, cuda, cuda:N")
+      ->capture_default_str();
+  cmd->add_option("--attributes", f.options.classifier_options.attributes_dir,
+                  "attribute library folder (class prompts; default: share/fairdiff/configs/attributes)");
   cmd->add_option("--chart", f.options.chart_path, "bar chart PNG (default: DIR/audit-chart.png)");
   cmd->add_option("--sheet", f.options.sheet_path, "contact sheet PNG (default: DIR/audit-sheet.png)");
 }
@@ -117,6 +126,7 @@ void add_generate_flags(CLI::App* cmd, fairdiff::GenerateOptions& o, int& thread
 }  // namespace
 
 int main(int argc, char** argv) {
+  fairdiff::register_clip_classifier();
   CLI::App app{"fairdiff: fair text-to-image generation with Stable Diffusion"};
   app.require_subcommand(1);
   std::string inspect_path, merge_dir;

@@ -15,16 +15,20 @@
 // JSON (audit_json), schema 1: fields may be added, never renamed or removed. Shares,
 // interval bounds, targets and errors are fractions in [0, 1]; error = share - target.
 //   {"schema": 1, "dir": str, "attribute": str, "classifier": str, "groups": [str],
+//    "classifier_model": str, "margin": num,             // the classifier's model folder ("" = none)
 //    "chart": str, "sheet": str,                       // the PNG files written
 //    "prompts": [{"prompt": str, "images": int,
 //                 "groups": [{"name": str, "count": int, "share": num, "low": num, "high": num,
 //                             "target": num|null, "error": num|null}],   // classifier's group order
 //                 "unclassified": int,
 //                 "assigned": int,                     // images with an assigned group of the attribute
-//                 "assigned_hit_rate": num|null}],     // share of those classified into it
+//                 "assigned_hit_rate": num|null,       // share of those classified into it
+//                 "verified": int, "unverified": int}],  // generate --verify: reached / missed by its verifier
 //    "overall": {"images": int, "unclassified": int,
 //                "mean_abs_error": num|null,           // over all (prompt, group) pairs with a target
-//                "max_abs_error": num|null, "assigned": int, "assigned_hit_rate": num|null}}
+//                "max_abs_error": num|null, "assigned": int, "assigned_hit_rate": num|null,
+//                "verified": int, "unverified": int},
+//    "images": [{"file": str, "prompt": int, "assigned": str|null, "classified": str|null}]}  // run order
 // A prompt has targets when its records carry fairness.targets for the attribute (a group
 // the targets leave out has target 0); an unguided run has none, so its errors are null.
 #pragma once
@@ -60,6 +64,12 @@ class GroupClassifier {
   virtual const std::vector<std::string>& groups() const = 0;
   // Group index of a picture, or -1 when it cannot tell (no clear majority, nothing found).
   virtual int classify(const uint8_t* rgb, int width, int height) const = 0;
+  // Several pictures at once, each as classify() would put it: a network classifier runs
+  // them as one batch. The default calls classify() for each.
+  virtual std::vector<int> classify_batch(const std::vector<const RgbImage*>& images) const;
+  // How sure it is of each group, per group (sum 1), for records and margins; empty when the
+  // classifier has no probabilities (the hue classifier counts votes).
+  virtual std::vector<double> probabilities(const uint8_t* /*rgb*/, int /*width*/, int /*height*/) const { return {}; }
   // How charts and sheets draw group g: its own colour where the group is one, else a palette.
   virtual Rgb display_colour(int group) const;
 };
@@ -135,6 +145,9 @@ struct PromptAudit {
   std::string prompt;
   int64_t images = 0, unclassified = 0;
   int64_t assigned = 0, assigned_hits = 0;  // images with an assigned group; of those, classified into it
+  // Images that `generate --verify` checked: reached their group by its verifier, or kept
+  // after the last retry still missing it (counted apart, never as hits of the verifier).
+  int64_t verified = 0, unverified = 0;
   std::vector<GroupShare> groups;           // the classifier's group order
   std::optional<double> hit_rate() const;
 };
@@ -145,6 +158,7 @@ struct ImageVerdict {
   size_t prompt = 0;    // index into AuditReport::prompts
   int assigned = -1;    // group index, -1 = none
   int classified = -1;  // group index, -1 = unclassified
+  int verified = -1;    // generate --verify: 1 reached its group, 0 still missed it; -1 not verified
   RgbImage thumbnail;
 };
 
@@ -156,11 +170,13 @@ constexpr int kChartMaxPrompts = 40;     // the first prompts shown on the chart
 
 struct AuditReport {
   std::string dir, attribute, classifier, chart_path, sheet_path;
+  std::string classifier_model;  // the classifier's model folder, "" when it needs none
+  double margin = 0;             // ClassifierOptions::margin as used
   std::vector<std::string> groups;
   std::vector<Rgb> colours;  // display colour per group
   std::vector<PromptAudit> prompts;  // in order of first appearance
   std::vector<ImageVerdict> images;
-  int64_t unclassified = 0, assigned = 0, assigned_hits = 0;
+  int64_t unclassified = 0, assigned = 0, assigned_hits = 0, verified = 0, unverified = 0;
   std::optional<double> mean_abs_error, max_abs_error;
   std::optional<double> hit_rate() const;
 };

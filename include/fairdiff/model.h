@@ -68,6 +68,11 @@ std::string default_model();
 // memory for reuse. The library never changes them on its own.
 void configure_process(int threads);
 
+// Adds the CLIP zero-shot classifier ("clip": a transformers CLIPModel folder judges the
+// groups of any attribute whose file has classifier_prompts) to the audit's registry
+// (fairdiff/audit.h). Call once at start-up; the CLI does.
+void register_clip_classifier();
+
 class Model {
  public:
   // Loads and validates every component (BadInput naming the file on any problem).

@@ -168,20 +168,27 @@ std::optional<std::vector<double>> targets_of(const Record& r, const GroupClassi
   return shares;
 }
 
-// Reads, checks and classifies one image.
-ImageVerdict judge(const Record& r, const std::string& dir, const GroupClassifier& c, bool keep_thumbnail) {
+// Reads and checks one image of the run.
+RgbImage read_image(const Record& r, const std::string& dir) {
   const std::string path = dir + "/" + r.file;
   const char* rerun = "rerun the generate command: it resumes and makes the missing images";
   if (!is_regular_file(path)) throw_bad_input(r.where, "lists " + r.file + ", which is missing", rerun);
   if (!png_is_complete(path)) throw_bad_input(path, "is not a complete PNG file", "delete it and " + std::string(rerun));
-  const RgbImage image = read_png_rgb(path);
-  ImageVerdict v;
-  v.file = r.file;
-  v.assigned = assigned_group(r, c);
-  v.classified = c.classify(image.rgb.data(), image.width, image.height);
-  if (keep_thumbnail) v.thumbnail = make_thumbnail(image, kSheetThumbnail);
-  return v;
+  return read_png_rgb(path);
 }
+
+// What generate --verify recorded: 1 reached, 0 missed, -1 not verified.
+int verify_state(const Record& r) {
+  auto v = r.json.find("verify");
+  if (v == r.json.end() || !v->is_object()) return -1;
+  auto ok = v->find("verified");
+  if (ok == v->end() || !ok->is_boolean()) throw_bad_input(r.where, "verify.verified is not true or false");
+  return ok->get<bool>() ? 1 : 0;
+}
+
+// Images are read and classified in batches of this many: a network classifier's batch,
+// and the most decoded images held at once.
+constexpr size_t kClassifyBatch = 32;
 
 // The chart and the sheet go where the user asked: a missing folder is their mistake, found
 // before the images are read.
@@ -207,6 +214,8 @@ void count(PromptAudit& p, const ImageVerdict& v) {
     ++p.assigned;
     if (v.classified == v.assigned) ++p.assigned_hits;
   }
+  if (v.verified == 1) ++p.verified;
+  if (v.verified == 0) ++p.unverified;
 }
 
 // Shares, intervals and the overall errors from the counts.
@@ -228,6 +237,8 @@ void finish(AuditReport& r) {
     r.unclassified += p.unclassified;
     r.assigned += p.assigned;
     r.assigned_hits += p.assigned_hits;
+    r.verified += p.verified;
+    r.unverified += p.unverified;
   }
   if (pairs > 0) {
     r.mean_abs_error = sum / static_cast<double>(pairs);
@@ -302,6 +313,8 @@ AuditReport audit(const AuditOptions& o) {
   co.attribute = r.attribute;
   const std::unique_ptr<GroupClassifier> classifier = make_classifier(o.classifier, co);
   r.classifier = classifier->name();
+  r.classifier_model = co.model;
+  r.margin = co.margin;
   r.groups = classifier->groups();
   for (size_t g = 0; g < r.groups.size(); ++g) r.colours.push_back(classifier->display_colour(static_cast<int>(g)));
   r.chart_path = o.chart_path.empty() ? o.dir + "/audit-chart.png" : o.chart_path;
@@ -310,19 +323,33 @@ AuditReport audit(const AuditOptions& o) {
   check_output_folder(r.sheet_path, "--sheet");
 
   std::map<std::string, size_t> prompt_slot;
-  for (const Record& rec : records) {
-    const auto [slot, fresh] = prompt_slot.emplace(rec.prompt, r.prompts.size());
-    if (fresh) r.prompts.push_back(new_prompt(rec.prompt, r.groups));
-    PromptAudit& p = r.prompts[slot->second];
-    // The instruction is the same for every image of a prompt: the first record that has it tells it.
-    if (!p.groups.front().target)
-      if (const auto t = targets_of(rec, *classifier))
-        for (size_t g = 0; g < t->size(); ++g) p.groups[g].target = (*t)[g];
-    const bool on_sheet = slot->second < kSheetMaxPrompts && p.images < kSheetMaxPerPrompt;
-    ImageVerdict v = judge(rec, o.dir, *classifier, on_sheet);
-    v.prompt = slot->second;
-    count(p, v);
-    r.images.push_back(std::move(v));
+  for (size_t begin = 0; begin < records.size(); begin += kClassifyBatch) {
+    const size_t end = std::min(records.size(), begin + kClassifyBatch);
+    std::vector<RgbImage> images;
+    for (size_t i = begin; i < end; ++i) images.push_back(read_image(records[i], o.dir));
+    std::vector<const RgbImage*> batch;
+    for (const RgbImage& image : images) batch.push_back(&image);
+    const std::vector<int> classified = classifier->classify_batch(batch);
+    for (size_t i = begin; i < end; ++i) {
+      const Record& rec = records[i];
+      const auto [slot, fresh] = prompt_slot.emplace(rec.prompt, r.prompts.size());
+      if (fresh) r.prompts.push_back(new_prompt(rec.prompt, r.groups));
+      PromptAudit& p = r.prompts[slot->second];
+      // The instruction is the same for every image of a prompt: the first record that has it tells it.
+      if (!p.groups.front().target)
+        if (const auto t = targets_of(rec, *classifier))
+          for (size_t g = 0; g < t->size(); ++g) p.groups[g].target = (*t)[g];
+      ImageVerdict v;
+      v.file = rec.file;
+      v.prompt = slot->second;
+      v.assigned = assigned_group(rec, *classifier);
+      v.classified = classified[i - begin];
+      v.verified = verify_state(rec);
+      if (slot->second < kSheetMaxPrompts && p.images < kSheetMaxPerPrompt)
+        v.thumbnail = make_thumbnail(images[i - begin], kSheetThumbnail);
+      count(p, v);
+      r.images.push_back(std::move(v));
+    }
   }
   finish(r);
   write_audit_chart(r, r.chart_path);
@@ -336,9 +363,14 @@ std::string audit_text(const AuditReport& r) {
   const int w = static_cast<int>(width);
   std::string out;
   char line[512];
-  std::snprintf(line, sizeof line, "audit of %s: %zu images, attribute %s, classifier %s\n", r.dir.c_str(), r.images.size(),
+  std::snprintf(line, sizeof line, "audit of %s: %zu images, attribute %s, classifier %s", r.dir.c_str(), r.images.size(),
                 r.attribute.c_str(), r.classifier.c_str());
   out += line;
+  if (!r.classifier_model.empty()) {
+    std::snprintf(line, sizeof line, " (%s, margin %g)", r.classifier_model.c_str(), r.margin);
+    out += line;
+  }
+  out += "\n";
   for (const PromptAudit& p : r.prompts) {
     out += "\n\"" + p.prompt + "\": " + std::to_string(p.images) + " images\n";
     std::snprintf(line, sizeof line, "  %-*s %6s %7s  %-17s %7s %7s\n", w, "group", "count", "share", "95% interval", "target", "error");
@@ -362,6 +394,9 @@ std::string audit_text(const AuditReport& r) {
   if (r.mean_abs_error) out += ", mean |error| " + percent(*r.mean_abs_error) + ", max |error| " + percent(*r.max_abs_error);
   else out += ", no targets (an unguided run)";
   if (const auto hit = r.hit_rate()) out += ", assigned group reached " + percent(*hit);
+  if (r.verified + r.unverified > 0)
+    out += "; generate --verify: " + std::to_string(r.verified) + " verified, " + std::to_string(r.unverified) +
+           " unverified (missed after every retry)";
   out += "\nchart: " + r.chart_path + "\nsheet: " + r.sheet_path + "\n";
   return out;
 }
@@ -374,17 +409,29 @@ std::string audit_json(const AuditReport& r) {
       groups.push_back({{"name", g.name}, {"count", g.count}, {"share", g.share}, {"low", g.low}, {"high", g.high},
                         {"target", number_or_null(g.target)}, {"error", number_or_null(g.error())}});
     prompts.push_back({{"prompt", p.prompt}, {"images", p.images}, {"groups", groups}, {"unclassified", p.unclassified},
-                       {"assigned", p.assigned}, {"assigned_hit_rate", number_or_null(p.hit_rate())}});
+                       {"assigned", p.assigned}, {"assigned_hit_rate", number_or_null(p.hit_rate())},
+                       {"verified", p.verified}, {"unverified", p.unverified}});
   }
+  auto group_or_null = [&](int g) {
+    return g < 0 ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(r.groups[static_cast<size_t>(g)]);
+  };
+  nlohmann::ordered_json images = nlohmann::ordered_json::array();
+  for (const ImageVerdict& v : r.images)
+    images.push_back({{"file", v.file}, {"prompt", v.prompt}, {"assigned", group_or_null(v.assigned)},
+                      {"classified", group_or_null(v.classified)}});
   const nlohmann::ordered_json overall = {{"images", r.images.size()},
                                           {"unclassified", r.unclassified},
                                           {"mean_abs_error", number_or_null(r.mean_abs_error)},
                                           {"max_abs_error", number_or_null(r.max_abs_error)},
                                           {"assigned", r.assigned},
-                                          {"assigned_hit_rate", number_or_null(r.hit_rate())}};
+                                          {"assigned_hit_rate", number_or_null(r.hit_rate())},
+                                          {"verified", r.verified},
+                                          {"unverified", r.unverified}};
   const nlohmann::ordered_json j = {{"schema", 1},         {"dir", r.dir},           {"attribute", r.attribute},
-                                    {"classifier", r.classifier}, {"groups", r.groups}, {"chart", r.chart_path},
-                                    {"sheet", r.sheet_path}, {"prompts", prompts},  {"overall", overall}};
+                                    {"classifier", r.classifier}, {"groups", r.groups},
+                                    {"classifier_model", r.classifier_model}, {"margin", r.margin}, {"chart", r.chart_path},
+                                    {"sheet", r.sheet_path}, {"prompts", prompts},  {"overall", overall},
+                                    {"images", images}};
   return j.dump(2) + "\n";
 }
 

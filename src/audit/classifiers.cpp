@@ -92,6 +92,12 @@ std::unique_ptr<GroupClassifier> make_classifier(const std::string& name, const 
   return make_classifier(name, o);
 }
 
+std::vector<int> GroupClassifier::classify_batch(const std::vector<const RgbImage*>& images) const {
+  std::vector<int> out;
+  for (const RgbImage* image : images) out.push_back(classify(image->rgb.data(), image->width, image->height));
+  return out;
+}
+
 Rgb GroupClassifier::display_colour(int group) const {
   static const Rgb kPalette[] = {{31, 119, 180}, {255, 127, 14}, {44, 160, 44},  {214, 39, 40},  {148, 103, 189},
                                  {140, 86, 75},  {227, 119, 194}, {127, 127, 127}, {188, 189, 34}, {23, 190, 207}};

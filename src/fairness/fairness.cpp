@@ -154,6 +154,26 @@ void check_groups(const Attribute& a, const std::string& where) {
   }
 }
 
+// "classifier_prompts": {"female": ["a photo of a woman", ...], ...}: every group, each with
+// at least one prompt, or the classifier would silently never pick a group.
+void read_classifier_prompts(const nlohmann::json& j, Attribute* a, const std::string& where) {
+  const std::string form = "{\"GROUP\": [\"a photo of ...\", ...], ...} with every group";
+  if (!j.is_object()) throw_bad_input(where, "\"classifier_prompts\" is not an object", form);
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    auto g = std::find_if(a->groups.begin(), a->groups.end(), [&](const AttributeGroup& x) { return x.name == it.key(); });
+    if (g == a->groups.end()) throw_bad_input(where, "classifier_prompts: unknown group \"" + it.key() + "\"", form);
+    if (!it.value().is_array()) throw_bad_input(where, "classifier_prompts of \"" + it.key() + "\" is not a list", form);
+    for (const auto& p : it.value()) {
+      if (!p.is_string() || trim(p.get<std::string>()).empty())
+        throw_bad_input(where, "classifier_prompts of \"" + it.key() + "\" has an empty or non-text prompt", form);
+      g->classifier_prompts.push_back(p.get<std::string>());
+    }
+  }
+  for (const AttributeGroup& g : a->groups)
+    if (g.classifier_prompts.empty())
+      throw_bad_input(where, "classifier_prompts has no prompt for group \"" + g.name + "\"", form);
+}
+
 // splitmix64: spreads (seed, prompt, attribute) over the generator's seed space.
 uint64_t mix(uint64_t x) {
   x += 0x9e3779b97f4a7c15ull;
@@ -421,6 +441,7 @@ Attribute load_attribute(const std::string& name, const std::string& dir) {
   }
   check_groups(a, path);
   if (j.contains("defaults")) read_defaults(j["defaults"], &a.defaults, path);
+  if (j.contains("classifier_prompts")) read_classifier_prompts(j["classifier_prompts"], &a, path);
   return a;
 }
 

@@ -34,6 +34,9 @@ namespace fairdiff {
 struct AttributeGroup {
   std::string name;
   std::vector<std::string> edit_prompts;  // each one edit concept, forward toward this group
+  // How a zero-shot classifier (CLIP) names this group: its text embeddings are averaged
+  // (a prompt ensemble). Empty when the attribute file has no "classifier_prompts".
+  std::vector<std::string> classifier_prompts;
 };
 
 // Semantic-guidance settings of an attribute (configs/attributes/*.json "defaults").
@@ -74,7 +77,9 @@ struct FairnessSpec {
 // The attribute library: `dir` (--attributes) or, when empty, configs/attributes found by find_data
 // (data_paths.h); BadInput when there is none.
 std::string attributes_dir(const std::string& dir);
-// Reads DIR/NAME.json; BadInput when missing, malformed, without groups or with an empty edit prompt.
+// Reads DIR/NAME.json; BadInput when missing, malformed, without groups or with an empty edit
+// prompt, or with "classifier_prompts" ({"group": ["a photo of ...", ...]}) that name an unknown
+// group, leave a group out or hold an empty prompt.
 Attribute load_attribute(const std::string& name, const std::string& dir);
 
 // --fairness values, --fairness-file and --assignment (FairnessOptions, fairdiff/options.h),
