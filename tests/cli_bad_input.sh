@@ -369,5 +369,18 @@ if [ "$(wc -l <"$tmp/killed/manifest.jsonl")" -eq 6 ] && [ "$done_before" -ge 1 
 else
   failures=$((failures + 1)); echo "FAIL resume after kill -9 ($done_before done before the kill)"; ls -la "$tmp/killed"
 fi
+# --- fairdiff-clip-agreement (issue 12, the shipped toy CLIP); skipped when not built -----------
+agreement=$(dirname "$fairdiff")/fairdiff-clip-agreement
+if [ -x "$agreement" ]; then
+  mkdir -p "$tmp/no-png"
+  row agreement_missing_out 2 "--out $tmp/none: not a folder" -- "$agreement" --out "$tmp/none"
+  row agreement_no_png 2 "--out $tmp/no-png: has no PNG images" -- "$agreement" --out "$tmp/no-png"
+  row agreement_min_range 2 "--min-agreement" -- "$agreement" --out "$tmp/no-png" --min-agreement 2
+  row agreement_clip_model 2 "CLIP model folder not found" -- \
+    "$agreement" --throughput --clip-model "$tmp/none" --images 1
+else
+  echo "note: $agreement not built; its 4 rows are skipped"
+fi
+
 echo "$passes passed, $failures failed"
 [ "$failures" -eq 0 ]

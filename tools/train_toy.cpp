@@ -37,10 +37,16 @@
 #include "tensor_io.h"
 #include "tool_main.h"
 #include "toy_world.h"
+#include "train_util.h"
 #include "unet_2d_condition.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
+using fairdiff::tools::cosine_lr;
+using fairdiff::tools::init_for_training;
+using fairdiff::tools::seconds_since;
+using fairdiff::tools::set_lr;
+using fairdiff::tools::write_json;
 
 namespace {
 
@@ -124,43 +130,6 @@ json scheduler_config() {
 }
 
 // ---------------------------------------------------------------------------
-// Initialisation as torch.nn's defaults (our layers are built uninitialised for fast
-// loading): weights and biases uniform in +-1/sqrt(fan_in), embeddings N(0, 0.02),
-// norms at scale 1 and shift 0.
-void init_for_training(torch::nn::Module& module) {
-  at::NoGradGuard no_grad;
-  std::map<std::string, int64_t> fan_in;  // layer prefix -> fan-in of its weight
-  for (const auto& p : module.named_parameters()) {
-    const std::string& name = p.key();
-    at::Tensor t = p.value();
-    const bool weight = name.size() >= 6 && name.compare(name.size() - 6, 6, "weight") == 0;
-    if (!weight) continue;
-    const std::string prefix = name.substr(0, name.size() - 6);
-    if (name.find("embedding") != std::string::npos && t.dim() == 2) {
-      t.normal_(0.0, 0.02);
-    } else if (t.dim() >= 2) {
-      const int64_t fan = t.numel() / t.size(0);
-      fan_in[prefix] = fan;
-      const double bound = 1.0 / std::sqrt(static_cast<double>(fan));
-      t.uniform_(-bound, bound);
-    } else {
-      t.fill_(1.0);  // a norm's scale
-    }
-  }
-  for (const auto& p : module.named_parameters()) {
-    const std::string& name = p.key();
-    if (name.size() < 4 || name.compare(name.size() - 4, 4, "bias") != 0) continue;
-    const auto it = fan_in.find(name.substr(0, name.size() - 4));
-    at::Tensor t = p.value();
-    if (it == fan_in.end()) {
-      t.zero_();  // a norm's shift
-    } else {
-      const double bound = 1.0 / std::sqrt(static_cast<double>(it->second));
-      t.uniform_(-bound, bound);
-    }
-  }
-}
-
 // Exponential moving average of a module's parameters (the weights that get saved).
 class Ema {
  public:
@@ -194,16 +163,6 @@ class Ema {
   std::vector<std::pair<std::string, at::Tensor>> shadow_;
 };
 
-double cosine_lr(double peak, int64_t step, int64_t total, int64_t warmup) {
-  if (step < warmup) return peak * (step + 1) / warmup;
-  const double t = double(step - warmup) / double(std::max<int64_t>(1, total - warmup));
-  return peak * (0.05 + 0.95 * 0.5 * (1.0 + std::cos(M_PI * t)));
-}
-
-void set_lr(torch::optim::AdamW& opt, double lr) {
-  for (auto& group : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
-}
-
 // ---------------------------------------------------------------------------
 // Data: batch `b` of the stream is pictures b*B .. b*B+B-1 of the world, the same for
 // every run with the same seed.
@@ -230,14 +189,6 @@ Batch make_batch(const fairdiff::toy::World& world, uint64_t seed, int64_t index
 // Saving: a module's parameters as a safetensors file (float32, names = checkpoint keys).
 
 void save_module(torch::nn::Module& module, const fs::path& path) { fairdiff::save_state_dict(module, path.string()); }
-
-void write_json(const fs::path& path, const json& j) {
-  fairdiff::write_file_atomic(path.string(), j.dump(2) + "\n");
-}
-
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
 
 // ---------------------------------------------------------------------------
 // Stage 1: the autoencoder.
@@ -411,18 +362,9 @@ void write_model(const Options& o, const fs::path& dir, fairdiff::AutoencoderKL&
               {"requires_safety_checker", false}});
 }
 
-// Write next to the target, then swap, so an interrupted run never leaves half a model.
 void publish(const Options& o, fairdiff::AutoencoderKL& vae, double scaling_factor, Denoiser& m,
              const fairdiff::Tokenizer& tokenizer) {
-  const fs::path out = fs::absolute(o.out_dir).lexically_normal();
-  const fs::path tmp = out.string() + ".tmp";
-  fs::remove_all(tmp);
-  write_model(o, tmp, vae, scaling_factor, m, tokenizer);
-  const fs::path old = out.string() + ".old";
-  fs::remove_all(old);
-  if (fs::exists(out)) fs::rename(out, old);
-  fs::rename(tmp, out);
-  fs::remove_all(old);
+  fairdiff::tools::publish_folder(o.out_dir, [&](const fs::path& dir) { write_model(o, dir, vae, scaling_factor, m, tokenizer); });
 }
 
 int run(const Options& o) {
