@@ -2,12 +2,17 @@
 //
 // Exit codes: 0 success, 1 failure during the run, 2 bad usage or input
 // (checked before any model is loaded or any file is written).
+#include <spdlog/cfg/env.h>
 #include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
+#include <unistd.h>
+
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <string>
+#include <vector>
 
 #include "fairdiff/audit.h"
 #include "fairdiff/error.h"
@@ -116,6 +121,28 @@ void add_generate_flags(CLI::App* cmd, fairdiff::GenerateOptions& o, int& thread
 
 }  // namespace
 
+// libgomp reads OMP_WAIT_POLICY once, in its initialiser, before main. Left unset, its idle
+// workers spin at every barrier and take the cores from OpenBLAS's own threads: the text
+// encoder of a first image took 8 s instead of 1 on the 2-core build VM (runtime.h). So when
+// the user has not chosen, the CLI starts itself again with PASSIVE (sleeping workers), from
+// the executable's .preinit_array: after the dynamic loader, before any library's
+// initialiser (LibTorch's take most of the start-up), so the second start costs only the
+// loader's relocations (about 0.1 s). setenv cannot be used there: libc's own initialiser,
+// which runs later, resets the environment to the one on the stack.
+namespace {
+void passive_omp_workers(int, char** argv, char** envp) {
+  static const char kPassive[] = "OMP_WAIT_POLICY=PASSIVE";
+  size_t n = 0;
+  for (; envp[n]; ++n)
+    if (std::strncmp(envp[n], "OMP_WAIT_POLICY=", 16) == 0) return;  // the user's choice
+  std::vector<char*> env(envp, envp + n);
+  env.push_back(const_cast<char*>(kPassive));
+  env.push_back(nullptr);
+  execve("/proc/self/exe", argv, env.data());  // returns only on failure: run as we are
+}
+__attribute__((section(".preinit_array"), used)) void (*const preinit_omp)(int, char**, char**) = passive_omp_workers;
+}  // namespace
+
 int main(int argc, char** argv) {
   CLI::App app{"fairdiff: fair text-to-image generation with Stable Diffusion"};
   app.require_subcommand(1);
@@ -142,6 +169,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   spdlog::set_pattern("%v");
+  spdlog::cfg::load_env_levels();  // SPDLOG_LEVEL=debug: timings for scripts/bench
   try {
     if (*inspect_cmd) return inspect(inspect_path);
     if (*merge_cmd) {

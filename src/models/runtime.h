@@ -67,4 +67,9 @@ bool configure_allocator();
 // about 0.5 s per SD 1.5 image at 512x512).
 void release_free_memory();
 
+// Seconds since this process started (the kernel's start time, /proc/self/stat; 10 ms
+// resolution): start-up includes the dynamic loader and LibTorch's static initialisers,
+// which no clock started in main sees. -1 where unknown.
+double process_seconds();
+
 }  // namespace fairdiff

@@ -10,18 +10,20 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <mutex>
 #include <sstream>
+#include <thread>
 
 #include "config_json.h"
 #include "data_paths.h"
 #include "fairdiff/error.h"
 #include "fs_util.h"
+#include "hash_cache.h"
 #include "model_impl.h"
 #include "run_plan.h"
 #include "runtime.h"
 #include "safetensors.h"
 #include "scheduler_table.h"
-#include "sha256.h"
 #include "single_file.h"
 
 namespace fs = std::filesystem;
@@ -445,8 +447,21 @@ void Model::Impl::check_run(const std::vector<PlannedImage>& images, const Gener
                     "use a smaller size or --batch-size, --vae-tiling, or a machine with more memory");
 }
 
+void Model::Impl::start_model_hash() {
+  // A detached thread, not std::async: a run that stops early (bad input, an error) must not
+  // wait for a hash nobody needs; the thread holds nothing of the model.
+  std::packaged_task<std::string()> job([file = weights_file(options.model)] {
+    return cached_sha256_file(file).substr(0, 10);
+  });
+  hash_job_ = job.get_future();
+  std::thread(std::move(job)).detach();
+}
+
 const std::string& Model::Impl::model_hash() {
-  if (hash_.empty()) hash_ = sha256_file(weights_file(options.model)).substr(0, 10);
+  if (hash_.empty()) {
+    if (!hash_job_.valid()) start_model_hash();
+    hash_ = hash_job_.get();
+  }
   return hash_;
 }
 
@@ -496,6 +511,7 @@ GeneratedBatch Model::Impl::generate(const std::vector<ImageRequest>& batch, con
     seeds.push_back(r.seed);
   }
   const PromptEmbeddings emb = pipe->encode_prompts(prompts, negatives, s.clip_skip, cfg);
+  spdlog::debug("prompts encoded at {:.2f} s of the process", process_seconds());
   for (int64_t i = 0; i < B; ++i)
     if (emb.truncated[static_cast<size_t>(i)] && warned_truncated.insert(prompts[static_cast<size_t>(i)]).second)
       spdlog::warn("prompt truncated at {} tokens: \"{}\"", sd.tokenizer->model_max_length(), prompts[static_cast<size_t>(i)]);
@@ -513,6 +529,8 @@ GeneratedBatch Model::Impl::generate(const std::vector<ImageRequest>& batch, con
   }
 
   // 4. Denoise, 5. decode.
+  static std::once_flag first_step;  // start-up, as scripts/bench measures it (SPDLOG_LEVEL=debug)
+  std::call_once(first_step, [] { spdlog::debug("first denoising step at {:.2f} s of the process", process_seconds()); });
   auto last = std::chrono::steady_clock::now();
   const at::Tensor latents = pipe->denoise(
       *scheduler, noise, emb, s.cfg_scale, &generators,
@@ -590,7 +608,10 @@ Model Model::load(const ModelOptions& options) {
     throw_bad_input(impl->options.model, "model not found", "pass a diffusers model folder or a .safetensors checkpoint");
   const LoadOptions lo = resolve_runtime(impl->options);
   check_weights_fit(impl->options);  // before a single parameter is allocated
+  impl->start_model_hash();  // beside the loading and the denoising, never in front of them
+  spdlog::debug("loading the networks at {:.2f} s of the process", process_seconds());
   impl->sd = load_networks(impl->options, lo);
+  spdlog::debug("networks loaded at {:.2f} s of the process", process_seconds());
   check_tokenizer_fits(impl->sd, impl->options);
   impl->pipe = std::make_unique<StableDiffusionPipeline>(impl->sd);
   impl->name = model_name(impl->options.model);
