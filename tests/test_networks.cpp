@@ -123,8 +123,8 @@ TEST(Attention, UpcastInBfloat16StaysCloseToFloat) {
 }
 
 TEST(CpuKernels, ExpRowsDividedBySumsIsTheSoftmax) {
-  for (int64_t L : {1, 5, 8, 15, 16, 17, 77, 1000, 4096}) {
-    at::manual_seed(7 + L);
+  at::manual_seed(7);
+  for (int64_t L : {5, 16, 77, 1000, 4096, 1, 8, 15, 17}) {  // and the tails of 8 and 16 lanes
     const at::Tensor scores = at::randn({33, L}) * 6;  // scores of a sharp softmax
     const at::Tensor expected = scores.softmax(-1);
     at::Tensor scalar = scores.clone(), scalar_sums = at::empty({33});
