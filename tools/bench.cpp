@@ -44,6 +44,7 @@
 // CLIP vocabulary and SD 1.5's PNDM settings), weights ~ N(0, 0.02), biases 0, norm
 // scales 1: the same FLOPs and memory as the real model; the images are noise.
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Context.h>
 #include <c10/core/InferenceMode.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -391,6 +392,7 @@ struct Options {
   std::string scheduler;  // "" = the model's
   bool skip_vae = false;
   bool peak_only = false;  // --peak-only: the machine peak alone
+  bool no_onednn = false;  // --no-onednn: LibTorch's own kernels, as on a CPU without native bf16
   bool vae_only = false;
   bool prepack = false;  // LoadOptions::prepack_convolutions
   int64_t vae_tile = 0;  // 0 off, -1 the VAE's sample_size, else pixels
@@ -715,6 +717,7 @@ fairdiff::LoadOptions load_options(const Options& o) {
 
 // Sets the threads and malloc as asked; returns the malloc setting, in words.
 std::string configure_runtime(const Options& o) {
+  if (o.no_onednn) at::globalContext().setUserEnabledMkldnn(false);
   if (!o.libtorch_threads) fairdiff::configure_threads(o.threads);
   const bool allocator = !o.system_malloc && fairdiff::configure_allocator();
   const char* tunables = std::getenv("GLIBC_TUNABLES");
@@ -1058,6 +1061,9 @@ int main(int argc, char** argv) {
   app.add_option("--scheduler", o.scheduler, "scheduler override (pndm, ddim, euler, ...; default: the model's)");
   app.add_flag("--system-malloc", o.system_malloc, "keep glibc's malloc defaults (for comparison)");
   app.add_flag("--peak-only", o.peak_only, "measure the machine's FMA peak and stop");
+  app.add_flag("--no-onednn", o.no_onednn,
+               "LibTorch's kernels without oneDNN: what bf16 gets on a CPU without AVX-512 bf16 support, where "
+               "LibTorch 1.13 does not use oneDNN for it (with ATEN_CPU_CAPABILITY=avx2 for the rest)");
   app.add_flag("--skip-vae", o.skip_vae, "do not time the VAE decode");
   app.add_flag("--prepack-weights", o.prepack, "reorder convolution weights into oneDNN's layout at load (as generate --prepack-weights)");
   app.add_flag("--vae-only", o.vae_only, "time only the VAE decode (of noise latents), e.g. with --vae-tiling at 1024");

@@ -93,7 +93,7 @@ void add_generate_flags(CLI::App* cmd, fairdiff::GenerateOptions& o, int& thread
   cmd->add_option("-H,--height", o.height, "image height, a multiple of 8 (default: the model's size)");
   cmd->add_option("-s,--seed", o.seed, "seed of image 0; image i uses seed+i; -1 = random (recorded)")->capture_default_str();
   cmd->add_option("--clip-skip", o.clip_skip, "text encoder layers to skip from the end (diffusers' clip_skip)");
-  cmd->add_option("--dtype", o.dtype, "fp32, fp16 (CUDA) or bf16")->capture_default_str();
+  cmd->add_option("--dtype", o.dtype, "auto (bf16 on a CPU with native bfloat16, else fp32), fp32, fp16 (CUDA) or bf16")->capture_default_str();
   cmd->add_option("--device", o.device, "auto, cpu, cuda or cuda:N")->capture_default_str();
   cmd->add_option("-o,--out", o.out_dir, "output folder (PNGs + manifest.jsonl)")->capture_default_str();
   cmd->add_option("--shard-index", o.shard_index, "this shard (0-based); default from SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX or RANK");

@@ -1,6 +1,7 @@
 #include "runtime.h"
 
 #include <ATen/Parallel.h>
+#include <cpuid.h>
 #include <dlfcn.h>
 #include <malloc.h>
 #include <sched.h>
@@ -107,6 +108,16 @@ std::string thread_summary() {
   s += ") of " + std::to_string(available_cpus()) + " CPUs";
   if (const char* wait = std::getenv("OMP_WAIT_POLICY")) s += ", OMP_WAIT_POLICY=" + std::string(wait);
   return s;
+}
+
+bool cpu_has_native_bf16() {
+  static const bool yes = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    const bool amx_bf16 = __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx & (1u << 22)) != 0;
+    __builtin_cpu_init();
+    return amx_bf16 || __builtin_cpu_supports("avx512bf16");
+  }();
+  return yes;
 }
 
 double process_seconds() {

@@ -35,10 +35,13 @@ constexpr const char* kVersion = "fairdiff 0.1.0";
 
 bool is_single_file(const std::string& model) { return !is_directory(model); }
 
-// 1. Where and in what precision the networks run.
-LoadOptions resolve_runtime(const ModelOptions& o) {
+// bf16 on a CPU without native bfloat16, against fp32: its matmuls and convolutions measured
+// 22-52x slower (fairdiff-bench --no-onednn; README, Performance).
+constexpr const char* kNonNativeBf16Slowdown = "20-50x";
+
+// 1. Where and in what precision the networks run (dtype "auto" resolved in `o`).
+LoadOptions resolve_runtime(ModelOptions& o) {
   LoadOptions lo;
-  lo.dtype = o.dtype == "fp16" ? at::kHalf : o.dtype == "bf16" ? at::kBFloat16 : at::kFloat;
   lo.prepack_convolutions = o.prepack_weights;
   if (o.device == "auto") {
     lo.device = at::hasCUDA() ? at::Device(at::kCUDA) : at::Device(at::kCPU);
@@ -51,8 +54,14 @@ LoadOptions resolve_runtime(const ModelOptions& o) {
     if (lo.device.is_cuda() && !at::hasCUDA())
       throw_bad_input("--device", "CUDA is not available in this build or on this machine", "use --device cpu");
   }
+  if (o.dtype == "auto") o.dtype = lo.device.is_cpu() && cpu_has_native_bf16() ? "bf16" : "fp32";
+  lo.dtype = o.dtype == "fp16" ? at::kHalf : o.dtype == "bf16" ? at::kBFloat16 : at::kFloat;
   if (lo.device.is_cpu() && lo.dtype == at::kHalf)
     throw_bad_input("--dtype", "fp16 needs a CUDA device", "use --dtype bf16 or fp32 on the CPU");
+  if (lo.device.is_cpu() && lo.dtype == at::kBFloat16 && !cpu_has_native_bf16())
+    spdlog::warn("--dtype bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so LibTorch runs it in its "
+                 "reference kernels: a UNet step takes about {} the time of fp32 here (measured); use --dtype fp32",
+                 kNonNativeBf16Slowdown);
   return lo;
 }
 
