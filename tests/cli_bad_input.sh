@@ -269,6 +269,10 @@ else
   echo "note: fixtures not found at $fixtures; the 2 tiny-sd1 rows are skipped"
 fi
 
+# --- issue 15 (speed): the dtype names, auto included ------------------------------------------
+gen_row gen_dtype_unknown 2 'unknown dtype "fp8"' -- gen --dtype fp8 -o "$tmp/never"
+gen_row gen_dtype_hint 2 "use auto, fp32, fp16 or bf16" -- gen --dtype float -o "$tmp/never"
+
 # --- resume after a kill: kill -9 while the toy model makes 6 images, then rerun -----------------
 resume() { exec "$fairdiff" generate -p "a kite" -N 6 --steps 60 --device cpu --threads 1 -q -o "$1"; }
 (resume "$tmp/full") >/dev/null 2>&1
