@@ -352,6 +352,9 @@ else
 fi
 gen_row size_conditioning_not_sdxl 2 "--original-size: size conditioning is for SDXL" -- \
   "$fairdiff" generate -p "a kite" --original-size 1024x1024 --device cpu -q -o "$tmp/never"
+# --- issue 15 (speed): the dtype names, auto included ------------------------------------------
+gen_row gen_dtype_unknown 2 'unknown dtype "fp8"' -- gen --dtype fp8 -o "$tmp/never"
+gen_row gen_dtype_hint 2 "use auto, fp32, fp16 or bf16" -- gen --dtype float -o "$tmp/never"
 
 # --- resume after a kill: kill -9 while the toy model makes 6 images, then rerun -----------------
 resume() { exec "$fairdiff" generate -p "a kite" -N 6 --steps 60 --device cpu --threads 1 -q -o "$1"; }

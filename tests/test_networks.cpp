@@ -3,6 +3,7 @@
 #include <c10/core/InferenceMode.h>
 
 #include <cmath>
+#include <cstdio>
 #include <set>
 
 #include "autoencoder_kl.h"
@@ -123,15 +124,22 @@ TEST(Attention, UpcastInBfloat16StaysCloseToFloat) {
 
 TEST(CpuKernels, ExpRowsDividedBySumsIsTheSoftmax) {
   at::manual_seed(7);
-  for (bool vectorized : {true, false}) {
-    for (int64_t L : {5, 16, 77, 1000, 4096}) {
-      at::Tensor x = at::randn({33, L}) * 6;  // scores of a sharp softmax
-      const at::Tensor expected = x.softmax(-1);
-      at::Tensor sums = at::empty({33});
-      cpu::exp_rows(x, sums, vectorized);
-      const at::Tensor got = x / sums.unsqueeze(1);
-      const double err = (got - expected).abs().max().item<double>();
-      EXPECT_LT(err, 1e-6) << "L = " << L << (vectorized && cpu::has_avx512() ? " (AVX-512)" : " (portable)");
+  for (int64_t L : {5, 16, 77, 1000, 4096, 1, 8, 15, 17}) {  // and the tails of 8 and 16 lanes
+    const at::Tensor scores = at::randn({33, L}) * 6;  // scores of a sharp softmax
+    const at::Tensor expected = scores.softmax(-1);
+    at::Tensor scalar = scores.clone(), scalar_sums = at::empty({33});
+    cpu::exp_rows(scalar, scalar_sums, cpu::Isa::kPortable);  // the reference: std::exp, double sums
+    for (cpu::Isa isa : {cpu::Isa::kAvx512, cpu::Isa::kAvx2, cpu::Isa::kPortable}) {
+      if (!cpu::supported(isa)) {
+        std::printf("[ SKIPPED  ] the %s kernel: this CPU cannot run it\n", cpu::isa_name(isa));
+        continue;
+      }
+      at::Tensor x = scores.clone(), sums = at::empty({33});
+      cpu::exp_rows(x, sums, isa);
+      const std::string what = "L = " + std::to_string(L) + " (" + cpu::isa_name(isa) + ")";
+      EXPECT_LT((x / sums.unsqueeze(1) - expected).abs().max().item<double>(), 1e-6) << what;
+      EXPECT_LT((x - scalar).abs().max().item<double>(), 1e-6) << what << " against the scalar exponentials";
+      EXPECT_LT(((sums - scalar_sums) / scalar_sums).abs().max().item<double>(), 1e-6) << what << ": sums";
       EXPECT_TRUE(at::allclose(std::get<0>(x.max(-1)), at::ones({33}))) << "each row's largest entry is exp(0)";
     }
   }

@@ -2,6 +2,10 @@
 #include <filesystem>
 #include <fstream>
 
+#include <random>
+
+#include "fs_util.h"
+#include "hash_cache.h"
 #include "infotext.h"
 #include "png_io.h"
 #include "sha256.h"
@@ -98,6 +102,116 @@ TEST(Sha256, KnownDigests) {
   EXPECT_EQ(sha256_hex(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
   EXPECT_EQ(sha256_hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
   EXPECT_EQ(sha256_hex(std::string(1000000, 'a')), "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+  EXPECT_EQ(sha256_hex("abc", false), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+}
+
+// The SHA-extension code against the portable one on every length around the block and
+// padding boundaries (skipped where the CPU has no SHA extensions: nothing else to compare).
+TEST(Sha256, AcceleratedEqualsPortable) {
+  if (!sha256_accelerated()) GTEST_SKIP() << "this CPU has no SHA extensions";
+  std::mt19937 gen(7);
+  std::string bytes(1000, '\0');
+  for (char& c : bytes) c = static_cast<char>(gen());
+  for (size_t n = 0; n <= bytes.size(); n += (n < 200 ? 1 : 37)) {
+    const std::string part = bytes.substr(0, n);
+    ASSERT_EQ(sha256_hex(part, true), sha256_hex(part, false)) << n << " bytes";
+  }
+}
+
+TEST(Sha256, FileInChunksEqualsBytes) {
+  test::TempDir dir;
+  std::string bytes(5 * 1024 * 1024 + 13, '\0');  // more than one 4 MiB read
+  std::mt19937 gen(3);
+  for (char& c : bytes) c = static_cast<char>(gen());
+  std::ofstream(dir.path / "w.bin", std::ios::binary) << bytes;
+  EXPECT_EQ(sha256_file((dir.path / "w.bin").string()), sha256_hex(bytes, false));
+}
+
+// The model-hash cache (hash_cache.h): a miss computes and stores, a hit reads, a change of
+// size or modification time computes again, a corrupt cache is ignored and rewritten.
+struct HashCacheTest : ::testing::Test {
+  test::TempDir dir;
+  std::string file = (dir.path / "model.safetensors").string();
+  std::string cache = (dir.path / "cache" / "hashes.json").string();
+  void write(const std::string& text) { std::ofstream(file, std::ios::binary | std::ios::trunc) << text; }
+  std::string lookup(bool expect_hit) {
+    bool hit = !expect_hit;
+    const std::string digest = cached_sha256_file(file, cache, &hit);
+    EXPECT_EQ(hit, expect_hit);
+    return digest;
+  }
+};
+
+TEST_F(HashCacheTest, MissThenHit) {
+  write("abc");
+  EXPECT_EQ(lookup(false), sha256_hex("abc"));
+  EXPECT_TRUE(std::filesystem::exists(cache));
+  EXPECT_EQ(lookup(true), sha256_hex("abc"));
+  // A hit reads the cache, not the file: a digest planted for the same stamp comes back.
+  std::string text = read_text_file(cache);
+  text.replace(text.find(sha256_hex("abc")), 64, std::string(64, 'f'));
+  std::ofstream(cache, std::ios::trunc) << text;
+  EXPECT_EQ(lookup(true), std::string(64, 'f'));
+}
+
+TEST_F(HashCacheTest, SizeChangeInvalidates) {
+  write("abc");
+  const auto mtime = std::filesystem::last_write_time(file);
+  lookup(false);
+  write("abcd");
+  std::filesystem::last_write_time(file, mtime);  // same time, other size
+  EXPECT_EQ(lookup(false), sha256_hex("abcd"));
+  EXPECT_EQ(lookup(true), sha256_hex("abcd"));
+}
+
+TEST_F(HashCacheTest, MtimeChangeInvalidates) {
+  write("abc");
+  lookup(false);
+  write("xyz");  // same size
+  std::filesystem::last_write_time(file, std::filesystem::last_write_time(file) + std::chrono::seconds(5));
+  EXPECT_EQ(lookup(false), sha256_hex("xyz"));
+  EXPECT_EQ(lookup(true), sha256_hex("xyz"));
+}
+
+TEST_F(HashCacheTest, CorruptCacheIsIgnoredAndRewritten) {
+  write("abc");
+  for (const std::string junk : {"{\"files\": {\"x\": 1", "not json", "[1, 2]", "{\"files\": 3}", ""}) {
+    std::filesystem::create_directories(std::filesystem::path(cache).parent_path());
+    std::ofstream(cache, std::ios::trunc) << junk;
+    EXPECT_EQ(lookup(false), sha256_hex("abc")) << junk;
+    EXPECT_EQ(lookup(true), sha256_hex("abc")) << junk;  // rewritten whole
+  }
+  // An entry of the wrong form counts as a miss too.
+  std::ofstream(cache, std::ios::trunc) << "{\"files\": {\"" + std::filesystem::absolute(file).lexically_normal().string() +
+                                               "\": {\"size\": \"3\", \"sha256\": 5}}}";
+  EXPECT_EQ(lookup(false), sha256_hex("abc"));
+}
+
+TEST_F(HashCacheTest, UnwritableCacheIsNotFatal) {
+  write("abc");
+  std::ofstream(dir.path / "blocker") << "a file where the cache folder should be";
+  bool hit = true;
+  EXPECT_EQ(cached_sha256_file(file, (dir.path / "blocker" / "hashes.json").string(), &hit), sha256_hex("abc"));
+  EXPECT_FALSE(hit);
+  test::expect_error([&] { cached_sha256_file((dir.path / "absent").string(), cache); }, ErrorKind::BadInput,
+                     {"absent", "cannot read"});
+}
+
+TEST(HashCache, Folder) {
+  // Restores the variables it changes, whatever they were.
+  struct SavedEnv {
+    std::string name, value;
+    bool set;
+    explicit SavedEnv(const char* n) : name(n), set(std::getenv(n) != nullptr) { if (set) value = std::getenv(n); }
+    ~SavedEnv() { set ? setenv(name.c_str(), value.c_str(), 1) : unsetenv(name.c_str()); }
+  } own("FAIRDIFF_CACHE_DIR"), xdg("XDG_CACHE_HOME");
+  setenv("FAIRDIFF_CACHE_DIR", "/somewhere/else", 1);
+  setenv("XDG_CACHE_HOME", "/xdg", 1);
+  EXPECT_EQ(hash_cache_dir(), "/somewhere/else");
+  unsetenv("FAIRDIFF_CACHE_DIR");
+  EXPECT_EQ(hash_cache_dir(), "/xdg/fairdiff");
+  unsetenv("XDG_CACHE_HOME");
+  if (const char* home = std::getenv("HOME")) EXPECT_EQ(hash_cache_dir(), std::string(home) + "/.cache/fairdiff");
 }
 
 }  // namespace

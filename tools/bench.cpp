@@ -44,6 +44,7 @@
 // CLIP vocabulary and SD 1.5's PNDM settings), weights ~ N(0, 0.02), biases 0, norm
 // scales 1: the same FLOPs and memory as the real model; the images are noise.
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Context.h>
 #include <c10/core/InferenceMode.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -153,24 +154,29 @@ struct PeakTracker {
 // latency on two ports, on every thread at once. No memory traffic: an upper bound that no
 // real kernel reaches, and the yardstick for "share of peak".
 //
-// One loop, chains(), for every instruction set; an Isa names its vector type and its
-// instructions. Each Isa's functions carry its target attribute, and the entry points
+// One loop, chains(), for every instruction set; an Isa names its vector type, its
+// instructions and how many chains fit in its registers with the two operands: 12 of
+// AVX2's 16 (with 16 the accumulators spilled to memory, and the loop ran at 34.5 GFLOP/s on
+// a Zen 3 where a plain 12-accumulator loop reaches 190), 16 of AVX-512's 32. Each Isa's functions carry its target attribute, and the entry points
 // (fma_avx512, ...) carry it too and flatten: everything is inlined into a function built
 // for that instruction set, which the caller picks at run time.
 
 template <class Isa>
 double chains(int64_t iters) {
-  typename Isa::Acc acc[16];
+  constexpr int n = Isa::kChains;
+  typename Isa::Acc acc[n];
   typename Isa::Operand a, b;
-  for (int j = 0; j < 16; ++j) Isa::start(acc[j], j);
+  for (int j = 0; j < n; ++j) Isa::start(acc[j], j);
   Isa::operands(a, b);
-  for (int64_t i = 0; i < iters; ++i)
-    for (int j = 0; j < 16; ++j) Isa::step(acc[j], a, b);
+  for (int64_t i = 0; i < iters; ++i) {
+#pragma GCC unroll 16
+    for (int j = 0; j < n; ++j) Isa::step(acc[j], a, b);
+  }
   float sum = 0;
-  for (int j = 0; j < 16; ++j) sum += Isa::sum(acc[j]);
+  for (int j = 0; j < n; ++j) sum += Isa::sum(acc[j]);
   volatile float sink = sum;
   (void)sink;
-  return static_cast<double>(iters) * 16 * Isa::kFlops;  // FLOPs
+  return static_cast<double>(iters) * n * Isa::kFlops;  // FLOPs
 }
 
 // FMA chains on a vector of Vec::kLanes floats: start at 1 + j/1000, multiply by 0.999999
@@ -180,6 +186,7 @@ struct Fma {
   using Acc = typename Vec::V;
   using Operand = typename Vec::V;
   static constexpr double kFlops = Vec::kLanes * 2;
+  static constexpr int kChains = Vec::kChains;
   static void start(Acc& acc, int j) { Vec::set1(acc, 1.0f + 1e-3f * static_cast<float>(j)); }
   static void operands(Operand& a, Operand& b) {
     Vec::set1(a, 0.999999f);
@@ -193,6 +200,7 @@ struct Fma {
 struct Avx512 {
   using V = __m512;
   static constexpr int kLanes = 16;
+  static constexpr int kChains = 16;
   __attribute__((target("avx512f"))) static void set1(V& v, float x) { v = _mm512_set1_ps(x); }
   __attribute__((target("avx512f"))) static void fmadd(V& acc, const V& a, const V& b) { acc = _mm512_fmadd_ps(acc, a, b); }
   __attribute__((target("avx512f"))) static float sum(const V& v) { return _mm512_reduce_add_ps(v); }
@@ -201,6 +209,7 @@ struct Avx512 {
 struct Avx2 {
   using V = __m256;
   static constexpr int kLanes = 8;
+  static constexpr int kChains = 12;
   __attribute__((target("avx2,fma"))) static void set1(V& v, float x) { v = _mm256_set1_ps(x); }
   __attribute__((target("avx2,fma"))) static void fmadd(V& acc, const V& a, const V& b) { acc = _mm256_fmadd_ps(acc, a, b); }
   __attribute__((target("avx2,fma"))) static float sum(const V& v) {
@@ -217,6 +226,7 @@ struct Avx512Bf16Dot {
   using Acc = __m512;
   using Operand = __m512bh;
   static constexpr double kFlops = 64;
+  static constexpr int kChains = 16;
   __attribute__((target("avx512f,avx512bf16"))) static void start(Acc& acc, int) { acc = _mm512_setzero_ps(); }
   __attribute__((target("avx512f,avx512bf16"))) static void operands(Operand& a, Operand& b) {
     a = (__m512bh)_mm512_set1_epi16(0x3f80);  // 1
@@ -302,6 +312,7 @@ double parallel_gflops(double (*kernel)(int64_t), int threads, int64_t iters) {
 struct MachinePeak {
   std::string fp32_kernel;  // "avx512 fma" / "avx2 fma"
   double fp32_gflops = 0;
+  double avx2_gflops = 0;   // the AVX2 loop, also where AVX-512 is there (what AVX2 kernels can reach)
   double bf16_gflops = 0;   // AVX512-BF16 dot products; 0: none
   double amx_gflops = 0;    // AMX bf16 tiles; 0: none
   double bf16_peak() const { return std::max(bf16_gflops, amx_gflops); }
@@ -321,9 +332,11 @@ MachinePeak machine_peak(int threads) {
   if (__builtin_cpu_supports("avx512f")) {
     p.fp32_kernel = "avx512 fma";
     p.fp32_gflops = best(fma_avx512, iters);
-  } else if (__builtin_cpu_supports("fma")) {
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) p.avx2_gflops = best(fma_avx2, iters);
+  if (p.fp32_kernel.empty() && p.avx2_gflops > 0) {
     p.fp32_kernel = "avx2 fma";
-    p.fp32_gflops = best(fma_avx2, iters);
+    p.fp32_gflops = p.avx2_gflops;
   }
   if (__builtin_cpu_supports("avx512bf16")) p.bf16_gflops = best(dot_bf16, iters);
   if (amx_available()) p.amx_gflops = best(tile_bf16, iters / 4);
@@ -382,6 +395,8 @@ struct Options {
   int64_t fairness_rows = 0;
   std::string scheduler;  // "" = the model's
   bool skip_vae = false;
+  bool peak_only = false;  // --peak-only: the machine peak alone
+  bool no_onednn = false;  // --no-onednn: LibTorch's own kernels, as on a CPU without native bf16
   bool vae_only = false;
   bool prepack = false;  // LoadOptions::prepack_convolutions
   int64_t vae_tile = 0;  // 0 off, -1 the VAE's sample_size, else pixels
@@ -707,6 +722,7 @@ fairdiff::LoadOptions load_options(const Options& o) {
 
 // Sets the threads and malloc as asked; returns the malloc setting, in words.
 std::string configure_runtime(const Options& o) {
+  if (o.no_onednn) at::globalContext().setUserEnabledMkldnn(false);
   if (!o.libtorch_threads) fairdiff::configure_threads(o.threads);
   const bool allocator = !o.system_malloc && fairdiff::configure_allocator();
   const char* tunables = std::getenv("GLIBC_TUNABLES");
@@ -758,13 +774,18 @@ double measure_machine(const Options& o, const fairdiff::LoadOptions& lo, nlohma
                                                                         : mp.fp32_gflops;
   report["machine_peak"] = {{"fp32_kernel", mp.fp32_kernel},
                             {"fp32_gflops", mp.fp32_gflops},
+                            {"avx2_fma_gflops", mp.avx2_gflops},
                             {"bf16_dot_gflops", mp.bf16_gflops},
                             {"amx_bf16_gflops", mp.amx_gflops},
                             {"threads", at::get_num_threads()}};
-  std::printf("machine peak (%d threads): fp32 %s %.1f GFLOP/s%s%s\n", at::get_num_threads(), mp.fp32_kernel.c_str(),
+  std::printf("machine peak (%d threads): fp32 %s %.1f GFLOP/s%s%s%s\n", at::get_num_threads(), mp.fp32_kernel.c_str(),
               mp.fp32_gflops,
+              mp.fp32_kernel != "avx2 fma" && mp.avx2_gflops > 0
+                  ? (" (avx2 fma " + fmt("%.1f", mp.avx2_gflops) + ")").c_str()
+                  : "",
               mp.bf16_gflops > 0 ? (", bf16 dot product " + fmt("%.1f", mp.bf16_gflops) + " GFLOP/s").c_str() : "",
               mp.amx_gflops > 0 ? (", bf16 AMX tiles " + fmt("%.1f", mp.amx_gflops) + " GFLOP/s").c_str() : "");
+  if (o.peak_only) return peak;
   const auto kern = kernels(at::TensorOptions(lo.dtype).device(lo.device));
   report["kernels"] = kern;
   std::printf("kernels (%s): matmul 2048x2048 %.1f GFLOP/s, conv3x3 2x320x64x64 %.1f GFLOP/s\n\n", o.dtype.c_str(),
@@ -997,6 +1018,10 @@ int run(const Options& o) {
 
   nlohmann::json report = start_report(o, lo.device, malloc_setting);
   const double peak = measure_machine(o, lo, report);
+  if (o.peak_only) {
+    std::printf("%s\n", report.dump().c_str());
+    return 0;
+  }
   std::printf("%-36s %-9s %9s  %s\n", "measurement", "size", "seconds", "notes");
 
   fairdiff::release_free_memory();  // the probes' tensors are not the pipeline's
@@ -1041,6 +1066,10 @@ int main(int argc, char** argv) {
   app.add_option("--fairness-rows", o.fairness_rows, "also time a step with R extra UNet rows per image (SEGA with R concepts)");
   app.add_option("--scheduler", o.scheduler, "scheduler override (pndm, ddim, euler, ...; default: the model's)");
   app.add_flag("--system-malloc", o.system_malloc, "keep glibc's malloc defaults (for comparison)");
+  app.add_flag("--peak-only", o.peak_only, "measure the machine's FMA peak and stop");
+  app.add_flag("--no-onednn", o.no_onednn,
+               "LibTorch's kernels without oneDNN: what bf16 gets on a CPU without AVX-512 bf16 support, where "
+               "LibTorch 1.13 does not use oneDNN for it (with ATEN_CPU_CAPABILITY=avx2 for the rest)");
   app.add_flag("--skip-vae", o.skip_vae, "do not time the VAE decode");
   app.add_flag("--prepack-weights", o.prepack, "reorder convolution weights into oneDNN's layout at load (as generate --prepack-weights)");
   app.add_flag("--vae-only", o.vae_only, "time only the VAE decode (of noise latents), e.g. with --vae-tiling at 1024");

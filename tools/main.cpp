@@ -2,12 +2,17 @@
 //
 // Exit codes: 0 success, 1 failure during the run, 2 bad usage or input
 // (checked before any model is loaded or any file is written).
+#include <spdlog/cfg/env.h>
 #include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
+#include <unistd.h>
+
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <string>
+#include <vector>
 
 #include "fairdiff/audit.h"
 #include "fairdiff/error.h"
@@ -100,7 +105,7 @@ void add_generate_flags(CLI::App* cmd, fairdiff::GenerateOptions& o, int& thread
   cmd->add_option("--original-size", o.original_size, "SDXL: WxH conditioned on as the original image size (default: -W x -H)");
   cmd->add_option("--crop-top-left", o.crop_top_left, "SDXL: TOP,LEFT crop offset conditioned on (diffusers' crops_coords_top_left; default 0,0)");
   cmd->add_option("--target-size", o.target_size, "SDXL: WxH conditioned on as the target size (default: -W x -H)");
-  cmd->add_option("--dtype", o.dtype, "fp32, fp16 (CUDA) or bf16")->capture_default_str();
+  cmd->add_option("--dtype", o.dtype, "auto (bf16 on a CPU with native bfloat16, else fp32), fp32, fp16 (CUDA) or bf16")->capture_default_str();
   cmd->add_option("--device", o.device, "auto, cpu, cuda or cuda:N")->capture_default_str();
   cmd->add_option("-o,--out", o.out_dir, "output folder (PNGs + manifest.jsonl)")->capture_default_str();
   cmd->add_option("--shard-index", o.shard_index, "this shard (0-based); default from SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX or RANK");
@@ -146,6 +151,29 @@ void add_generate_flags(CLI::App* cmd, fairdiff::GenerateOptions& o, int& thread
 
 }  // namespace
 
+// libgomp reads OMP_WAIT_POLICY once, in its initialiser, before main. Left unset, its idle
+// workers spin at every barrier and take the cores from OpenBLAS's own threads: the text
+// encoder of a first image took 8 s instead of 1 on the 2-core build VM (runtime.h). So when
+// the user has not chosen, the CLI starts itself again with PASSIVE (sleeping workers), from
+// the executable's .preinit_array: after the dynamic loader, before any library's
+// initialiser (LibTorch's take most of the start-up); the second start repeats the loader's
+// relocations (about 0.65 s on the build VM, against 2-step runs 1.4-2.6x slower with
+// spinning workers). setenv cannot be used there: libc's own initialiser, which runs later,
+// resets the environment to the one on the stack.
+namespace {
+void passive_omp_workers(int, char** argv, char** envp) {
+  static const char kPassive[] = "OMP_WAIT_POLICY=PASSIVE";
+  size_t n = 0;
+  for (; envp[n]; ++n)
+    if (std::strncmp(envp[n], "OMP_WAIT_POLICY=", 16) == 0) return;  // the user's choice
+  std::vector<char*> env(envp, envp + n);
+  env.push_back(const_cast<char*>(kPassive));
+  env.push_back(nullptr);
+  execve("/proc/self/exe", argv, env.data());  // returns only on failure: run as we are
+}
+__attribute__((section(".preinit_array"), used)) void (*const preinit_omp)(int, char**, char**) = passive_omp_workers;
+}  // namespace
+
 int main(int argc, char** argv) {
   fairdiff::register_clip_classifier();
   CLI::App app{"fairdiff: fair text-to-image generation with Stable Diffusion"};
@@ -173,6 +201,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   spdlog::set_pattern("%v");
+  spdlog::cfg::load_env_levels();  // SPDLOG_LEVEL=debug: timings for scripts/bench
   try {
     if (*inspect_cmd) return inspect(inspect_path);
     if (*merge_cmd) {

@@ -1,6 +1,7 @@
 #include "runtime.h"
 
 #include <ATen/Parallel.h>
+#include <cpuid.h>
 #include <dlfcn.h>
 #include <malloc.h>
 #include <sched.h>
@@ -9,6 +10,11 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
+#include <fstream>
+#include <iterator>
+#include <sstream>
+#include <string>
 #include <thread>
 
 #include "fairdiff/error.h"
@@ -102,6 +108,33 @@ std::string thread_summary() {
   s += ") of " + std::to_string(available_cpus()) + " CPUs";
   if (const char* wait = std::getenv("OMP_WAIT_POLICY")) s += ", OMP_WAIT_POLICY=" + std::string(wait);
   return s;
+}
+
+bool cpu_has_native_bf16() {
+  static const bool yes = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    const bool amx_bf16 = __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx & (1u << 22)) != 0;
+    __builtin_cpu_init();
+    return amx_bf16 || __builtin_cpu_supports("avx512bf16");
+  }();
+  return yes;
+}
+
+double process_seconds() {
+  std::ifstream in("/proc/self/stat");
+  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  // Field 22 is the start time in clock ticks since boot; fields are counted after the
+  // command name, which ends at the last ')' and may hold spaces.
+  const size_t close = stat.rfind(')');
+  if (close == std::string::npos) return -1;
+  std::istringstream fields(stat.substr(close + 2));
+  std::string field;
+  for (int i = 3; i <= 22 && fields >> field; ++i) {
+  }
+  timespec now{};
+  if (field.empty() || clock_gettime(CLOCK_BOOTTIME, &now) != 0) return -1;
+  const double started = std::strtod(field.c_str(), nullptr) / static_cast<double>(sysconf(_SC_CLK_TCK));
+  return static_cast<double>(now.tv_sec) + 1e-9 * static_cast<double>(now.tv_nsec) - started;
 }
 
 }  // namespace fairdiff

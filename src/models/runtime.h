@@ -67,4 +67,14 @@ bool configure_allocator();
 // about 0.5 s per SD 1.5 image at 512x512).
 void release_free_memory();
 
+// Whether the CPU computes in bfloat16 natively: AVX512-BF16 dot products or AMX bf16 tiles
+// (cpuid, checked once). Without either, LibTorch 1.13 runs bf16 convolutions and matmuls in
+// its own reference kernels, many times slower than fp32 (README, Performance).
+bool cpu_has_native_bf16();
+
+// Seconds since this process started (the kernel's start time, /proc/self/stat; 10 ms
+// resolution): start-up includes the dynamic loader and LibTorch's static initialisers,
+// which no clock started in main sees. -1 where unknown.
+double process_seconds();
+
 }  // namespace fairdiff

@@ -266,8 +266,8 @@ void validate(GenerateOptions& o) {
                     "give --clip-model DIR (e.g. models/toy-clip), or --verify-classifier hue for the toy world");
   if (o.fairness_mode != "exact" && o.fairness_mode != "fast")
     throw_bad_input("--fairness-mode", "unknown mode \"" + o.fairness_mode + "\"", "use exact or fast");
-  if (o.dtype != "fp32" && o.dtype != "fp16" && o.dtype != "bf16")
-    throw_bad_input("--dtype", "unknown dtype \"" + o.dtype + "\"", "use fp32, fp16 or bf16");
+  if (o.dtype != "auto" && o.dtype != "fp32" && o.dtype != "fp16" && o.dtype != "bf16")
+    throw_bad_input("--dtype", "unknown dtype \"" + o.dtype + "\"", "use auto, fp32, fp16 or bf16");
   const bool cuda = starts_with(o.device, "cuda");
   if (o.device != "auto" && o.device != "cpu" && !cuda)
     throw_bad_input("--device", "unknown device \"" + o.device + "\"", "use auto, cpu, cuda or cuda:N");

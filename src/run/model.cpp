@@ -10,19 +10,21 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <mutex>
 #include <sstream>
 #include <tuple>
+#include <thread>
 
 #include "config_json.h"
 #include "data_paths.h"
 #include "fairdiff/error.h"
 #include "fs_util.h"
+#include "hash_cache.h"
 #include "model_impl.h"
 #include "run_plan.h"
 #include "runtime.h"
 #include "safetensors.h"
 #include "scheduler_table.h"
-#include "sha256.h"
 #include "single_file.h"
 
 namespace fs = std::filesystem;
@@ -34,10 +36,13 @@ constexpr const char* kVersion = "fairdiff 0.1.0";
 
 bool is_single_file(const std::string& model) { return !is_directory(model); }
 
-// 1. Where and in what precision the networks run.
-LoadOptions resolve_runtime(const ModelOptions& o) {
+// bf16 on a CPU without native bfloat16, against fp32: its matmuls and convolutions measured
+// 22-52x slower (fairdiff-bench --no-onednn; README, Performance).
+constexpr const char* kNonNativeBf16Slowdown = "20-50x";
+
+// 1. Where and in what precision the networks run (dtype "auto" resolved in `o`).
+LoadOptions resolve_runtime(ModelOptions& o) {
   LoadOptions lo;
-  lo.dtype = o.dtype == "fp16" ? at::kHalf : o.dtype == "bf16" ? at::kBFloat16 : at::kFloat;
   lo.prepack_convolutions = o.prepack_weights;
   if (o.device == "auto") {
     lo.device = at::hasCUDA() ? at::Device(at::kCUDA) : at::Device(at::kCPU);
@@ -50,8 +55,14 @@ LoadOptions resolve_runtime(const ModelOptions& o) {
     if (lo.device.is_cuda() && !at::hasCUDA())
       throw_bad_input("--device", "CUDA is not available in this build or on this machine", "use --device cpu");
   }
+  if (o.dtype == "auto") o.dtype = lo.device.is_cpu() && cpu_has_native_bf16() ? "bf16" : "fp32";
+  lo.dtype = o.dtype == "fp16" ? at::kHalf : o.dtype == "bf16" ? at::kBFloat16 : at::kFloat;
   if (lo.device.is_cpu() && lo.dtype == at::kHalf)
     throw_bad_input("--dtype", "fp16 needs a CUDA device", "use --dtype bf16 or fp32 on the CPU");
+  if (lo.device.is_cpu() && lo.dtype == at::kBFloat16 && !cpu_has_native_bf16())
+    spdlog::warn("--dtype bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so LibTorch runs it in its "
+                 "reference kernels: a UNet step takes about {} the time of fp32 here (measured); use --dtype fp32",
+                 kNonNativeBf16Slowdown);
   return lo;
 }
 
@@ -504,8 +515,21 @@ void Model::Impl::check_run(const std::vector<PlannedImage>& images, const Gener
                     "use a smaller size or --batch-size, --vae-tiling, or a machine with more memory");
 }
 
+void Model::Impl::start_model_hash() {
+  // A detached thread, not std::async: a run that stops early (bad input, an error) must not
+  // wait for a hash nobody needs; the thread holds nothing of the model.
+  std::packaged_task<std::string()> job([file = weights_file(options.model)] {
+    return cached_sha256_file(file).substr(0, 10);
+  });
+  hash_job_ = job.get_future();
+  std::thread(std::move(job)).detach();
+}
+
 const std::string& Model::Impl::model_hash() {
-  if (hash_.empty()) hash_ = sha256_file(weights_file(options.model)).substr(0, 10);
+  if (hash_.empty()) {
+    if (!hash_job_.valid()) start_model_hash();
+    hash_ = hash_job_.get();
+  }
   return hash_;
 }
 
@@ -561,6 +585,7 @@ GeneratedBatch Model::Impl::generate(const std::vector<ImageRequest>& batch, con
   }
   PromptEmbeddings emb = pipe->encode_prompts(prompts, negatives, s.clip_skip, cfg);
   if (pipe->takes_size_conditioning()) pipe->condition_on_size(emb, size);
+  spdlog::debug("prompts encoded at {:.2f} s of the process", process_seconds());
   for (int64_t i = 0; i < B; ++i)
     if (emb.truncated[static_cast<size_t>(i)] && warned_truncated.insert(prompts[static_cast<size_t>(i)]).second)
       spdlog::warn("prompt truncated at {} tokens: \"{}\"", sd.tokenizer->model_max_length(), prompts[static_cast<size_t>(i)]);
@@ -578,6 +603,8 @@ GeneratedBatch Model::Impl::generate(const std::vector<ImageRequest>& batch, con
   }
 
   // 4. Denoise, 5. decode.
+  static std::once_flag first_step;  // start-up, as scripts/bench measures it (SPDLOG_LEVEL=debug)
+  std::call_once(first_step, [] { spdlog::debug("first denoising step at {:.2f} s of the process", process_seconds()); });
   auto last = std::chrono::steady_clock::now();
   const at::Tensor latents = pipe->denoise(
       *scheduler, noise, emb, s.cfg_scale, &generators,
@@ -661,7 +688,10 @@ Model Model::load(const ModelOptions& options) {
     throw_bad_input(impl->options.model, "model not found", "pass a diffusers model folder or a .safetensors checkpoint");
   const LoadOptions lo = resolve_runtime(impl->options);
   check_weights_fit(impl->options);  // before a single parameter is allocated
+  impl->start_model_hash();  // beside the loading and the denoising, never in front of them
+  spdlog::debug("loading the networks at {:.2f} s of the process", process_seconds());
   impl->sd = load_networks(impl->options, lo);
+  spdlog::debug("networks loaded at {:.2f} s of the process", process_seconds());
   check_tokenizer_fits(impl->sd, impl->options);
   impl->pipe = std::make_unique<StableDiffusionPipeline>(impl->sd);
   impl->name = model_name(impl->options.model);

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <future>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -50,7 +51,10 @@ struct Model::Impl {
   // Before a run writes anything: --clip-skip against the text encoder's layers, and on
   // the CPU the activations of its largest batch against the available memory (BadInput).
   void check_run(const std::vector<PlannedImage>& images, const GenerateOptions& options) const;
-  // The A1111 "Model hash": the first 10 hex digits of the weights' SHA-256, computed once.
+  // The A1111 "Model hash": the first 10 hex digits of the weights' SHA-256. start_model_hash
+  // (at load) looks it up in the hash cache (hash_cache.h) or computes it on a thread of its
+  // own, beside the denoising; model_hash waits for it where the first image is written.
+  void start_model_hash();
   const std::string& model_hash();
   // Checks the batch against the settings and the fairness instruction (BadInput), then
   // samples it: one UNet call per step for CFG and every image's edit rows.
@@ -58,6 +62,7 @@ struct Model::Impl {
                           const ProgressCallback& on_step);
 
  private:
+  std::future<std::string> hash_job_;
   std::string hash_;
 };
 

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# scripts/gpu-check's CPU-side parts: the dry run checks its arguments and names every
+# command; the table is computed from a bench JSON line with known numbers.
+# Usage: gpu_check_dry_run.sh SOURCE_DIR
+set -euo pipefail
+src=$1
+fixtures=${FAIRDIFF_FIXTURES:-$src/../shared/fixtures}
+command -v python3 >/dev/null || { echo "no python3: skipped"; exit 77; }
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+fail() { echo "FAIL: $*"; exit 1; }
+
+if [ -d "$fixtures/keysets/sd15" ]; then
+  plan=$("$src/scripts/gpu-check" --dry-run "$fixtures")
+  for want in "fairdiff-parity $fixtures --device cuda --dtype fp32" "--dtype fp16" "--batch 8" "--fairness-rows 2"; do
+    grep -qF -- "$want" <<<"$plan" || fail "dry run does not name \"$want\": $plan"
+  done
+fi
+mkdir "$tmp/empty"
+if "$src/scripts/gpu-check" --dry-run "$tmp/empty" 2>"$tmp/err"; then fail "a folder without keysets was accepted"; fi
+grep -q "no keysets/sd15" "$tmp/err" || fail "unclear error: $(cat "$tmp/err")"
+
+# 50 steps of 0.1 s + 0.8 s decode + 0.2 s text, batch 8: 6.0 / 8 = 0.750 s an image; with
+# fairness 50 x 0.15 + 1.0 = 8.5 / 8 = 1.0625 s, x1.42.
+cat >"$tmp/bench.txt" <<'JSON'
+some table lines first
+{"device":"cuda","dtype":"fp16","batch":8,"text_encode_s":0.2,"sizes":[{"size":512,"step_s":0.1,"vae_decode_s":0.8,"fairness_rows":2,"fairness_step_s":0.15}]}
+JSON
+table=$("$src/scripts/gpu-check" --table-from "$tmp/bench.txt")
+echo "$table"
+grep -qF "| plain CFG | 512 | 0.100 s | 0.750 s | 1.00 |" <<<"$table" || fail "plain row"
+grep -qF "| --fairness (+2 rows/image) | 512 | 0.150 s | 1.062 s | 1.42 |" <<<"$table" || fail "fairness row"
+echo "gpu-check dry run and table: ok"
