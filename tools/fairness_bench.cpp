@@ -57,6 +57,7 @@ struct Options {
   std::string verify_model;    // a CLIP folder: adds a guided run with --verify judged by it
   std::string verifier = "clip";
   int64_t max_retries = 2;
+  double verify_margin = 0;
   double check_verified = 0;   // percentage points for the verified run; 0 = report only
   size_t only_case = 0;        // 1-based; 0 = every case
 };
@@ -97,6 +98,7 @@ RunResult run_case(const Options& o, const Case& c, const std::string& dir, bool
   g.verify_classifier = o.verifier;
   g.clip_model = o.verify_model;
   g.max_retries = o.max_retries;
+  g.verify_margin = o.verify_margin;
   const auto t0 = std::chrono::steady_clock::now();
   const fairdiff::RunSummary summary = fairdiff::generate(g);
   RunResult r;
@@ -223,6 +225,7 @@ int main(int argc, char** argv) {
   app.add_option("--verify-model", o.verify_model, "a CLIP folder (models/toy-clip): adds a guided run with --verify");
   app.add_option("--verifier", o.verifier, "the verify classifier (clip, or hue: the judge itself)")->capture_default_str();
   app.add_option("--max-retries", o.max_retries, "retries of the verified run")->capture_default_str();
+  app.add_option("--verify-margin", o.verify_margin, "the verifier's margin (generate --verify-margin)")->capture_default_str();
   app.add_option("--check-verified", o.check_verified,
                  "fail unless every verified share is within this many points of its target");
   return fairdiff::tools::run_tool("fairdiff-fairness-bench", app, argc, argv, [&] {
