@@ -234,6 +234,21 @@ TEST(SdxlGenerate, EverySamplerRunsAndIsRecorded) {
   EXPECT_GE(distinct.size(), 5u);  // the samplers do differ
 }
 
+// No negative prompt is zeros (negative_prompt=None); -n "" given explicitly is the empty
+// text encoded (negative_prompt=""): a different unconditional row, so other pixels.
+TEST(SdxlGenerate, AnExplicitEmptyNegativeIsEncodedNotZeroed) {
+  FAIRDIFF_REQUIRE_FIXTURES(fixtures);
+  test::TempDir tmp;
+  GenerateOptions none = tiny(fixtures, tmp / "none");
+  none.images_per_prompt = 1;
+  GenerateOptions empty = none;
+  empty.out_dir = tmp / "empty";
+  empty.encode_empty_negative = true;
+  generate(none);
+  generate(empty);
+  EXPECT_NE(pngs(tmp / "none").begin()->second, pngs(tmp / "empty").begin()->second);
+}
+
 TEST(SdxlGenerate, MetadataShardsResumeAndSizeConditioning) {
   FAIRDIFF_REQUIRE_FIXTURES(fixtures);
   test::TempDir tmp;

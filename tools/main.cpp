@@ -90,7 +90,9 @@ void add_generate_flags(CLI::App* cmd, fairdiff::GenerateOptions& o, int& thread
   cmd->add_option("--tokenizer", o.tokenizer_dir, "tokenizer/ folder for a single-file checkpoint");
   cmd->add_option("--prediction-type", o.prediction_type, "single-file SD 2.x: epsilon (512-base) or v_prediction");
   cmd->add_option("-p,--prompt", o.prompt, "the prompt");
-  cmd->add_option("-n,--negative-prompt", o.negative_prompt, "the negative prompt");
+  cmd->add_option("-n,--negative-prompt", o.negative_prompt,
+                  "the negative prompt (SDXL: none gives zero embeddings, -n \"\" encodes the empty text)")
+      ->each([&o](const std::string& v) { o.encode_empty_negative = v.empty(); });
   cmd->add_option("--prompts", o.prompts_file, "file: one prompt per line, or JSONL {prompt, negative_prompt, count, seed, steps, cfg_scale, width, height}");
   cmd->add_option("-N,--images", o.images_per_prompt, "images per prompt")->capture_default_str();
   cmd->add_option("--batch-size", o.batch_size, "images per UNet call (does not change the images)")->capture_default_str();

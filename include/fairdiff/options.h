@@ -41,6 +41,10 @@ struct SamplingSettings {
   // as given: "WxH", "TOP,LEFT" and "WxH" in pixels; "" = the reference's default (the
   // output size; 0,0). Refused for a model without size conditioning.
   std::string original_size, crop_top_left, target_size;
+  // SDXL with force_zeros_for_empty_prompt: an empty negative prompt gives zero embeddings
+  // (diffusers' negative_prompt=None), unless this is set: then "" is encoded as text
+  // (negative_prompt=""). The CLI sets it when -n "" is given explicitly.
+  bool encode_empty_negative = false;
 };
 
 // Fair Diffusion's instruction: which attributes to balance and toward which shares.

@@ -583,6 +583,7 @@ GeneratedBatch Model::Impl::generate(const std::vector<ImageRequest>& batch, con
     negatives.push_back(r.negative_prompt);
     seeds.push_back(r.seed);
   }
+  pipe->conditioner().empty_negative_is_none = !s.encode_empty_negative;
   PromptEmbeddings emb = pipe->encode_prompts(prompts, negatives, s.clip_skip, cfg);
   if (pipe->takes_size_conditioning()) pipe->condition_on_size(emb, size);
   spdlog::debug("prompts encoded at {:.2f} s of the process", process_seconds());
