@@ -97,6 +97,9 @@ TEST(ClipClassifier, RegisteredBatchedAndMarginLeavesImagesUnclassified) {
     ASSERT_EQ(p.size(), 2u);
     EXPECT_NEAR(p[0] + p[1], 1.0, 1e-6);  // a float32 softmax
     EXPECT_EQ(together[i], p[0] >= p[1] ? 0 : 1);
+    const GroupClassifier::Judgement j = clip->judge(images[i].rgb.data(), images[i].width, images[i].height);
+    EXPECT_EQ(j.group, together[i]);
+    EXPECT_EQ(j.probabilities, p);
   }
   o.margin = 1.0;  // nothing is that sure
   const auto strict = make_classifier("clip", o);

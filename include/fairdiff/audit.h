@@ -70,6 +70,15 @@ class GroupClassifier {
   // How sure it is of each group, per group (sum 1), for records and margins; empty when the
   // classifier has no probabilities (the hue classifier counts votes).
   virtual std::vector<double> probabilities(const uint8_t* /*rgb*/, int /*width*/, int /*height*/) const { return {}; }
+  // Both at once (generate --verify records the two): a network classifier overrides it to
+  // run its network once.
+  struct Judgement {
+    int group = -1;
+    std::vector<double> probabilities;
+  };
+  virtual Judgement judge(const uint8_t* rgb, int width, int height) const {
+    return {classify(rgb, width, height), probabilities(rgb, width, height)};
+  }
   // How charts and sheets draw group g: its own colour where the group is one, else a palette.
   virtual Rgb display_colour(int group) const;
 };

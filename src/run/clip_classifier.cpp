@@ -45,6 +45,12 @@ class ClipClassifier : public GroupClassifier {
     return out;
   }
 
+  Judgement judge(const uint8_t* rgb, int width, int height) const override {
+    std::vector<double> p = probabilities(rgb, width, height);
+    const int group = decide(p);
+    return {group, std::move(p)};
+  }
+
   std::vector<double> probabilities(const uint8_t* rgb, int width, int height) const override {
     const RgbImage image{width, height, std::vector<uint8_t>(rgb, rgb + int64_t(width) * height * 3)};
     return probs({&image})[0];

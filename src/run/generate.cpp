@@ -171,8 +171,10 @@ class Verifier {
     for (size_t a = 0; a < classifiers_.size(); ++a) {
       const GroupClassifier& c = *classifiers_[a];
       const auto& [attribute, assigned] = groups[a];
-      const std::vector<double> p = c.probabilities(made.rgb.data_ptr<uint8_t>(), w, h);
-      const int g = c.classify(made.rgb.data_ptr<uint8_t>(), w, h);
+      // One network call for the verdict and its probabilities.
+      const GroupClassifier::Judgement j = c.judge(made.rgb.data_ptr<uint8_t>(), w, h);
+      const std::vector<double>& p = j.probabilities;
+      const int g = j.group;
       l.seen[attribute] = g < 0 ? nlohmann::json() : nlohmann::json(c.groups()[static_cast<size_t>(g)]);
       const auto target = std::find(c.groups().begin(), c.groups().end(), assigned) - c.groups().begin();
       if (!p.empty()) l.probability[attribute] = p[static_cast<size_t>(target)];
