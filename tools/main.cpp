@@ -6,6 +6,7 @@
 #include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
+#include <sys/auxv.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -156,25 +157,31 @@ void add_generate_flags(CLI::App* cmd, fairdiff::GenerateOptions& o, int& thread
 // libgomp reads OMP_WAIT_POLICY once, in its initialiser, before main. Left unset, its idle
 // workers spin at every barrier and take the cores from OpenBLAS's own threads: the text
 // encoder of a first image took 8 s instead of 1 on the 2-core build VM (runtime.h). So when
-// the user has not chosen, the CLI starts itself again with PASSIVE (sleeping workers), from
-// the executable's .preinit_array: after the dynamic loader, before any library's
-// initialiser (LibTorch's take most of the start-up); the second start repeats the loader's
-// relocations (about 0.65 s on the build VM, against 2-step runs 1.4-2.6x slower with
-// spinning workers). setenv cannot be used there: libc's own initialiser, which runs later,
-// resets the environment to the one on the stack.
-namespace {
-void passive_omp_workers(int, char** argv, char** envp) {
-  static const char kPassive[] = "OMP_WAIT_POLICY=PASSIVE";
-  size_t n = 0;
-  for (; envp[n]; ++n)
-    if (std::strncmp(envp[n], "OMP_WAIT_POLICY=", 16) == 0) return;  // the user's choice
-  std::vector<char*> env(envp, envp + n);
-  env.push_back(const_cast<char*>(kPassive));
-  env.push_back(nullptr);
-  execve("/proc/self/exe", argv, env.data());  // returns only on failure: run as we are
+// the user has not chosen, the CLI's processes sleep their workers (PASSIVE).
+//
+// The variable cannot simply be set: nothing of ours runs between libc's initialiser (which
+// sets the environment to the one on the stack, undoing a setenv in .preinit_array) and
+// libgomp's. Starting the process again with the variable set costs the loader's relocations
+// of LibTorch a second time (0.65 s on the build VM). Instead the executable defines getenv
+// and secure_getenv, exported (CMakeLists.txt): the dynamic loader binds every library's
+// calls to the executable's definition first, so libgomp's initialiser asks us, and we
+// answer as libc would, except that an unset OMP_WAIT_POLICY reads PASSIVE. ctest
+// `omp_wait_policy` checks what libgomp took (OMP_DISPLAY_ENV) with the variable unset and set.
+extern "C" {
+extern char** environ;
+__attribute__((visibility("default"))) char* getenv(const char* name) noexcept {
+  const size_t len = std::strlen(name);
+  for (char** e = environ; e && *e; ++e)
+    if (std::strncmp(*e, name, len) == 0 && (*e)[len] == '=') return *e + len + 1;
+  static char passive[] = "PASSIVE";
+  if (std::strcmp(name, "OMP_WAIT_POLICY") == 0) return passive;
+  return nullptr;
 }
-__attribute__((section(".preinit_array"), used)) void (*const preinit_omp)(int, char**, char**) = passive_omp_workers;
-}  // namespace
+// libc's secure_getenv: nothing in a set-user-ID or set-group-ID process.
+__attribute__((visibility("default"))) char* secure_getenv(const char* name) noexcept {
+  return getauxval(AT_SECURE) ? nullptr : getenv(name);
+}
+}
 
 int main(int argc, char** argv) {
   fairdiff::register_clip_classifier();
