@@ -210,6 +210,51 @@ TEST(ModelFolder, WeightsAliasTheFileAndPagingChangesNothing) {
   for (const auto& [name, weights] : r.mapped) EXPECT_TRUE(weights.resident()) << name;
 }
 
+// With page_out_idle (the default) nothing is mapped in at load; each component is when it
+// runs, and the UNet on a thread of its own while a text encoder runs (issue 15: start-up).
+TEST(ModelFolder, ComponentsAreMappedInWhenTheyRunAndTheUNetBesideTheTextEncoder) {
+  FAIRDIFF_REQUIRE_FIXTURES(fixtures);
+  c10::InferenceMode guard;
+  LoadOptions plain;
+  plain.prepack_convolutions = false;
+  StableDiffusionModel m = load_model_folder(fixtures + "/models/tiny-sd1", plain);
+  for (const auto& [name, weights] : m.mapped) EXPECT_FALSE(weights.resident()) << name << " mapped in at load";
+  EXPECT_FALSE(m.prefetch.valid());
+
+  m.use("text_encoder");
+  EXPECT_TRUE(m.mapped.at("text_encoder").resident());
+  ASSERT_TRUE(m.prefetch.valid()) << "the UNet is not being mapped in beside the text encoder";
+  EXPECT_EQ(m.prefetching, "unet");
+  m.use("text_encoder");  // encoding edits after prompts: the prefetch goes on
+  EXPECT_TRUE(m.prefetch.valid());
+
+  m.use("unet");
+  EXPECT_FALSE(m.prefetch.valid());
+  EXPECT_TRUE(m.prefetching.empty());
+  EXPECT_TRUE(m.mapped.at("unet").resident());
+  EXPECT_FALSE(m.mapped.at("text_encoder").resident());
+  EXPECT_FALSE(m.mapped.at("vae").resident());
+
+  m.use("vae");
+  EXPECT_FALSE(m.prefetch.valid()) << "the VAE is mapped in when it runs, not beside the UNet";
+  EXPECT_FALSE(m.mapped.at("unet").resident());
+  // The next batch: the UNet, given back for the VAE, is mapped in again beside the encoder.
+  m.use("text_encoder");
+  ASSERT_TRUE(m.prefetch.valid());
+  m.finish_prefetch();
+  EXPECT_TRUE(m.mapped.at("unet").resident());
+  EXPECT_TRUE(m.mapped.at("text_encoder").resident());
+  EXPECT_FALSE(m.mapped.at("vae").resident());
+
+  // Without page_out_idle: everything at load, no thread.
+  LoadOptions resident = plain;
+  resident.page_out_idle = false;
+  StableDiffusionModel r = load_model_folder(fixtures + "/models/tiny-sd1", resident);
+  for (const auto& [name, weights] : r.mapped) EXPECT_TRUE(weights.resident()) << name;
+  r.use("text_encoder");
+  EXPECT_FALSE(r.prefetch.valid());
+}
+
 // With prepack_convolutions every convolution is prepacked: the dense conv weights
 // released (their pages of the file forgotten), the numbers those of at::conv2d to float rounding (on these tiny
 // shapes at::conv2d does not always pick oneDNN; on SD's it does, and the bits agree; the

@@ -43,9 +43,11 @@ Holder load_component(const std::string& dir, const std::string& component, cons
   const auto weights = std::make_shared<const SafeTensors>(component_weights(dir, weights_name));
   std::vector<const TensorView*> aliased = load_state_dict(*module, weights, component, options.dtype, options.device);
   MappedWeights views(weights, std::move(aliased));
-  // Ready to run: every page mapped now, in one call per tensor. Prepacking reads the conv
-  // weights once and drops them, so then prepack_model prefaults what is left.
-  if (!(options.prepack_convolutions && options.device.is_cpu())) views.prefault_all();
+  // Ready to run: every page mapped now, in one call per tensor; unless the model maps each
+  // component in when it runs (page_out_idle: StableDiffusionModel::use), or prepacking
+  // reads the conv weights once and drops them (prepack_model then prefaults what is left).
+  const bool mapped_at_use = mapped && options.page_out_idle;
+  if (!mapped_at_use && !(options.prepack_convolutions && options.device.is_cpu())) views.prefault_all();
   if (mapped) *mapped = std::move(views);
   module->eval();
   // The values the constructor initialised (torch::nn layers do; the CLIP encoders hold
@@ -206,18 +208,45 @@ int64_t prepack_model(StableDiffusionModel& m) {
   prepack(*m.unet, "unet");
   prepack(*m.vae, "vae");
   release_free_memory();
-  for (auto& [name, weights] : m.mapped) weights.prefault_all();  // the weights that are still the file's
+  // The weights that are still the file's: now, or when their component runs.
+  if (!m.page_out_idle)
+    for (auto& [name, weights] : m.mapped) weights.prefault_all();
   return n;
 }
 
+namespace {
+bool is_text_encoder(const std::string& component) {
+  return component == "text_encoder" || component == "text_encoder_2";
+}
+}  // namespace
+
 void StableDiffusionModel::use(const std::string& component) {
+  // A text encoder runs beside the UNet's prefault; anything else waits for it first, so
+  // that no page is dropped or needed while the other thread maps it.
+  if (prefetch.valid() && !is_text_encoder(component)) finish_prefetch();
   if (page_out_idle && component != active) {
     for (auto& [name, weights] : mapped)
-      if (name != component) weights.page_out();
+      if (name != component && !(prefetch.valid() && name == prefetching)) weights.page_out();
     release_free_memory();
   }
   if (auto it = mapped.find(component); it != mapped.end()) it->second.page_in();
   active = component;
+  // The UNet runs after the text encoders: map its pages in now, on a thread of its own.
+  // The encoders run on the CPUs while the kernel maps the pages; both memory-bound, they
+  // overlap well (start to first step of SD 1.5: README "Performance").
+  if (page_out_idle && is_text_encoder(component) && !prefetch.valid()) {
+    auto unet_weights = mapped.find("unet");
+    if (unet_weights != mapped.end() && !unet_weights->second.resident()) {
+      prefetching = "unet";
+      prefetch = std::async(std::launch::async, [weights = &unet_weights->second] { weights->page_in(); });
+    }
+  }
+}
+
+void StableDiffusionModel::finish_prefetch() {
+  if (!prefetch.valid()) return;
+  prefetch.get();
+  prefetching.clear();
 }
 
 int64_t parameter_count(torch::nn::Module& module) {

@@ -15,6 +15,7 @@
 
 #include <ATen/ATen.h>
 
+#include <future>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -32,7 +33,9 @@ struct LoadOptions {
   at::Device device = at::kCPU;
   // Weights that alias their files (CPU, the file's dtype) of the components not in use
   // leave this process's memory (StableDiffusionModel::use): only the running network's
-  // weights count in the resident set. false keeps every component resident.
+  // weights count in the resident set, and each is mapped in when it first runs (the UNet
+  // beside the text encoder), not when loaded. false maps every component in at load and
+  // keeps it resident.
   bool page_out_idle = true;
   // CPU inference: every convolution's weight is reordered once into oneDNN's layout
   // (leaf::Conv2d::prepack) and the dense copy let go (its pages of the file dropped);
@@ -97,8 +100,15 @@ struct StableDiffusionModel {
   // (release_free_memory, runtime.h). On an SD 1.5 step at 512x512 this keeps the text
   // encoder's and the VAE's 0.77 GiB out of the UNet's peak, and the UNet's 3.2 GiB out of
   // the VAE's; mapping 3.2 GiB back from the page cache takes about 0.3 s (once per image).
+  // Without page_out_idle every component is mapped in when loaded; with it, each when it
+  // first runs, and while a text encoder runs, the UNet on a thread of its own (prefetch).
   void use(const std::string& component);
   std::string active;  // the component use() was last called for
+  // The component being mapped in beside the running one, and its thread. Declared after
+  // `mapped`: destroyed first, so the thread ends before the weights it maps go.
+  std::string prefetching;
+  std::future<void> prefetch;
+  void finish_prefetch();  // waits for the prefetch, if any
 };
 
 StableDiffusionModel load_model_folder(const std::string& model_dir, const LoadOptions& options);

@@ -163,10 +163,11 @@ StableDiffusionModel load_single_file(const std::string& checkpoint, const std::
   m.vae = AutoencoderKL(vae_config);
   m.mapped["vae"] = fill_module(*m.vae, "vae", plan, owner, options);
   m.page_out_idle = options.page_out_idle;
-  // Ready to run: every mapped page now (prepack_model prefaults what it leaves).
+  // Ready to run: every mapped page now, or each component's when it runs (page_out_idle,
+  // StableDiffusionModel::use); prepack_model does the same with what it leaves.
   if (options.prepack_convolutions && options.device.is_cpu())
     prepack_model(m);
-  else
+  else if (!options.page_out_idle)
     for (auto& [name, weights] : m.mapped) weights.prefault_all();
   return m;
 }

@@ -137,7 +137,6 @@ MappedWeights::MappedWeights(std::shared_ptr<const SafeTensors> file, std::vecto
     : file_(std::move(file)), views_(std::move(views)) {}
 
 void MappedWeights::page_out() {
-  if (!resident_) return;
   for (const TensorView* v : views_) file_->discard(*v);
   resident_ = false;
 }

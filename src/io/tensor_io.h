@@ -52,14 +52,16 @@ std::vector<const TensorView*> load_state_dict(torch::nn::Module& module,
                                                c10::optional<at::Device> device = c10::nullopt);
 
 // The weights of one model component that alias a file mapping, and whether their pages
-// are in this process now. A component not in use can give its pages back (page_out: the
-// page cache keeps them, clean and reclaimable) and map them again in one call before use
-// (page_in); the tensors never change, only the resident memory does.
+// were mapped in (prefault_all, page_in) since they were last given back. A component not in
+// use can give its pages back (page_out: the page cache keeps them, clean and reclaimable)
+// and map them again in one call before use (page_in); the tensors never change, only the
+// resident memory does. Nothing is mapped in when constructed: pages a network touches
+// without page_in are faulted one by one.
 class MappedWeights {
  public:
   MappedWeights() = default;
   MappedWeights(std::shared_ptr<const SafeTensors> file, std::vector<const TensorView*> views);
-  void page_out();
+  void page_out();  // every page, whether mapped in by page_in or touched since
   void page_in();
   void prefault_all();  // maps every view's pages now (page_in regardless of the state)
   // The tensor stored at `data` is no longer used (its layer keeps another copy): its
@@ -73,7 +75,7 @@ class MappedWeights {
  private:
   std::shared_ptr<const SafeTensors> file_;
   std::vector<const TensorView*> views_;
-  bool resident_ = true;
+  bool resident_ = false;
 };
 
 // Writes every parameter and buffer of `module` as a float32 safetensors file named by
