@@ -355,6 +355,9 @@ gen_row size_conditioning_not_sdxl 2 "--original-size: size conditioning is for 
 # --- issue 15 (speed): the dtype names, auto included ------------------------------------------
 gen_row gen_dtype_unknown 2 'unknown dtype "fp8"' -- gen --dtype fp8 -o "$tmp/never"
 gen_row gen_dtype_hint 2 "use auto, fp32, fp16 or bf16" -- gen --dtype float -o "$tmp/never"
+gen_row gen_fp16_weights_bf16 2 "--fp16-weights: the weights are converted to float32 per layer" -- gen --fp16-weights --dtype bf16 -o "$tmp/never"
+gen_row gen_fp16_weights_prepack 2 "use one of --fp16-weights and --prepack-weights" -- gen --fp16-weights --prepack-weights -o "$tmp/never"
+gen_row gen_fp16_weights_cuda 2 "float16 weight storage is for the CPU" -- "$fairdiff" generate -p "a kite" --fp16-weights --device cuda -q -o "$tmp/never"
 
 # --- resume after a kill: kill -9 while the toy model makes 6 images, then rerun -----------------
 resume() { exec "$fairdiff" generate -p "a kite" -N 6 --steps 60 --device cpu --threads 1 -q -o "$1"; }

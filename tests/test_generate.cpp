@@ -131,6 +131,35 @@ TEST(Generate, PrepackedWeightsGiveTheSameImages) {
   }
 }
 
+// --fp16-weights: recorded, float32 arithmetic, and the images near the float32 ones (the
+// weights' rounding to float16 only: README "Performance" measures it on the toy model).
+TEST(Generate, Fp16WeightsAreRecordedAndCloseToFloat32) {
+  FAIRDIFF_REQUIRE_FIXTURES(fixtures);
+  test::TempDir tmp;
+  GenerateOptions plain = tiny(fixtures, tmp / "plain");
+  plain.dtype = "fp32";
+  GenerateOptions half = plain;
+  half.out_dir = tmp / "half";
+  half.dtype = "auto";  // resolves to fp32 with --fp16-weights, on any CPU
+  half.fp16_weights = true;
+  generate(plain);
+  generate(half);
+  const auto ma = read_manifest(tmp / "plain/manifest.jsonl"), mb = read_manifest(tmp / "half/manifest.jsonl");
+  EXPECT_FALSE(ma.at(0).contains("weight_dtype"));
+  EXPECT_EQ(mb.at(0).value("weight_dtype", ""), "fp16");
+  EXPECT_EQ(mb.at(0).value("dtype", ""), "fp32");
+  const auto pa = pixels(pngs(tmp / "plain").begin()->second), pb = pixels(pngs(tmp / "half").begin()->second);
+  ASSERT_EQ(pa.size(), pb.size());
+  double sum = 0;
+  for (size_t i = 0; i < pa.size(); ++i) sum += std::abs(int(pa[i]) - int(pb[i]));
+  EXPECT_LT(sum / static_cast<double>(pa.size()), 1.0) << "mean difference in levels of 255";
+  GenerateOptions bad = half;
+  bad.dtype = "bf16";
+  bad.out_dir = tmp / "never";
+  EXPECT_THROW(generate(bad), Error);
+  EXPECT_FALSE(std::filesystem::exists(tmp / "never"));
+}
+
 TEST(Generate, ShardsUnionEqualsTheFullRun) {
   FAIRDIFF_REQUIRE_FIXTURES(fixtures);
   test::TempDir tmp;

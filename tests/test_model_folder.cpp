@@ -255,6 +255,53 @@ TEST(ModelFolder, ComponentsAreMappedInWhenTheyRunAndTheUNetBesideTheTextEncoder
   EXPECT_FALSE(r.prefetch.valid());
 }
 
+// --fp16-weights: every linear and conv weight in float16, the arithmetic in float32. The
+// UNet then gives exactly what a float32 UNet gives whose weights were rounded to float16
+// (the conversion per call is exact), half the weight memory, and the file's pages dropped.
+TEST(ModelFolder, Fp16WeightsAreFloat32ArithmeticOnFloat16RoundedWeights) {
+  FAIRDIFF_REQUIRE_FIXTURES(fixtures);
+  c10::InferenceMode guard;
+  LoadOptions plain;
+  plain.prepack_convolutions = false;
+  StableDiffusionModel half = load_model_folder(fixtures + "/models/tiny-sd1", plain);
+  StableDiffusionModel rounded = load_model_folder(fixtures + "/models/tiny-sd1", plain);
+  const size_t mapped_before = half.mapped.at("unet").bytes();
+  const int64_t n = store_weights_fp16(half);
+  EXPECT_GT(n, 20);
+  EXPECT_LT(half.mapped.at("unet").bytes(), mapped_before / 10) << "the file's pages of converted weights are kept";
+  int64_t linear = 0, conv = 0;
+  for (const auto& child : half.unet->modules()) {
+    if (auto* l = dynamic_cast<leaf::LinearImpl*>(child.get())) {
+      EXPECT_EQ(l->weight().scalar_type(), at::kHalf);
+      ++linear;
+    }
+    if (auto* c = dynamic_cast<leaf::Conv2dImpl*>(child.get())) {
+      EXPECT_EQ(c->weight().scalar_type(), at::kHalf);
+      ++conv;
+    }
+  }
+  EXPECT_GT(linear, 0);
+  EXPECT_GT(conv, 0);
+  EXPECT_EQ(leaf::compute_dtype(*half.unet), at::kFloat);
+  EXPECT_EQ(leaf::compute_dtype(*half.vae), at::kFloat);
+  EXPECT_EQ(parameter_count(*half.unet), parameter_count(*rounded.unet));
+  // The reference: float32 weights holding float16-rounded values.
+  leaf::store_weights(*rounded.unet, at::kHalf, nullptr);
+  leaf::store_weights(*rounded.unet, at::kFloat, nullptr);
+  at::manual_seed(3);
+  const at::Tensor x = at::randn({2, 4, 8, 8}), context = at::randn({2, 77, 32});
+  const at::Tensor t = at::scalar_tensor(500.0);
+  const at::Tensor got = half.unet->forward(x, t, context), want = rounded.unet->forward(x, t, context);
+  EXPECT_EQ(got.scalar_type(), at::kFloat);
+  EXPECT_TRUE(at::equal(got, want)) << "max |diff| " << (got - want).abs().max().item<double>();
+  // And the rounding is the only change: close to the float32 UNet, not equal to it.
+  StableDiffusionModel full = load_model_folder(fixtures + "/models/tiny-sd1", plain);
+  const at::Tensor exact = full.unet->forward(x, t, context);
+  const double off = (got - exact).abs().max().item<double>(), scale = exact.abs().max().item<double>();
+  EXPECT_GT(off, 0.0);
+  EXPECT_LT(off, 1e-2 * scale);
+}
+
 // With prepack_convolutions every convolution is prepacked: the dense conv weights
 // released (their pages of the file forgotten), the numbers those of at::conv2d to float rounding (on these tiny
 // shapes at::conv2d does not always pick oneDNN; on SD's it does, and the bits agree; the

@@ -399,6 +399,7 @@ struct Options {
   bool no_onednn = false;  // --no-onednn: LibTorch's own kernels, as on a CPU without native bf16
   bool vae_only = false;
   bool prepack = false;  // LoadOptions::prepack_convolutions
+  bool fp16_weights = false;  // generate --fp16-weights: linear and conv weights kept in float16
   int64_t vae_tile = 0;  // 0 off, -1 the VAE's sample_size, else pixels
   std::string save_random_model;  // write the random SD 1.5 there and exit
   std::string save_random_sdxl;   // write the random SDXL base there and exit (bench_sdxl.cpp)
@@ -717,6 +718,9 @@ fairdiff::LoadOptions load_options(const Options& o) {
     fairdiff::throw_unsupported("--dtype fp16", "LibTorch 1.13 has no half-precision matmul on the CPU",
                                 "use --dtype bf16 or fp32 on the CPU, fp16 with --device cuda");
   lo.prepack_convolutions = o.prepack;
+  if (o.fp16_weights && (lo.dtype != at::kFloat || !lo.device.is_cpu() || o.prepack))
+    fairdiff::throw_bad_input("--fp16-weights", "float16 weight storage runs float32 on the CPU, without prepacking",
+                              "use --dtype fp32 --device cpu");
   return lo;
 }
 
@@ -757,6 +761,7 @@ nlohmann::json start_report(const Options& o, const at::Device& device, const st
                            {"malloc", malloc_setting},
                            {"batch", o.batch},
                            {"prepack_weights", o.prepack},
+                           {"fp16_weights", o.fp16_weights},
                            {"load_average_at_start", load_average()}};
   std::printf("fairdiff-bench: %s, %s, %s%s, malloc %s; load average %.2f at start\n", device.str().c_str(),
               o.dtype.c_str(), fairdiff::thread_summary().c_str(), o.libtorch_threads ? " (LibTorch's default)" : "",
@@ -813,7 +818,13 @@ StableDiffusionModel load_model(const Options& o, const fairdiff::LoadOptions& l
     report["model"] = o.model;
     report["load_s"] = load_s;
     row("load model folder", "-", load_s,
-        o.model + (o.prepack ? " (mapped; conv weights prepacked)" : " (mapped, prefaulted: ready to run)"));
+        o.model + (o.prepack ? " (mapped; conv weights prepacked)" : " (mapped; each network mapped in when it runs)"));
+  }
+  if (o.fp16_weights) {
+    const auto t0 = Clock::now();
+    const int64_t n = fairdiff::store_weights_fp16(model);
+    report["fp16_weights_s"] = seconds_since(t0);
+    row("store weights in float16", "-", seconds_since(t0), std::to_string(n) + " linear and conv weights");
   }
   if (o.vae_tile != 0) {
     const int64_t f = model.vae->config().scale_factor();
@@ -1072,6 +1083,7 @@ int main(int argc, char** argv) {
                "LibTorch 1.13 does not use oneDNN for it (with ATEN_CPU_CAPABILITY=avx2 for the rest)");
   app.add_flag("--skip-vae", o.skip_vae, "do not time the VAE decode");
   app.add_flag("--prepack-weights", o.prepack, "reorder convolution weights into oneDNN's layout at load (as generate --prepack-weights)");
+  app.add_flag("--fp16-weights", o.fp16_weights, "keep linear and conv weights in float16, converted per layer (as generate --fp16-weights; with --dtype fp32)");
   app.add_flag("--vae-only", o.vae_only, "time only the VAE decode (of noise latents), e.g. with --vae-tiling at 1024");
   app.add_flag("--vae-tiling{-1}", o.vae_tile, "decode in tiles (the VAE's sample_size, or --vae-tiling=PX)");
   app.add_option("--save-random-model", o.save_random_model,

@@ -9,6 +9,7 @@
 //
 //   fairdiff-dtype-error                               # bf16 against fp32 on models/toy, 32 images a case
 //   fairdiff-dtype-error --images 64 --steps 50 --out runs/dtype-error
+//   fairdiff-dtype-error --dtype fp16-weights          # generate --fp16-weights against fp32
 //
 // scripts/dtype-error builds and runs it; README "Performance" quotes the figures.
 #include <CLI/CLI.hpp>
@@ -80,7 +81,9 @@ struct PairStats {
 void generate_run(const Options& o, const Case& c, const std::string& dtype, const std::string& dir) {
   fs::remove_all(dir);
   fairdiff::GenerateOptions g = fairdiff::tools::toy_run(o.run, c.prompt, c.fairness, dir);
-  g.dtype = dtype;
+  // "fp16-weights": float32 arithmetic with float16 weights (generate --fp16-weights).
+  g.fp16_weights = dtype == "fp16-weights";
+  g.dtype = g.fp16_weights ? "fp32" : dtype;
   g.device = "cpu";
   fairdiff::generate(g);
 }
@@ -158,7 +161,7 @@ int main(int argc, char** argv) {
   Options o;
   o.run.model = fairdiff::default_model();
   app.add_option("--model", o.run.model, "model folder (default: models/toy or $FAIRDIFF_MODEL)");
-  app.add_option("--dtype", o.dtype, "the precision to compare with fp32 (bf16 on the CPU)")->capture_default_str();
+  app.add_option("--dtype", o.dtype, "the precision to compare with fp32: bf16, or fp16-weights (float32 with float16 weights)")->capture_default_str();
   app.add_option("--images", o.run.images, "images per case")->capture_default_str();
   app.add_option("--steps", o.run.steps, "denoising steps")->capture_default_str();
   app.add_option("--batch", o.run.batch, "images per UNet call")->capture_default_str();

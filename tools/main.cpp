@@ -117,6 +117,9 @@ void add_generate_flags(CLI::App* cmd, fairdiff::GenerateOptions& o, int& thread
   cmd->add_flag("--prepack-weights", o.prepack_weights,
                 "CPU: reorder convolution weights once into oneDNN's layout at load (faster steps, a few "
                 "seconds more to load)");
+  cmd->add_flag("--fp16-weights", o.fp16_weights,
+                "CPU: keep the linear and convolution weights in float16, converted to float32 per layer as it "
+                "runs (half the memory, slower steps; runs with --dtype fp32)");
   cmd->add_flag("--vae-tiling{-1}", o.vae_tile,
                 "decode in overlapping tiles (diffusers' enable_tiling) for images larger than the VAE's "
                 "sample_size; --vae-tiling=PX sets the tile in pixels");

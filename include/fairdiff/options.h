@@ -27,6 +27,11 @@ struct ModelOptions {
   // slower load; see LoadOptions::prepack_convolutions). Images agree with a plain run to
   // float rounding (within one level on the tiny test model), not always bit for bit.
   bool prepack_weights = false;
+  // CPU, float32: the linear and convolution weights (all but a few MB of SD's) are kept in
+  // float16 and each converted to float32 when its layer runs: half the memory, slower
+  // steps, images within the bound README "Performance" gives. Needs --dtype fp32 (or auto,
+  // which it then resolves to fp32); not with prepack_weights. Recorded as weight_dtype.
+  bool fp16_weights = false;
 };
 
 // How one batch of images is sampled: every image of a batch shares these.

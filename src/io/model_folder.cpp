@@ -220,6 +220,23 @@ bool is_text_encoder(const std::string& component) {
 }
 }  // namespace
 
+int64_t store_weights_fp16(StableDiffusionModel& m) {
+  c10::InferenceMode inference;
+  int64_t n = 0;
+  auto store = [&](torch::nn::Module& module, const std::string& component) {
+    auto it = m.mapped.find(component);
+    n += leaf::store_weights(module, at::kHalf, [&](const at::Tensor& weight) {
+      if (it != m.mapped.end()) it->second.forget(weight.data_ptr());
+    });
+  };
+  store(*m.text_encoder, "text_encoder");
+  if (m.xl()) store(*m.text_encoder_2, "text_encoder_2");
+  store(*m.unet, "unet");
+  store(*m.vae, "vae");
+  release_free_memory();
+  return n;
+}
+
 void StableDiffusionModel::use(const std::string& component) {
   // A text encoder runs beside the UNet's prefault; anything else waits for it first, so
   // that no page is dropped or needed while the other thread maps it.

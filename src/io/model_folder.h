@@ -118,6 +118,11 @@ StableDiffusionModel load_model_folder(const std::string& model_dir, const LoadO
 // that remain. Returns the number prepacked.
 int64_t prepack_model(StableDiffusionModel& model);
 
+// ModelOptions::fp16_weights for a model loaded in float32 on the CPU: every linear and
+// convolution weight of its networks stored in float16 (leaf::store_weights), the pages of
+// the file they were read from dropped. Returns the number stored.
+int64_t store_weights_fp16(StableDiffusionModel& model);
+
 // Number of scalar parameters of a module (for reports).
 int64_t parameter_count(torch::nn::Module& module);
 

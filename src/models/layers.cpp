@@ -47,21 +47,30 @@ Conv2dImpl::Conv2dImpl(int64_t in_channels, int64_t out_channels, int64_t kernel
   bias_ = register_parameter("bias", at::empty({out_channels}));
 }
 
+namespace {
+// A weight kept in another dtype than the input's (store_weights), as the input's: one layer's
+// worth of memory, for this call only.
+at::Tensor as_input_dtype(const at::Tensor& weight, const at::Tensor& x) {
+  return weight.scalar_type() == x.scalar_type() ? weight : weight.to(x.scalar_type());
+}
+}  // namespace
+
 at::Tensor LinearImpl::forward(const at::Tensor& x) const {
   // x [...,in] -> [...,out]
   profile::Scope scope(profile::kLinear, 2.0 * static_cast<double>(x.numel()) * static_cast<double>(weight_.size(0)));
-  if (x.dim() < 3 || !c10::InferenceMode::is_enabled()) return at::linear(x, weight_, bias_);
+  const at::Tensor weight = as_input_dtype(weight_, x);
+  if (x.dim() < 3 || !c10::InferenceMode::is_enabled()) return at::linear(x, weight, bias_);
   // When generating, one image at a time, as Conv2d: BLAS picks its kernel for a product by
   // its row count (OpenBLAS's small-matrix and edge paths; measured here: 16 against 32 rows
   // of a 64-wide projection differ by up to 8e-6), and under fair guidance such differences
   // changed pixels between --batch-size 1 and 4. Per image, every call has the image's rows.
   // Each image's product is written into its slice of the output: the same addmm (mm
   // without bias) that at::linear runs for a 2-D input, without a copy.
-  const int64_t B = x.size(0), in = weight_.size(1), out_features = weight_.size(0);
+  const int64_t B = x.size(0), in = weight.size(1), out_features = weight.size(0);
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = out_features;
   at::Tensor out = at::empty(shape, x.options());  // [B,...,out]
-  const at::Tensor wt = weight_.t();
+  const at::Tensor wt = weight.t();
   for (int64_t b = 0; b < B; ++b) {
     at::Tensor ob = out[b].view({-1, out_features});
     const at::Tensor xb = x[b].reshape({-1, in});
@@ -133,6 +142,33 @@ int64_t prepack_convolutions(torch::nn::Module& module, const std::function<void
   return n;
 }
 
+int64_t store_weights(torch::nn::Module& module, at::ScalarType dtype,
+                      const std::function<void(const at::Tensor&)>& on_replaced) {
+  at::NoGradGuard no_grad;
+  int64_t n = 0;
+  auto store = [&](at::Tensor& weight) {
+    if (weight.scalar_type() == dtype) return;
+    at::Tensor stored = weight.to(dtype);
+    if (on_replaced) on_replaced(weight);
+    weight.set_data(stored);  // the parameter itself: its name, shape and place in the module stay
+    ++n;
+  };
+  for (const auto& child : module.modules(/*include_self=*/true)) {
+    if (auto* linear = dynamic_cast<leaf::LinearImpl*>(child.get())) store(linear->weight());
+    if (auto* conv = dynamic_cast<leaf::Conv2dImpl*>(child.get())) {
+      TORCH_CHECK(!conv->prepacked(), "store_weights: a prepacked convolution keeps its dtype");
+      store(conv->mutable_weight());
+    }
+  }
+  return n;
+}
+
+at::ScalarType compute_dtype(torch::nn::Module& module) {
+  for (const auto& p : module.parameters())
+    if (p.dim() == 1) return p.scalar_type();
+  return module.parameters().front().scalar_type();
+}
+
 at::Tensor Conv2dImpl::forward(const at::Tensor& x) const {
   // x [B,C_in,H,W] -> [B,C_out,H',W']
   const int64_t B = x.size(0);
@@ -144,13 +180,14 @@ at::Tensor Conv2dImpl::forward(const at::Tensor& x) const {
   TORCH_CHECK(!packed_.defined() || (x.is_cpu() && x.scalar_type() == weight_.scalar_type()),
               "Conv2d: the prepacked weight runs ", weight_.scalar_type(), " on the CPU only, got ", x.scalar_type(),
               " on ", x.device());
-  if (!c10::InferenceMode::is_enabled() && !packed_.defined()) return at::conv2d(x, weight_, bias_, stride, padding);
+  const at::Tensor weight = packed_.defined() ? weight_ : as_input_dtype(weight_, x);
+  if (!c10::InferenceMode::is_enabled() && !packed_.defined()) return at::conv2d(x, weight, bias_, stride, padding);
   const int64_t image_bytes = std::max(x.numel() / B, weight_.size(0) * Ho * Wo) * x.element_size();
   const bool banded = image_bytes > kBandAbove && x.is_cpu();
   // One image (or band) through oneDNN with the prepacked weight, else at::conv2d.
   auto conv = [&](const at::Tensor& input, at::IntArrayRef pads) {
     if (packed_.defined()) return at::mkldnn_convolution(input, packed_, bias_, pads, stride, {1, 1}, 1);
-    return at::conv2d(input, weight_, bias_, stride, pads);
+    return at::conv2d(input, weight, bias_, stride, pads);
   };
   if (B == 1 && !banded) return conv(x, padding);
   // When generating, one image at a time: LibTorch picks a convolution algorithm by shape,

@@ -37,9 +37,10 @@ class LinearImpl : public torch::nn::Module {
   LinearImpl(int64_t in_features, int64_t out_features, bool bias = true);
   // x [...,in] -> [...,out]
   at::Tensor forward(const at::Tensor& x) const;
+  at::Tensor& weight() { return weight_; }
 
  private:
-  at::Tensor weight_, bias_;  // [out,in], [out]
+  at::Tensor weight_, bias_;  // [out,in], [out]; a weight stored in another dtype than x's is converted per call
 };
 TORCH_MODULE(Linear);
 
@@ -58,6 +59,7 @@ class Conv2dImpl : public torch::nn::Module {
   bool prepacked() const { return packed_.defined(); }
   void release_weight();
   const at::Tensor& weight() const { return weight_; }
+  at::Tensor& mutable_weight() { return weight_; }
 
  private:
   int64_t stride_, padding_;
@@ -70,6 +72,18 @@ TORCH_MODULE(Conv2d);
 // weights go: `on_released(weight)` is called with each one before it is released (the
 // model drops its pages of the file there). Returns the number prepacked.
 int64_t prepack_convolutions(torch::nn::Module& module, const std::function<void(const at::Tensor&)>& on_released);
+
+// Stores every leaf::Linear and leaf::Conv2d weight of `module` in `dtype` (float16: half the
+// memory); their forwards convert it to the input's dtype per call, so the arithmetic stays
+// the input's. `on_replaced(old_weight)` is called before each is replaced (the model drops
+// its pages of the file there). Biases, norms and embeddings keep their dtype: a few MB.
+// Returns the number of weights stored.
+int64_t store_weights(torch::nn::Module& module, at::ScalarType dtype,
+                      const std::function<void(const at::Tensor&)>& on_replaced);
+
+// The dtype `module` computes in: that of its first 1-D parameter (a bias or a norm's), which
+// store_weights leaves as it is.
+at::ScalarType compute_dtype(torch::nn::Module& module);
 
 class GroupNormImpl : public torch::nn::Module {
  public:

@@ -16,7 +16,7 @@ StableDiffusionPipeline::StableDiffusionPipeline(StableDiffusionModel& model)
 
 at::Device StableDiffusionPipeline::device() const { return model_.unet->parameters().front().device(); }
 
-at::ScalarType StableDiffusionPipeline::dtype() const { return model_.unet->parameters().front().scalar_type(); }
+at::ScalarType StableDiffusionPipeline::dtype() const { return leaf::compute_dtype(*model_.unet); }
 
 int64_t StableDiffusionPipeline::vae_scale_factor() const {
   return int64_t{1} << (model_.vae->config().block_out_channels.size() - 1);
@@ -126,8 +126,8 @@ at::Tensor StableDiffusionPipeline::denoise(Scheduler& scheduler, const at::Tens
 
 at::Tensor StableDiffusionPipeline::decode(const at::Tensor& latents) {
   model_.use("vae");
-  const at::Tensor vae_param = model_.vae->parameters().front();
-  const at::Tensor z = latents.to(vae_param.device(), vae_param.scalar_type()) / model_.vae->config().scaling_factor;
+  const at::Device vae_device = model_.vae->parameters().front().device();
+  const at::Tensor z = latents.to(vae_device, leaf::compute_dtype(*model_.vae)) / model_.vae->config().scaling_factor;
   if (z.size(0) == 1 || !c10::InferenceMode::is_enabled()) return model_.vae->decode(z);
   // When generating, one image at a time: the decoder's memory is one image's, and an image
   // decodes to the same bytes whatever its batch (batched, some decoder operator rounded

@@ -211,6 +211,17 @@ bool writable_dir(const std::string& dir) { return is_directory(dir) && ::access
 
 }  // namespace
 
+void check_fp16_weights(const ModelOptions& o) {
+  if (!o.fp16_weights) return;
+  if (starts_with(o.device, "cuda"))
+    throw_bad_input("--fp16-weights", "float16 weight storage is for the CPU", "on CUDA use --dtype fp16");
+  if (o.dtype != "auto" && o.dtype != "fp32")
+    throw_bad_input("--fp16-weights", "the weights are converted to float32 per layer, so it runs with --dtype fp32",
+                    "drop --dtype " + o.dtype + ", or drop --fp16-weights");
+  if (o.prepack_weights)
+    throw_bad_input("--fp16-weights", "prepacked weights keep their dtype", "use one of --fp16-weights and --prepack-weights");
+}
+
 void validate(GenerateOptions& o) {
   if (o.model.empty()) throw_bad_input("--model", "no model given", "pass --model DIR (a diffusers folder) or FILE.safetensors");
   if (o.prompt.empty() && o.prompts_file.empty())
@@ -274,6 +285,7 @@ void validate(GenerateOptions& o) {
   if (o.device == "cpu" && o.dtype == "fp16")
     throw_bad_input("--dtype", "fp16 needs a CUDA device (LibTorch has no half-precision CPU kernels)",
                     "use --dtype bf16 or fp32 on the CPU");
+  check_fp16_weights(o);
   shard_from_environment(o);
   if (o.num_shards > 0 || o.shard_index >= 0) {
     if (o.num_shards < 1) throw_bad_input("--num-shards", "must be at least 1 with --shard-index");

@@ -47,4 +47,8 @@ void check_resume(const std::map<int64_t, nlohmann::json>& done, const std::vect
 // cond_stage_model.* tensors). Anything else wrong with the model is left to the loader.
 void check_text_encoder(const std::string& model, const std::string& flag);
 
+// --fp16-weights with the other options: BadInput unless CPU, float32 (auto counts) and no
+// prepacking. Generate's validate and Model::load both ask.
+void check_fp16_weights(const ModelOptions& o);
+
 }  // namespace fairdiff

@@ -55,6 +55,10 @@ LoadOptions resolve_runtime(ModelOptions& o) {
     if (lo.device.is_cuda() && !at::hasCUDA())
       throw_bad_input("--device", "CUDA is not available in this build or on this machine", "use --device cpu");
   }
+  check_fp16_weights(o);
+  if (o.fp16_weights && !lo.device.is_cpu())  // "auto" found a GPU
+    throw_bad_input("--fp16-weights", "float16 weight storage is for the CPU", "use --device cpu, or on CUDA --dtype fp16");
+  if (o.fp16_weights) o.dtype = "fp32";  // the arithmetic stays float32 ("auto" resolves to it)
   if (o.dtype == "auto") o.dtype = lo.device.is_cpu() && cpu_has_native_bf16() ? "bf16" : "fp32";
   lo.dtype = o.dtype == "fp16" ? at::kHalf : o.dtype == "bf16" ? at::kBFloat16 : at::kFloat;
   if (lo.device.is_cpu() && lo.dtype == at::kHalf)
@@ -79,6 +83,7 @@ StableDiffusionModel load_networks(const ModelOptions& o, const LoadOptions& lo)
   } else {
     model = load_model_folder(o.model, lo);
   }
+  if (o.fp16_weights) store_weights_fp16(model);
   // As diffusers does: a half-precision SD VAE overflows, so it decodes in float32.
   if (lo.dtype == at::kHalf && model.vae->config().force_upcast) model.vae->to(at::kFloat);
   if (o.vae_tile != 0) {
@@ -294,7 +299,7 @@ double file_parameters(const std::string& path) {
 void check_weights_fit(const ModelOptions& o) {
   const double available = available_memory();
   if (!std::isfinite(available)) return;
-  const double bytes_per = dtype_bytes(o.dtype);
+  const double bytes_per = o.fp16_weights ? 2 : dtype_bytes(o.dtype);  // nearly every weight is a linear or conv one
   struct Part {
     std::string file;
     double parameters;
@@ -662,6 +667,7 @@ GeneratedBatch Model::Impl::generate(const std::vector<ImageRequest>& batch, con
       record["fairness"] = fair_record(fairness, edits, fairness_options.assignment, r.groups,
                                        concepts[static_cast<size_t>(i)]);
     // Tiles change the pixels near their seams: recorded (in pixels) when used.
+    if (options.fp16_weights) record["weight_dtype"] = "fp16";  // changes the pixels: recorded
     if (sd.vae->tiling()) record["vae_tile"] = sd.vae->tile_latent_size() * sd.vae->config().scale_factor();
     out.infotexts.push_back(std::move(info));
     out.records.push_back(std::move(record));
