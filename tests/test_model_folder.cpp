@@ -210,13 +210,19 @@ TEST(ModelFolder, WeightsAliasTheFileAndPagingChangesNothing) {
   for (const auto& [name, weights] : r.mapped) EXPECT_TRUE(weights.resident()) << name;
 }
 
+// The default load options with every weight a view of the file (no prepacking).
+LoadOptions unpacked() {
+  LoadOptions o;
+  o.prepack_convolutions = false;
+  return o;
+}
+
 // With page_out_idle (the default) nothing is mapped in at load; each component is when it
 // runs, and the UNet on a thread of its own while a text encoder runs (issue 15: start-up).
 TEST(ModelFolder, ComponentsAreMappedInWhenTheyRunAndTheUNetBesideTheTextEncoder) {
   FAIRDIFF_REQUIRE_FIXTURES(fixtures);
   c10::InferenceMode guard;
-  LoadOptions plain;
-  plain.prepack_convolutions = false;
+  const LoadOptions plain = unpacked();
   StableDiffusionModel m = load_model_folder(fixtures + "/models/tiny-sd1", plain);
   for (const auto& [name, weights] : m.mapped) EXPECT_FALSE(weights.resident()) << name << " mapped in at load";
   EXPECT_FALSE(m.prefetch.valid());
@@ -261,8 +267,7 @@ TEST(ModelFolder, ComponentsAreMappedInWhenTheyRunAndTheUNetBesideTheTextEncoder
 TEST(ModelFolder, Fp16WeightsAreFloat32ArithmeticOnFloat16RoundedWeights) {
   FAIRDIFF_REQUIRE_FIXTURES(fixtures);
   c10::InferenceMode guard;
-  LoadOptions plain;
-  plain.prepack_convolutions = false;
+  const LoadOptions plain = unpacked();
   StableDiffusionModel half = load_model_folder(fixtures + "/models/tiny-sd1", plain);
   StableDiffusionModel rounded = load_model_folder(fixtures + "/models/tiny-sd1", plain);
   const size_t mapped_before = half.mapped.at("unet").bytes();
