@@ -162,6 +162,22 @@ TEST(Attention, BlockedPathMatchesTheBatchedOne) {
   EXPECT_LT((bf.to(at::kFloat) - whole).abs().max().item<double>(), 0.05);
 }
 
+// With enough (image, head) pairs, the blocked path runs whole heads on the OpenMP threads,
+// each with single-threaded BLAS: the bits of the one-thread run, which takes the serial loop.
+TEST(Attention, HeadsOnThreadsGiveTheBitsOfOneThread) {
+  at::manual_seed(9);
+  const at::Tensor q = at::randn({2, 64, 64}), k = at::randn({2, 80, 64}), v = at::randn({2, 80, 64});
+  const double scale = 1.0 / std::sqrt(8.0);
+  const int before = at::get_num_threads();
+  at::set_num_threads(1);
+  const at::Tensor serial = multi_head_attention(q, k, v, 8, scale, false, false, 16 * 80);
+  at::set_num_threads(2);  // 16 pairs for 2 threads: the threaded loop
+  const at::Tensor threaded = multi_head_attention(q, k, v, 8, scale, false, false, 16 * 80);
+  at::set_num_threads(before);
+  EXPECT_TRUE(at::equal(serial, threaded)) << "max |diff| " << (serial - threaded).abs().max().item<double>();
+  EXPECT_LT((threaded - naive_attention(q, k, v, 8)).abs().max().item<double>(), 1e-5);
+}
+
 // Large feature maps are convolved in bands of rows when generating (inference mode): the
 // same numbers as one call, for every kernel, stride and padding the networks use.
 TEST(Conv2d, BandsOfRowsGiveTheNumbersOfOneCall) {

@@ -1,5 +1,6 @@
 #include "layers.h"
 
+#include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
 
 #include <torch/nn/functional/upsampling.h>
@@ -12,6 +13,7 @@
 #include "cpu_kernels.h"
 #include "fairdiff/error.h"
 #include "profile.h"
+#include "runtime.h"
 
 namespace fairdiff {
 
@@ -396,21 +398,23 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
   const int64_t rows = std::max<int64_t>(1, max_score_elements / L);
   // Calls block(q [n,d] scaled, k^T [d,L], v [L,d], out [n,d]) for every image, head and
   // block of query rows; the views read and write the [B,N,h*d] tensors in place.
+  // for_head_blocks: those of image b's head h.
+  auto for_head_blocks = [&](const at::Tensor& qs, const at::Tensor& ks, const at::Tensor& vs, at::Tensor& out,
+                             int64_t b, int64_t h, auto&& block) {
+    const at::Tensor qh = qs[b].narrow(1, h * d, d);     // [N,d], row stride h*d
+    const at::Tensor kt = ks[b].narrow(1, h * d, d).t();  // [d,L]
+    const at::Tensor vh = vs[b].narrow(1, h * d, d);     // [L,d]
+    const at::Tensor oh = out[b].narrow(1, h * d, d);    // [N,d]
+    for (int64_t i = 0; i < N; i += rows) {
+      const int64_t n = std::min(rows, N - i);
+      at::Tensor o = oh.narrow(0, i, n);
+      block(qh.narrow(0, i, n), kt, vh, o);
+    }
+  };
   auto for_each_block = [&](const at::Tensor& qs, const at::Tensor& ks, const at::Tensor& vs, at::Tensor& out,
                             auto&& block) {
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t h = 0; h < heads; ++h) {
-        const at::Tensor qh = qs[b].narrow(1, h * d, d);     // [N,d], row stride h*d
-        const at::Tensor kt = ks[b].narrow(1, h * d, d).t();  // [d,L]
-        const at::Tensor vh = vs[b].narrow(1, h * d, d);     // [L,d]
-        const at::Tensor oh = out[b].narrow(1, h * d, d);    // [N,d]
-        for (int64_t i = 0; i < N; i += rows) {
-          const int64_t n = std::min(rows, N - i);
-          at::Tensor o = oh.narrow(0, i, n);
-          block(qh.narrow(0, i, n), kt, vh, o);
-        }
-      }
-    }
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < heads; ++h) for_head_blocks(qs, ks, vs, out, b, h, block);
   };
   if (q.is_cpu()) {
     // On the CPU in float32 whatever the input dtype (LibTorch 1.13's bf16 softmax and
@@ -420,14 +424,35 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
     // precise than the reference, which multiplies the probabilities in the input dtype.
     const at::Tensor qf = q.to(at::kFloat) * scale, kf = k.to(at::kFloat), vf = v.to(at::kFloat);
     at::Tensor out = at::empty({B, N, inner}, qf.options());  // [B,N,h*d]
-    at::Tensor sums = at::empty({std::min(rows, N)}, qf.options());
-    for_each_block(qf, kf, vf, out, [&](const at::Tensor& qb, const at::Tensor& kt, const at::Tensor& vh, at::Tensor& o) {
+    auto block = [&](at::Tensor& sums, const at::Tensor& qb, const at::Tensor& kt, const at::Tensor& vh, at::Tensor& o) {
       at::Tensor scores = at::mm(qb, kt);                    // [n,L], already scaled
       at::Tensor row_sums = sums.narrow(0, 0, qb.size(0));  // [n]
       cpu::exp_rows(scores, row_sums);                       // exp(s - max), its row sums
       at::mm_out(o, scores, vh);                             // [n,d]
       o.div_(row_sums.unsqueeze(1));                         // the softmax's division
-    });
+    };
+    const int64_t items = B * heads, threads = at::get_num_threads();
+    if (threads > 1 && items >= 2 * threads && !at::in_parallel_region()) {
+      // Enough (image, head) pairs to share: each thread takes whole heads and runs their
+      // products on its own, single-threaded BLAS. Otherwise every small product (512x40 by
+      // 40x4096 at 64x64 latents) is split across OpenBLAS's pool and the exponentials across
+      // OpenMP's, with a barrier between each: measured 6-7x slower on the 2-core build VM
+      // while a compile shared it, and the same bits (each head's blocks are computed alike).
+      SingleThreadedBlas one_thread;
+      at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+        at::Tensor sums = at::empty({std::min(rows, N)}, qf.options());
+        for (int64_t item = begin; item < end; ++item)
+          for_head_blocks(qf, kf, vf, out, item / heads, item % heads,
+                          [&](const at::Tensor& qb, const at::Tensor& kt, const at::Tensor& vh, at::Tensor& o) {
+                            block(sums, qb, kt, vh, o);
+                          });
+      });
+    } else {
+      at::Tensor sums = at::empty({std::min(rows, N)}, qf.options());
+      for_each_block(qf, kf, vf, out, [&](const at::Tensor& qb, const at::Tensor& kt, const at::Tensor& vh, at::Tensor& o) {
+        block(sums, qb, kt, vh, o);
+      });
+    }
     return dtype == at::kFloat ? out : out.to(dtype);
   }
   const at::Tensor qf = (upcast_attention ? q.to(at::kFloat) : q) * scale;

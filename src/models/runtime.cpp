@@ -84,6 +84,18 @@ void configure_threads(int requested) {
   if (SetThreads set = openblas_set()) set(n);
 }
 
+SingleThreadedBlas::SingleThreadedBlas() {
+  GetThreads get = openblas_get();
+  SetThreads set = openblas_set();
+  if (!get || !set) return;
+  threads_ = get();
+  if (threads_ != 1) set(1);
+}
+
+SingleThreadedBlas::~SingleThreadedBlas() {
+  if (threads_ > 1) openblas_set()(threads_);
+}
+
 bool configure_allocator() {
   if (malloc_tuned_by_environment()) return false;
   // Serve every block from the heap (no per-block mmap/munmap) and never trim its top
