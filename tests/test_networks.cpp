@@ -145,6 +145,53 @@ TEST(CpuKernels, ExpRowsDividedBySumsIsTheSoftmax) {
   }
 }
 
+// The fused head against softmax(q k^T) v in double, for every kernel this CPU can run: head
+// widths and lengths with tails of every tile (6 rows; 16, 8 or 1 floats a vector; 64, 16
+// or 4 keys a tile), read from and written to strided columns as multi_head_attention passes
+// them. Any split of the rows gives the bits of one call (what the threads rely on).
+TEST(CpuKernels, AttentionHeadIsTheSoftmaxProductForAnySplitOfRows) {
+  struct Case {
+    int64_t N, L, d;
+  };
+  for (const Case& c : {Case{37, 77, 40}, Case{13, 50, 8}, Case{70, 130, 64}, Case{9, 17, 80}, Case{5, 3, 160},
+                        Case{25, 300, 5}, Case{200, 64, 48}, Case{300, 1, 40}}) {
+    const int64_t ld = 3 * c.d;  // the head is the middle third of each row
+    at::manual_seed(c.N * 1000 + c.L);
+    const double scale = 1.0 / std::sqrt(static_cast<double>(c.d));
+    const at::Tensor q = (at::randn({c.N, ld}) * 3 * scale).contiguous();  // already scaled; sharp scores
+    const at::Tensor k = at::randn({c.L, ld}), v = at::randn({c.L, ld});
+    auto head_of = [&](const at::Tensor& x) { return x.narrow(1, c.d, c.d); };
+    const at::Tensor expected =
+        at::mm(at::mm(head_of(q).to(at::kDouble), head_of(k).to(at::kDouble).t()).softmax(-1),
+               head_of(v).to(at::kDouble));  // [N,d]
+    // The yardstick: how far LibTorch's own float32 softmax(q k^T) v is from the double one.
+    const double libtorch_err =
+        (at::mm(at::mm(head_of(q), head_of(k).t()).softmax(-1), head_of(v)).to(at::kDouble) - expected)
+            .abs()
+            .max()
+            .item<double>();
+    for (cpu::Isa isa : {cpu::Isa::kAvx512, cpu::Isa::kAvx2, cpu::Isa::kPortable}) {
+      if (!cpu::supported(isa)) continue;  // CpuKernels.ExpRows... says which are skipped
+      const std::string what = "N " + std::to_string(c.N) + ", L " + std::to_string(c.L) + ", d " +
+                               std::to_string(c.d) + " (" + cpu::isa_name(isa) + ")";
+      const cpu::AttentionHead head(k.data_ptr<float>() + c.d, ld, v.data_ptr<float>() + c.d, ld, c.L, c.d, isa);
+      at::Tensor whole = at::full({c.N, ld}, std::nan(""));
+      head.rows(q.data_ptr<float>() + c.d, ld, c.N, whole.data_ptr<float>() + c.d, ld);
+      const double err = (head_of(whole).to(at::kDouble) - expected).abs().max().item<double>();
+      std::printf("%s: max error %.2g, LibTorch float32 %.2g\n", what.c_str(), err, libtorch_err);
+      EXPECT_LT(err, 2 * libtorch_err + 1e-6) << what << ": LibTorch's float32 is off by " << libtorch_err;
+      EXPECT_TRUE(whole.narrow(1, 0, c.d).isnan().all().item<bool>()) << what << ": other heads' columns written";
+      EXPECT_TRUE(whole.narrow(1, 2 * c.d, c.d).isnan().all().item<bool>()) << what << ": other heads' columns written";
+      const int64_t first = c.N / 3;
+      at::Tensor split = at::full({c.N, ld}, std::nan(""));
+      head.rows(q.data_ptr<float>() + c.d, ld, first, split.data_ptr<float>() + c.d, ld);
+      head.rows(q.data_ptr<float>() + first * ld + c.d, ld, c.N - first, split.data_ptr<float>() + first * ld + c.d,
+                ld);
+      EXPECT_TRUE(at::equal(head_of(split), head_of(whole))) << what << ": rows split at " << first;
+    }
+  }
+}
+
 // Above max_score_elements the blocked CPU path (float32 throughout) runs: the numbers of
 // the batched path, for float32 and, through float32, for bfloat16 inputs.
 TEST(Attention, BlockedPathMatchesTheBatchedOne) {

@@ -122,6 +122,66 @@ void exp_row_portable(float* x, int64_t L, float* sum) {
   *sum = static_cast<float>(s);
 }
 
+// The tiles of the fused attention, one instantiation of attention_tiles.inc per instruction
+// set. AVX-512: 6 rows x 4 vectors = 24 of the 32 registers accumulate; AVX2: 6 x 2 = 12 of 16
+// (the shapes of BLIS's and OpenBLAS's own kernels).
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+namespace avx512 {
+struct Simd {
+  using Reg = __m512;
+  static constexpr int kWidth = 16, kRows = 6, kVectors = 4;
+  static Reg zero() { return _mm512_setzero_ps(); }
+  static Reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, Reg x) { _mm512_storeu_ps(p, x); }
+  static Reg set1(float x) { return _mm512_set1_ps(x); }
+  static Reg fmadd(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
+};
+#include "attention_tiles.inc"
+}  // namespace avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+struct Simd {
+  using Reg = __m256;
+  static constexpr int kWidth = 8, kRows = 6, kVectors = 2;
+  static Reg zero() { return _mm256_setzero_ps(); }
+  static Reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, Reg x) { _mm256_storeu_ps(p, x); }
+  static Reg set1(float x) { return _mm256_set1_ps(x); }
+  static Reg fmadd(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
+};
+#include "attention_tiles.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+
+namespace portable {
+struct Simd {  // one float a "vector": any x86-64 CPU, and the reference for the others in tests
+  using Reg = float;
+  static constexpr int kWidth = 1, kRows = 6, kVectors = 4;
+  static Reg zero() { return 0.0f; }
+  static Reg load(const float* p) { return *p; }
+  static void store(float* p, Reg x) { *p = x; }
+  static Reg set1(float x) { return x; }
+  static Reg fmadd(Reg a, Reg b, Reg c) { return a * b + c; }
+};
+#include "attention_tiles.inc"
+}  // namespace portable
+
+int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
+
+// Scores of one block of query rows: 96 Ki floats (384 KiB), in the L2 cache of every x86
+// core since Zen 2 and Skylake-SP (512 KiB - 2 MiB) beside the packed k^T and v slices.
+constexpr int64_t kBlockScores = 96 * 1024;
+// At most this many query rows a block (the rows of a short key sequence, cross-attention's
+// 77, would otherwise make one block of the whole image and leave the threads nothing to share).
+constexpr int64_t kMaxBlockRows = 192;
+// Keys per pass of p v: this many rows of v's current vectors (24 KiB at 3 AVX-512 vectors)
+// stay in the 32-48 KiB L1 cache while every row group of the block runs over them.
+constexpr int64_t kKeyBlock = 128;
+
 }  // namespace
 
 bool supported(Isa isa) {
@@ -180,6 +240,87 @@ void exp_rows(at::Tensor& scores, at::Tensor& sums, Isa isa) {
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) row(s + r * L, L, out + r);
   });
+}
+
+AttentionHead::AttentionHead(const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t L, int64_t d, Isa isa)
+    : L_(L), d_(d) {
+  TORCH_CHECK(L > 0 && d > 0, "AttentionHead: empty keys or head width (L = ", L, ", d = ", d, ")");
+  if (isa == Isa::kBest) isa = best_isa();
+  TORCH_CHECK(supported(isa), "AttentionHead: this CPU cannot run the ", isa_name(isa), " kernel");
+  switch (isa) {
+    case Isa::kAvx512:
+      width_ = avx512::Simd::kWidth, tile_rows_ = avx512::Simd::kRows, tile_vectors_ = avx512::Simd::kVectors;
+      gemm_ = avx512::gemm_tile<>, exp_row_ = exp_row_avx512;
+      break;
+    case Isa::kAvx2:
+      width_ = avx2::Simd::kWidth, tile_rows_ = avx2::Simd::kRows, tile_vectors_ = avx2::Simd::kVectors;
+      gemm_ = avx2::gemm_tile<>, exp_row_ = exp_row_avx2;
+      break;
+    default:
+      width_ = portable::Simd::kWidth, tile_rows_ = portable::Simd::kRows, tile_vectors_ = portable::Simd::kVectors;
+      gemm_ = portable::gemm_tile<>, exp_row_ = exp_row_portable;
+  }
+  key_tile_ = tile_vectors_ * width_;
+  Lp_ = round_up(L, width_);
+  dp_ = round_up(d, width_);
+  // k^T in tiles: the tile of keys [t, t + w) is d rows of w floats at kt_[t d], so the
+  // product reads one contiguous 5-40 KiB tile for every row group. w is key_tile_, or for
+  // the last tile the whole vectors left (cross-attention's 77 keys: 64 + 16, not 2 x 64).
+  kt_.assign(static_cast<size_t>(Lp_ * d_), 0.0f);
+  for (int64_t t = 0; t < L; t += key_tile_) {
+    const int64_t w = key_tile_width(t);
+    for (int64_t j = t; j < std::min(L, t + w); ++j)
+      for (int64_t c = 0; c < d; ++c) kt_[t * d + c * w + (j - t)] = k[j * ldk + c];
+  }
+  vp_.assign(static_cast<size_t>(Lp_ * dp_), 0.0f);
+  for (int64_t j = 0; j < L; ++j) std::copy(v + j * ldv, v + j * ldv + d, vp_.data() + j * dp_);
+}
+
+int64_t AttentionHead::key_tile_width(int64_t t) const { return std::min(key_tile_, Lp_ - t); }
+
+int64_t AttentionHead::block_rows() const {
+  return std::min(kMaxBlockRows, std::max(tile_rows_, kBlockScores / Lp_ / tile_rows_ * tile_rows_));
+}
+
+void AttentionHead::rows(const float* q, int64_t ldq, int64_t n, float* out, int64_t ldo) const {
+  // q [n,d] (row stride ldq, scaled) -> out [n,d] (row stride ldo)
+  const int64_t block = block_rows();
+  std::vector<float> scores(static_cast<size_t>(block * Lp_));  // [block,Lp]
+  std::vector<float> prod(static_cast<size_t>(block * dp_));    // [block,dp]
+  std::vector<float> sums(static_cast<size_t>(block));
+  // v's vectors in chunks of at most tile_vectors_, as even as they go (5 -> 3 + 2).
+  const int64_t vectors = dp_ / width_, chunks = (vectors + tile_vectors_ - 1) / tile_vectors_;
+  for (int64_t i = 0; i < n; i += block) {
+    const int64_t m = std::min(block, n - i);
+    const float* qb = q + i * ldq;
+    // s = q k^T, one tile of keys at a time: its k^T stays in L1 for every group of rows.
+    for (int64_t t = 0; t < Lp_; t += key_tile_) {
+      const int64_t w = key_tile_width(t);
+      for (int64_t g = 0; g < m; g += tile_rows_)
+        gemm_(static_cast<int>(std::min(tile_rows_, m - g)), static_cast<int>(w / width_), qb + g * ldq, ldq,
+              kt_.data() + t * d_, w, d_, scores.data() + g * Lp_ + t, Lp_, false);
+    }
+    // p = exp(s - max) and its row sums; the padding keys get 0, so they add nothing to p v.
+    for (int64_t r = 0; r < m; ++r) {
+      float* s = scores.data() + r * Lp_;
+      exp_row_(s, L_, &sums[r]);
+      std::fill(s + L_, s + Lp_, 0.0f);
+    }
+    // p v, a chunk of v's vectors and a block of keys at a time (the partial sums go through
+    // `prod`, so the key blocks do not change the numbers).
+    for (int64_t c = 0, first = 0; c < chunks; ++c) {
+      const int64_t nv = vectors / chunks + (c < vectors % chunks ? 1 : 0);
+      for (int64_t kb = 0; kb < Lp_; kb += kKeyBlock)
+        for (int64_t g = 0; g < m; g += tile_rows_)
+          gemm_(static_cast<int>(std::min(tile_rows_, m - g)), static_cast<int>(nv), scores.data() + g * Lp_ + kb,
+                Lp_, vp_.data() + kb * dp_ + first * width_, dp_, std::min(kKeyBlock, Lp_ - kb),
+                prod.data() + g * dp_ + first * width_, dp_, kb > 0);
+      first += nv;
+    }
+    // The softmax's division, on the n x d product instead of the n x L probabilities.
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t c = 0; c < d_; ++c) out[(i + r) * ldo + c] = prod[r * dp_ + c] / sums[r];
+  }
 }
 
 }  // namespace fairdiff::cpu

@@ -387,82 +387,71 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
     return out.view({B, heads, N, d}).permute({0, 2, 1, 3}).reshape({B, N, inner});  // [B,N,h*d]
   }
 
-  // Large problems (4096^2 scores per head at 64x64 latents): one image and head at a time,
-  // in blocks of query rows whose scores stay in cache (rows x L <= max_score_elements).
-  // Each head reads its columns of q, k, v in place (row stride h*d, no permuted copies)
-  // and writes its columns of the output. Scores of different rows are independent, so
-  // the numbers are those of one big product; measured here 2.6x faster than a head's
-  // whole 4096x4096 block, which leaves the cache between the products and the softmax.
-  // The scale multiplies q (N x h*d values) instead of the scores (h x N x L): the same
-  // product up to one rounding, at 1/100 of the cost at 64x64 latents.
-  const int64_t rows = std::max<int64_t>(1, max_score_elements / L);
-  // Calls block(q [n,d] scaled, k^T [d,L], v [L,d], out [n,d]) for every image, head and
-  // block of query rows; the views read and write the [B,N,h*d] tensors in place.
-  // for_head_blocks: those of image b's head h.
-  auto for_head_blocks = [&](const at::Tensor& qs, const at::Tensor& ks, const at::Tensor& vs, at::Tensor& out,
-                             int64_t b, int64_t h, auto&& block) {
-    const at::Tensor qh = qs[b].narrow(1, h * d, d);     // [N,d], row stride h*d
-    const at::Tensor kt = ks[b].narrow(1, h * d, d).t();  // [d,L]
-    const at::Tensor vh = vs[b].narrow(1, h * d, d);     // [L,d]
-    const at::Tensor oh = out[b].narrow(1, h * d, d);    // [N,d]
-    for (int64_t i = 0; i < N; i += rows) {
-      const int64_t n = std::min(rows, N - i);
-      at::Tensor o = oh.narrow(0, i, n);
-      block(qh.narrow(0, i, n), kt, vh, o);
-    }
-  };
-  auto for_each_block = [&](const at::Tensor& qs, const at::Tensor& ks, const at::Tensor& vs, at::Tensor& out,
-                            auto&& block) {
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < heads; ++h) for_head_blocks(qs, ks, vs, out, b, h, block);
-  };
+  // Large problems (4096^2 scores per head at 64x64 latents), one image and head at a time,
+  // in blocks of query rows whose scores stay in cache. The scale multiplies q (N x h*d
+  // values) instead of the scores (h x N x L): the same product up to one rounding, at 1/100
+  // of the cost at 64x64 latents.
   if (q.is_cpu()) {
     // On the CPU in float32 whatever the input dtype (LibTorch 1.13's bf16 softmax and
-    // conversions are slow; q, k, v and the output are small next to the scores), with the
-    // softmax's exponentials in one pass (cpu_kernels.h) and its division applied to the
-    // n x d product: softmax(s) v = (exp(s - max) v) / sum. For half inputs this is more
-    // precise than the reference, which multiplies the probabilities in the input dtype.
-    const at::Tensor qf = q.to(at::kFloat) * scale, kf = k.to(at::kFloat), vf = v.to(at::kFloat);
+    // conversions are slow; q, k, v and the output are small next to the scores), fused per
+    // head (cpu::AttentionHead): the scores of a block of query rows, their one-pass
+    // exponentials and the product with v, both products in registers, and the softmax's
+    // division applied to the n x d product: softmax(s) v = (exp(s - max) v) / sum. For half
+    // inputs this is more precise than the reference, which multiplies the probabilities in
+    // the input dtype.
+    const at::Tensor qf = (q.to(at::kFloat) * scale).contiguous();  // [B,N,h*d]
+    const at::Tensor kf = k.to(at::kFloat).contiguous(), vf = v.to(at::kFloat).contiguous();  // [B,L,h*d]
     at::Tensor out = at::empty({B, N, inner}, qf.options());  // [B,N,h*d]
-    auto block = [&](at::Tensor& sums, const at::Tensor& qb, const at::Tensor& kt, const at::Tensor& vh, at::Tensor& o) {
-      at::Tensor scores = at::mm(qb, kt);                    // [n,L], already scaled
-      at::Tensor row_sums = sums.narrow(0, 0, qb.size(0));  // [n]
-      cpu::exp_rows(scores, row_sums);                       // exp(s - max), its row sums
-      at::mm_out(o, scores, vh);                             // [n,d]
-      o.div_(row_sums.unsqueeze(1));                         // the softmax's division
+    // Image b's head h reads its columns of q, k, v in place (row stride h*d) and writes its
+    // columns of the output.
+    const float* qp = qf.data_ptr<float>();
+    const float* kp = kf.data_ptr<float>();
+    const float* vp = vf.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    auto column = [&](int64_t item, int64_t rows) { return (item / heads) * rows * inner + (item % heads) * d; };
+    auto head = [&](int64_t item) {
+      return cpu::AttentionHead(kp + column(item, L), inner, vp + column(item, L), inner, L, d);
     };
     const int64_t items = B * heads, threads = at::get_num_threads();
     if (threads > 1 && items >= 2 * threads && !at::in_parallel_region()) {
-      // Enough (image, head) pairs to share: each thread takes whole heads and runs their
-      // products on its own, single-threaded BLAS. Otherwise every small product (512x40 by
-      // 40x4096 at 64x64 latents) is split across OpenBLAS's pool and the exponentials across
-      // OpenMP's, with a barrier between each: measured 6-7x slower on the 2-core build VM
-      // while a compile shared it, and the same bits (each head's blocks are computed alike).
-      SingleThreadedBlas one_thread;
+      // Enough (image, head) pairs to share: each thread takes whole heads, packing each one's
+      // k and v once (SD's 8 heads with CFG are 16).
       at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-        at::Tensor sums = at::empty({std::min(rows, N)}, qf.options());
         for (int64_t item = begin; item < end; ++item)
-          for_head_blocks(qf, kf, vf, out, item / heads, item % heads,
-                          [&](const at::Tensor& qb, const at::Tensor& kt, const at::Tensor& vh, at::Tensor& o) {
-                            block(sums, qb, kt, vh, o);
-                          });
+          head(item).rows(qp + column(item, N), inner, N, op + column(item, N), inner);
       });
     } else {
-      at::Tensor sums = at::empty({std::min(rows, N)}, qf.options());
-      for_each_block(qf, kf, vf, out, [&](const at::Tensor& qb, const at::Tensor& kt, const at::Tensor& vh, at::Tensor& o) {
-        block(sums, qb, kt, vh, o);
-      });
+      // Few heads (the VAE's one): the threads share each head's query rows.
+      for (int64_t item = 0; item < items; ++item) {
+        const cpu::AttentionHead h = head(item);
+        at::parallel_for(0, N, h.block_rows(), [&](int64_t begin, int64_t end) {
+          h.rows(qp + column(item, N) + begin * inner, inner, end - begin, op + column(item, N) + begin * inner,
+                 inner);
+        });
+      }
     }
     return dtype == at::kFloat ? out : out.to(dtype);
   }
+  // Elsewhere (CUDA without LibTorch 2's fused kernel): blocks of rows x L <= max_score_elements
+  // scores, each head reading its columns of q, k, v in place (row stride h*d).
+  const int64_t rows = std::max<int64_t>(1, max_score_elements / L);
   const at::Tensor qf = (upcast_attention ? q.to(at::kFloat) : q) * scale;
   const at::Tensor kf = upcast_attention ? k.to(at::kFloat) : k;
   at::Tensor out = at::empty({B, N, inner}, v.options());  // [B,N,h*d]
-  for_each_block(qf, kf, v, out, [&](const at::Tensor& qb, const at::Tensor& kt, const at::Tensor& vh, at::Tensor& o) {
-    at::Tensor scores = at::mm(qb, kt);  // [n,L], already scaled
-    if (upcast_softmax) scores = scores.to(at::kFloat);
-    at::mm_out(o, scores.softmax(-1).to(dtype), vh);  // [n,d]
-  });
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < heads; ++h) {
+      const at::Tensor qh = qf[b].narrow(1, h * d, d);     // [N,d], row stride h*d
+      const at::Tensor kt = kf[b].narrow(1, h * d, d).t();  // [d,L]
+      const at::Tensor vh = v[b].narrow(1, h * d, d);       // [L,d]
+      const at::Tensor oh = out[b].narrow(1, h * d, d);     // [N,d]
+      for (int64_t i = 0; i < N; i += rows) {
+        const int64_t n = std::min(rows, N - i);
+        at::Tensor scores = at::mm(qh.narrow(0, i, n), kt);  // [n,L], already scaled
+        if (upcast_softmax) scores = scores.to(at::kFloat);
+        at::Tensor o = oh.narrow(0, i, n);
+        at::mm_out(o, scores.softmax(-1).to(dtype), vh);  // [n,d]
+      }
+    }
   return out;
 }
 

@@ -36,6 +36,14 @@ const char* openblas_config() {
   auto get = reinterpret_cast<GetConfig>(dlsym(RTLD_DEFAULT, "openblas_get_config"));
   return get ? get() : "";
 }
+// "Haswell", "SkylakeX", "Cooperlake", ...: the kernels OpenBLAS chose for this CPU at load
+// (by its family and model, or OPENBLAS_CORETYPE). Its Haswell kernels are AVX2 only: on
+// an AVX-512 CPU they reach half the FMA peak at most.
+const char* openblas_core() {
+  using GetCore = char* (*)();
+  auto get = reinterpret_cast<GetCore>(dlsym(RTLD_DEFAULT, "openblas_get_corename"));
+  return get ? get() : "";
+}
 
 // A positive integer from the environment, else 0.
 int env_threads(const char* name) {
@@ -84,18 +92,6 @@ void configure_threads(int requested) {
   if (SetThreads set = openblas_set()) set(n);
 }
 
-SingleThreadedBlas::SingleThreadedBlas() {
-  GetThreads get = openblas_get();
-  SetThreads set = openblas_set();
-  if (!get || !set) return;
-  threads_ = get();
-  if (threads_ != 1) set(1);
-}
-
-SingleThreadedBlas::~SingleThreadedBlas() {
-  if (threads_ > 1) openblas_set()(threads_);
-}
-
 bool configure_allocator() {
   if (malloc_tuned_by_environment()) return false;
   // Serve every block from the heap (no per-block mmap/munmap) and never trim its top
@@ -116,9 +112,11 @@ std::string thread_summary() {
   s += std::to_string(n);
   if (GetThreads get = openblas_get())
     s += ", OpenBLAS " + std::to_string(get()) +
-         (std::strstr(openblas_config(), "USE_OPENMP") ? " in the same pool" : " in its own pthread pool");
+         (std::strstr(openblas_config(), "USE_OPENMP") ? " in the same pool" : " in its own pthread pool") +
+         (*openblas_core() ? std::string(", ") + openblas_core() + " kernels" : std::string());
   s += ") of " + std::to_string(available_cpus()) + " CPUs";
   if (const char* wait = std::getenv("OMP_WAIT_POLICY")) s += ", OMP_WAIT_POLICY=" + std::string(wait);
+  if (const char* core = std::getenv("OPENBLAS_CORETYPE")) s += ", OPENBLAS_CORETYPE=" + std::string(core);
   return s;
 }
 

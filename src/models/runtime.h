@@ -72,21 +72,6 @@ void release_free_memory();
 // its own reference kernels, many times slower than fp32 (README, Performance).
 bool cpu_has_native_bf16();
 
-// While alive, OpenBLAS runs every call on the calling thread (its pool set to 1 thread),
-// then gets its thread count back. For code that runs independent products on the OpenMP
-// threads itself (the blocked attention, layers.cpp): two pools would each want every core.
-// Not reentrant across threads: create it on the thread that starts the parallel region.
-class SingleThreadedBlas {
- public:
-  SingleThreadedBlas();
-  ~SingleThreadedBlas();
-  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
-  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
-
- private:
-  int threads_ = 0;  // OpenBLAS's count before; 0 when OpenBLAS is not the BLAS
-};
-
 // Seconds since this process started (the kernel's start time, /proc/self/stat; 10 ms
 // resolution): start-up includes the dynamic loader and LibTorch's static initialisers,
 // which no clock started in main sees. -1 where unknown.
