@@ -192,6 +192,52 @@ TEST(CpuKernels, AttentionHeadIsTheSoftmaxProductForAnySplitOfRows) {
   }
 }
 
+// The bf16 products (AVX512-BF16) against softmax(q k^T) v in double, on inputs that are bf16
+// already, as a bf16 model's are. The yardstick is LibTorch in bf16 as the reference runs it
+// (scores and probabilities rounded to bf16, products summed in float32): the kernel rounds
+// q and the exponentials to bf16 but keeps the scores, sums and division in float32.
+TEST(CpuKernels, AttentionHeadBf16ProductsAreAsCloseAsLibTorchInBf16) {
+  if (!cpu::AttentionHead::bf16_products_supported()) {
+    std::printf("[ SKIPPED  ] bf16 products: this CPU has no AVX512-BF16 (or FAIRDIFF_CPU_ISA holds it back)\n");
+    return;
+  }
+  struct Case {
+    int64_t N, L, d;
+  };
+  for (const Case& c : {Case{37, 77, 40}, Case{13, 50, 7}, Case{70, 130, 64}, Case{9, 17, 80}, Case{5, 3, 160},
+                        Case{200, 300, 40}, Case{300, 1, 40}}) {
+    const int64_t ld = 3 * c.d;  // the head is the middle third of each row
+    at::manual_seed(c.N * 1000 + c.L);
+    const double scale = 1.0 / std::sqrt(static_cast<double>(c.d));
+    auto bf16_values = [](const at::Tensor& x) { return x.to(at::kBFloat16).to(at::kFloat).contiguous(); };
+    const at::Tensor q = bf16_values(at::randn({c.N, ld}) * 3), k = bf16_values(at::randn({c.L, ld}));
+    const at::Tensor v = bf16_values(at::randn({c.L, ld}));
+    const at::Tensor qs = (q * scale).contiguous();  // scaled in float32, as multi_head_attention passes it
+    auto head_of = [&](const at::Tensor& x) { return x.narrow(1, c.d, c.d); };
+    const at::Tensor expected =
+        at::mm(at::mm(head_of(qs).to(at::kDouble), head_of(k).to(at::kDouble).t()).softmax(-1),
+               head_of(v).to(at::kDouble));  // [N,d]
+    const at::Tensor scores = at::mm(head_of(q).to(at::kBFloat16), head_of(k).to(at::kBFloat16).t()) * scale;
+    const at::Tensor libtorch = at::mm(scores.softmax(-1).to(at::kBFloat16), head_of(v).to(at::kBFloat16));
+    const double libtorch_err = (libtorch.to(at::kDouble) - expected).abs().max().item<double>();
+    const std::string what =
+        "N " + std::to_string(c.N) + ", L " + std::to_string(c.L) + ", d " + std::to_string(c.d) + " (bf16 products)";
+    const cpu::AttentionHead head(k.data_ptr<float>() + c.d, ld, v.data_ptr<float>() + c.d, ld, c.L, c.d,
+                                  cpu::Isa::kAvx512, /*bf16_products=*/true);
+    at::Tensor whole = at::full({c.N, ld}, std::nan(""));
+    head.rows(qs.data_ptr<float>() + c.d, ld, c.N, whole.data_ptr<float>() + c.d, ld);
+    const double err = (head_of(whole).to(at::kDouble) - expected).abs().max().item<double>();
+    std::printf("%s: max error %.2g, LibTorch bf16 %.2g\n", what.c_str(), err, libtorch_err);
+    EXPECT_LT(err, libtorch_err + 1e-6) << what << ": LibTorch in bf16 is off by " << libtorch_err;
+    EXPECT_TRUE(whole.narrow(1, 0, c.d).isnan().all().item<bool>()) << what << ": other heads' columns written";
+    const int64_t first = c.N / 3;
+    at::Tensor split = at::full({c.N, ld}, std::nan(""));
+    head.rows(qs.data_ptr<float>() + c.d, ld, first, split.data_ptr<float>() + c.d, ld);
+    head.rows(qs.data_ptr<float>() + first * ld + c.d, ld, c.N - first, split.data_ptr<float>() + first * ld + c.d, ld);
+    EXPECT_TRUE(at::equal(head_of(split), head_of(whole))) << what << ": rows split at " << first;
+  }
+}
+
 // Above max_score_elements the blocked CPU path (float32 throughout) runs: the numbers of
 // the batched path, for float32 and, through float32, for bfloat16 inputs.
 TEST(Attention, BlockedPathMatchesTheBatchedOne) {

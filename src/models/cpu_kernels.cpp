@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <limits>
 
@@ -129,13 +130,16 @@ void exp_row_portable(float* x, int64_t L, float* sum) {
 #pragma GCC target("avx512f")
 namespace avx512 {
 struct Simd {
+  using In = float;
   using Reg = __m512;
-  static constexpr int kWidth = 16, kRows = 6, kVectors = 4;
+  using Operand = __m512;
+  static constexpr int kWidth = 16, kPack = 1, kRows = 6, kVectors = 4;
   static Reg zero() { return _mm512_setzero_ps(); }
   static Reg load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, Reg x) { _mm512_storeu_ps(p, x); }
-  static Reg set1(float x) { return _mm512_set1_ps(x); }
-  static Reg fmadd(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static Operand load_b(const float* p) { return _mm512_loadu_ps(p); }
+  static Operand set1_a(const float* p) { return _mm512_set1_ps(*p); }
+  static Reg fmadd(Operand a, Operand b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
 };
 #include "attention_tiles.inc"
 }  // namespace avx512
@@ -145,13 +149,16 @@ struct Simd {
 #pragma GCC target("avx2,fma")
 namespace avx2 {
 struct Simd {
+  using In = float;
   using Reg = __m256;
-  static constexpr int kWidth = 8, kRows = 6, kVectors = 2;
+  using Operand = __m256;
+  static constexpr int kWidth = 8, kPack = 1, kRows = 6, kVectors = 2;
   static Reg zero() { return _mm256_setzero_ps(); }
   static Reg load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, Reg x) { _mm256_storeu_ps(p, x); }
-  static Reg set1(float x) { return _mm256_set1_ps(x); }
-  static Reg fmadd(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static Operand load_b(const float* p) { return _mm256_loadu_ps(p); }
+  static Operand set1_a(const float* p) { return _mm256_set1_ps(*p); }
+  static Reg fmadd(Operand a, Operand b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
 };
 #include "attention_tiles.inc"
 }  // namespace avx2
@@ -159,16 +166,66 @@ struct Simd {
 
 namespace portable {
 struct Simd {  // one float a "vector": any x86-64 CPU, and the reference for the others in tests
+  using In = float;
   using Reg = float;
-  static constexpr int kWidth = 1, kRows = 6, kVectors = 4;
+  using Operand = float;
+  static constexpr int kWidth = 1, kPack = 1, kRows = 6, kVectors = 4;
   static Reg zero() { return 0.0f; }
   static Reg load(const float* p) { return *p; }
   static void store(float* p, Reg x) { *p = x; }
-  static Reg set1(float x) { return x; }
-  static Reg fmadd(Reg a, Reg b, Reg c) { return a * b + c; }
+  static Operand load_b(const float* p) { return *p; }
+  static Operand set1_a(const float* p) { return *p; }
+  static Reg fmadd(Operand a, Operand b, Reg c) { return a * b + c; }
 };
 #include "attention_tiles.inc"
 }  // namespace portable
+
+// Both products on AVX512-BF16's dot products (vdpbf16ps: 32 bf16 products a vector summed
+// pairwise into 16 float lanes, twice the float FMA's work an instruction), for bf16 models.
+// Operands are bf16 bit patterns; b's rows hold each lane's pair of consecutive k.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bf16")
+namespace avx512_bf16 {
+struct Simd {
+  using In = uint16_t;
+  using Reg = __m512;
+  using Operand = __m512bh;
+  static constexpr int kWidth = 16, kPack = 2, kRows = 6, kVectors = 4;
+  static Reg zero() { return _mm512_setzero_ps(); }
+  static Reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, Reg x) { _mm512_storeu_ps(p, x); }
+  static Operand load_b(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  static Operand set1_a(const uint16_t* p) {
+    int32_t pair;
+    std::memcpy(&pair, p, sizeof pair);
+    return (__m512bh)_mm512_set1_epi32(pair);
+  }
+  static Reg fmadd(Operand a, Operand b, Reg c) { return _mm512_dpbf16_ps(c, a, b); }
+};
+#include "attention_tiles.inc"
+
+// x [n] -> bf16 [n], rounded to nearest even (vcvtneps2bf16), as bf16_bits does one at a time.
+void to_bf16(const float* x, uint16_t* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+  if (i < n) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
+    uint16_t last[16];
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(last), (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(tail, x + i)));
+    std::memcpy(y + i, last, static_cast<size_t>(n - i) * sizeof(uint16_t));
+  }
+}
+}  // namespace avx512_bf16
+#pragma GCC pop_options
+
+// One float as bf16 bits, rounded to nearest even (finite inputs: the packed k and v).
+uint16_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
 
 int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
 
@@ -242,11 +299,26 @@ void exp_rows(at::Tensor& scores, at::Tensor& sums, Isa isa) {
   });
 }
 
-AttentionHead::AttentionHead(const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t L, int64_t d, Isa isa)
-    : L_(L), d_(d) {
+bool AttentionHead::bf16_products_supported() {
+  static const bool bf16 = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return bf16 && best_isa() == Isa::kAvx512;
+}
+
+AttentionHead::AttentionHead(const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t L, int64_t d, Isa isa,
+                             bool bf16_products)
+    : L_(L), d_(d), bf16_(bf16_products) {
   TORCH_CHECK(L > 0 && d > 0, "AttentionHead: empty keys or head width (L = ", L, ", d = ", d, ")");
   if (isa == Isa::kBest) isa = best_isa();
   TORCH_CHECK(supported(isa), "AttentionHead: this CPU cannot run the ", isa_name(isa), " kernel");
+  TORCH_CHECK(!bf16_ || (isa == Isa::kAvx512 && bf16_products_supported()),
+              "AttentionHead: bf16 products need AVX512-BF16 and the avx512 kernels");
+  if (bf16_) {
+    pack_bf16(k, ldk, v, ldv);
+    return;
+  }
   switch (isa) {
     case Isa::kAvx512:
       width_ = avx512::Simd::kWidth, tile_rows_ = avx512::Simd::kRows, tile_vectors_ = avx512::Simd::kVectors;
@@ -276,6 +348,28 @@ AttentionHead::AttentionHead(const float* k, int64_t ldk, const float* v, int64_
   for (int64_t j = 0; j < L; ++j) std::copy(v + j * ldv, v + j * ldv + d, vp_.data() + j * dp_);
 }
 
+void AttentionHead::pack_bf16(const float* k, int64_t ldk, const float* v, int64_t ldv) {
+  width_ = avx512_bf16::Simd::kWidth, tile_rows_ = avx512_bf16::Simd::kRows;
+  tile_vectors_ = avx512_bf16::Simd::kVectors;
+  gemm16_ = avx512_bf16::gemm_tile<>, exp_row_ = exp_row_avx512;
+  key_tile_ = tile_vectors_ * width_;
+  Lp_ = round_up(L_, width_);  // even: p v takes the keys in pairs
+  dp_ = round_up(d_, width_);
+  d2_ = round_up(d_, 2);  // q k^T takes the head width in pairs
+  // k^T in tiles as for float, each tile d2/2 rows of w pairs: lane j of row c/2 holds
+  // (k[j][c], k[j][c + 1]).
+  kt16_.assign(static_cast<size_t>(Lp_ * d2_), 0);
+  for (int64_t t = 0; t < L_; t += key_tile_) {
+    const int64_t w = key_tile_width(t);
+    for (int64_t j = t; j < std::min(L_, t + w); ++j)
+      for (int64_t c = 0; c < d_; ++c) kt16_[t * d2_ + (c / 2) * 2 * w + (j - t) * 2 + c % 2] = bf16_bits(k[j * ldk + c]);
+  }
+  // v in pairs of keys: row j/2 holds, for every column c, (v[j][c], v[j + 1][c]).
+  vp16_.assign(static_cast<size_t>(Lp_ * dp_), 0);
+  for (int64_t j = 0; j < L_; ++j)
+    for (int64_t c = 0; c < d_; ++c) vp16_[(j / 2) * 2 * dp_ + c * 2 + j % 2] = bf16_bits(v[j * ldv + c]);
+}
+
 int64_t AttentionHead::key_tile_width(int64_t t) const { return std::min(key_tile_, Lp_ - t); }
 
 int64_t AttentionHead::block_rows() const {
@@ -284,37 +378,73 @@ int64_t AttentionHead::block_rows() const {
 
 void AttentionHead::rows(const float* q, int64_t ldq, int64_t n, float* out, int64_t ldo) const {
   // q [n,d] (row stride ldq, scaled) -> out [n,d] (row stride ldo)
+  if (bf16_)
+    rows_as<uint16_t>(q, ldq, n, out, ldo);
+  else
+    rows_as<float>(q, ldq, n, out, ldo);
+}
+
+// The products' operands are In: float, or bf16 bit patterns taken in pairs (P = 2 values a
+// 32-bit lane), in which case q and the exponentials are rounded to bf16 first; the scores,
+// the exponentials' sums, the products' sums and the division are float32 either way.
+template <typename In>
+void AttentionHead::rows_as(const float* q, int64_t ldq, int64_t n, float* out, int64_t ldo) const {
+  constexpr int64_t P = sizeof(float) / sizeof(In);
+  const auto gemm = [this] {
+    if constexpr (P == 1) return gemm_; else return gemm16_;
+  }();
+  const In* kt = [this] {
+    if constexpr (P == 1) return kt_.data(); else return kt16_.data();
+  }();
+  const In* vp = [this] {
+    if constexpr (P == 1) return vp_.data(); else return vp16_.data();
+  }();
+  const int64_t dq = P == 1 ? d_ : d2_;  // a q row as the product reads it
   const int64_t block = block_rows();
   std::vector<float> scores(static_cast<size_t>(block * Lp_));  // [block,Lp]
   std::vector<float> prod(static_cast<size_t>(block * dp_));    // [block,dp]
   std::vector<float> sums(static_cast<size_t>(block));
+  // bf16 only: q's rows and the exponentials as the dot products read them.
+  std::vector<In> q_in(P == 1 ? 0 : static_cast<size_t>(block * dq), 0);  // [block,d2]
+  std::vector<In> p_in(P == 1 ? 0 : static_cast<size_t>(block * Lp_));    // [block,Lp]
   // v's vectors in chunks of at most tile_vectors_, as even as they go (5 -> 3 + 2).
   const int64_t vectors = dp_ / width_, chunks = (vectors + tile_vectors_ - 1) / tile_vectors_;
   for (int64_t i = 0; i < n; i += block) {
     const int64_t m = std::min(block, n - i);
-    const float* qb = q + i * ldq;
+    const In* qa;
+    int64_t lda;
+    if constexpr (P == 1) {
+      qa = q + i * ldq, lda = ldq;
+    } else {
+      for (int64_t r = 0; r < m; ++r) avx512_bf16::to_bf16(q + (i + r) * ldq, q_in.data() + r * dq, d_);
+      qa = q_in.data(), lda = dq;
+    }
     // s = q k^T, one tile of keys at a time: its k^T stays in L1 for every group of rows.
     for (int64_t t = 0; t < Lp_; t += key_tile_) {
       const int64_t w = key_tile_width(t);
       for (int64_t g = 0; g < m; g += tile_rows_)
-        gemm_(static_cast<int>(std::min(tile_rows_, m - g)), static_cast<int>(w / width_), qb + g * ldq, ldq,
-              kt_.data() + t * d_, w, d_, scores.data() + g * Lp_ + t, Lp_, false);
+        gemm(static_cast<int>(std::min(tile_rows_, m - g)), static_cast<int>(w / width_), qa + g * lda, lda,
+             kt + t * dq, w * P, dq / P, scores.data() + g * Lp_ + t, Lp_, false);
     }
     // p = exp(s - max) and its row sums; the padding keys get 0, so they add nothing to p v.
     for (int64_t r = 0; r < m; ++r) {
       float* s = scores.data() + r * Lp_;
       exp_row_(s, L_, &sums[r]);
       std::fill(s + L_, s + Lp_, 0.0f);
+      if constexpr (P == 2) avx512_bf16::to_bf16(s, p_in.data() + r * Lp_, Lp_);
     }
+    const In* pa = [&] {
+      if constexpr (P == 1) return scores.data(); else return p_in.data();
+    }();
     // p v, a chunk of v's vectors and a block of keys at a time (the partial sums go through
     // `prod`, so the key blocks do not change the numbers).
     for (int64_t c = 0, first = 0; c < chunks; ++c) {
       const int64_t nv = vectors / chunks + (c < vectors % chunks ? 1 : 0);
       for (int64_t kb = 0; kb < Lp_; kb += kKeyBlock)
         for (int64_t g = 0; g < m; g += tile_rows_)
-          gemm_(static_cast<int>(std::min(tile_rows_, m - g)), static_cast<int>(nv), scores.data() + g * Lp_ + kb,
-                Lp_, vp_.data() + kb * dp_ + first * width_, dp_, std::min(kKeyBlock, Lp_ - kb),
-                prod.data() + g * dp_ + first * width_, dp_, kb > 0);
+          gemm(static_cast<int>(std::min(tile_rows_, m - g)), static_cast<int>(nv), pa + g * Lp_ + kb, Lp_,
+               vp + kb * dp_ + first * width_ * P, dp_ * P, std::min(kKeyBlock, Lp_ - kb) / P,
+               prod.data() + g * dp_ + first * width_, dp_, kb > 0);
       first += nv;
     }
     // The softmax's division, on the n x d product instead of the n x L probabilities.
@@ -322,5 +452,6 @@ void AttentionHead::rows(const float* q, int64_t ldq, int64_t n, float* out, int
       for (int64_t c = 0; c < d_; ++c) out[(i + r) * ldo + c] = prod[r * dp_ + c] / sums[r];
   }
 }
+
 
 }  // namespace fairdiff::cpu

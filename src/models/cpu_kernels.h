@@ -45,10 +45,16 @@ void exp_rows(at::Tensor& scores, at::Tensor& sums, Isa isa = Isa::kBest);
 // both products in registers by the tiles of attention_tiles.inc instead of BLAS calls on
 // matrices 40 wide. A row's numbers depend only on that row: any split of the rows (into
 // blocks, over threads) gives the same bits. `rows` is const, so threads may share a head.
+//
+// With bf16_products (bf16 models on a CPU with AVX512-BF16: bf16_products_supported()),
+// both products run on the bf16 dot-product instructions at twice the float FMA's rate:
+// k, v, the scaled q and the exponentials are rounded to bf16 (k and v of a bf16 model are
+// bf16 already), every sum is float32. The reference rounds the probabilities to bf16 too.
 class AttentionHead {
  public:
   AttentionHead(const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t L, int64_t d,
-                Isa isa = Isa::kBest);
+                Isa isa = Isa::kBest, bool bf16_products = false);
+  static bool bf16_products_supported();
   void rows(const float* q, int64_t ldq, int64_t n, float* out, int64_t ldo) const;
   // Query rows per block: the grain in which to split rows over threads.
   int64_t block_rows() const;
@@ -56,6 +62,8 @@ class AttentionHead {
   using GemmTile = void (*)(int mr, int nv, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K,
                             float* c, int64_t ldc, bool accumulate);
   using ExpRow = void (*)(float* x, int64_t L, float* sum);
+  using GemmTileBf16 = void (*)(int mr, int nv, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
+                                int64_t K, float* c, int64_t ldc, bool accumulate);
 
  private:
   int64_t L_, d_;
@@ -63,10 +71,19 @@ class AttentionHead {
   int64_t key_tile_;                           // keys per tile of k^T: tile_vectors_ x width_
   int64_t Lp_, dp_;                            // L and d padded to whole vectors
   int64_t key_tile_width(int64_t first_key) const;
-  GemmTile gemm_;
+  GemmTile gemm_ = nullptr;
   ExpRow exp_row_;
   std::vector<float> kt_;  // tiles [d][key_tile] (the last one narrower), zeros past L
   std::vector<float> vp_;  // [Lp][dp], zeros past L and d
+  // bf16 products: q k^T takes the head width in pairs (d2: d rounded up to even), p v the keys.
+  bool bf16_;
+  int64_t d2_ = 0;
+  GemmTileBf16 gemm16_ = nullptr;
+  std::vector<uint16_t> kt16_;  // tiles [d2/2][key_tile][2]
+  std::vector<uint16_t> vp16_;  // [Lp/2][dp][2]
+  void pack_bf16(const float* k, int64_t ldk, const float* v, int64_t ldv);
+  template <typename In>
+  void rows_as(const float* q, int64_t ldq, int64_t n, float* out, int64_t ldo) const;
 };
 
 }  // namespace fairdiff::cpu

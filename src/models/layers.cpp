@@ -409,8 +409,11 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
     const float* vp = vf.data_ptr<float>();
     float* op = out.data_ptr<float>();
     auto column = [&](int64_t item, int64_t rows) { return (item / heads) * rows * inner + (item % heads) * d; };
+    // A bf16 model on a CPU with bf16 dot products runs both products on them.
+    const bool bf16_products = dtype == at::kBFloat16 && cpu::AttentionHead::bf16_products_supported();
     auto head = [&](int64_t item) {
-      return cpu::AttentionHead(kp + column(item, L), inner, vp + column(item, L), inner, L, d);
+      return cpu::AttentionHead(kp + column(item, L), inner, vp + column(item, L), inner, L, d, cpu::Isa::kBest,
+                                bf16_products);
     };
     const int64_t items = B * heads, threads = at::get_num_threads();
     if (threads > 1 && items >= 2 * threads && !at::in_parallel_region()) {
