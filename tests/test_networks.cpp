@@ -10,6 +10,7 @@
 #include "cpu_kernels.h"
 #include "layers.h"
 #include "profile.h"
+#include "runtime.h"
 #include "string_util.h"
 #include "test_util.h"
 #include "unet_2d_condition.h"
@@ -253,6 +254,17 @@ TEST(Attention, BlockedPathMatchesTheBatchedOne) {
                                              scale, false, false, 100);
   EXPECT_EQ(bf.scalar_type(), at::kBFloat16);
   EXPECT_LT((bf.to(at::kFloat) - whole).abs().max().item<double>(), 0.05);
+}
+
+// The library's own at::parallel_for loops (the attention's heads and rows) run on the threads.
+// They are OpenMP regions compiled into our translation units: built without -fopenmp, as the
+// library was until the third session of issue 15, they ran on one thread and this fails.
+TEST(Runtime, TheLibrarysParallelLoopsRunOnTheThreads) {
+  const int before = at::get_num_threads();
+  at::set_num_threads(2);
+  const int threads = library_parallel_threads();
+  at::set_num_threads(before);
+  EXPECT_EQ(threads, 2) << "the library's at::parallel_for ran on " << threads << " thread(s) of 2";
 }
 
 // With enough (image, head) pairs, the blocked path runs whole heads on the OpenMP threads,

@@ -7,6 +7,7 @@
 #include <sched.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -101,6 +102,12 @@ bool configure_allocator() {
 
 void release_free_memory() { malloc_trim(0); }
 
+int library_parallel_threads() {
+  std::atomic<uint64_t> seen{0};  // one bit per thread number (mod 64)
+  at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) { seen |= uint64_t(1) << (at::get_thread_num() % 64); });
+  return __builtin_popcountll(seen.load());
+}
+
 std::string thread_summary() {
   const int n = at::get_num_threads();
   std::string s = std::to_string(n) + (n == 1 ? " thread (" : " threads (");
@@ -110,6 +117,8 @@ std::string thread_summary() {
   s += "native pool ";
 #endif
   s += std::to_string(n);
+  // Said only when it goes wrong: a library built without OpenMP runs its own loops serially.
+  if (const int ours = library_parallel_threads(); ours != n) s += ", fairdiff's own loops " + std::to_string(ours);
   if (GetThreads get = openblas_get())
     s += ", OpenBLAS " + std::to_string(get()) +
          (std::strstr(openblas_config(), "USE_OPENMP") ? " in the same pool" : " in its own pthread pool") +

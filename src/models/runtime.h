@@ -41,6 +41,12 @@ void configure_threads(int requested);
 // "2 threads (OpenMP 2, OpenBLAS 2 in its own pthread pool) of 2 CPUs".
 std::string thread_summary();
 
+// How many threads an at::parallel_for of this library runs on: at::get_num_threads() (or
+// fewer for tiny ranges), and 1 if the library was compiled without OpenMP. ATen's parallel_for
+// is an OpenMP region in its headers, so it runs on the threads of the code that includes
+// it: until the third session of issue 15 ours was built without -fopenmp and ran serially.
+int library_parallel_threads();
+
 // CPUs this process may run on (sched_getaffinity; std::thread::hardware_concurrency as fallback).
 int available_cpus();
 
