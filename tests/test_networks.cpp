@@ -1,10 +1,13 @@
 // UNet / VAE building blocks without weights: timestep embedding values, attention
 // against a plain formula, config parsing and rejection, checkpoint names and shapes.
 #include <c10/core/InferenceMode.h>
+#include <time.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <set>
+#include <thread>
 
 #include "autoencoder_kl.h"
 #include "cpu_kernels.h"
@@ -265,6 +268,33 @@ TEST(Runtime, TheLibrarysParallelLoopsRunOnTheThreads) {
   const int threads = library_parallel_threads();
   at::set_num_threads(before);
   EXPECT_EQ(threads, 2) << "the library's at::parallel_for ran on " << threads << " thread(s) of 2";
+}
+
+// After configure_threads, OpenBLAS's idle workers sleep as soon as a call is done: left to
+// its default they spin for about a tenth of a second, on a core that the next convolution
+// needs (runtime.cpp, stop_openblas_spinning). The process's CPU time over the 100 ms after
+// a threaded GEMM tells: a spinning worker burns most of it, a sleeping one almost none.
+TEST(Runtime, OpenBlasWorkersSleepAfterACall) {
+  if (available_cpus() < 2) GTEST_SKIP() << "one CPU: OpenBLAS runs no workers";
+  if (thread_summary().find("in its own pthread pool") == std::string::npos)
+    GTEST_SKIP() << "the BLAS is not OpenBLAS's pthread build: " << thread_summary();
+  const int before = at::get_num_threads();
+  configure_threads(2);
+  auto cpu_seconds = [] {
+    timespec t{};
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+    return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
+  };
+  const at::Tensor a = at::randn({768, 768});
+  double worst = 0;
+  for (int i = 0; i < 3; ++i) {
+    const at::Tensor p = at::mm(a, a);  // big enough for OpenBLAS's workers
+    const double start = cpu_seconds();
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    worst = std::max(worst, cpu_seconds() - start);
+  }
+  configure_threads(before);
+  EXPECT_LT(worst, 0.03) << "the process used " << worst << " s of CPU in the 100 ms after a GEMM";
 }
 
 // With enough (image, head) pairs, the blocked path runs whole heads on the OpenMP threads,

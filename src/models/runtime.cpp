@@ -46,6 +46,28 @@ const char* openblas_core() {
   return get ? get() : "";
 }
 
+// OpenBLAS's pthread pool after each call: its workers spin for THREAD_TIMEOUT cycles (2^28
+// by default, a tenth of a second) before they sleep. Between two BLAS calls that is cheap;
+// before the next oneDNN convolution or our own OpenMP loop it takes a core from them: on
+// the 2-vCPU Zen 5 VM, the convolution after a time-embedding projection ran at half
+// speed (49 against 31 ms), and the UNet step's convolutions took 2.45 s against 2.05 s
+// (README "Performance"). The pool reads OPENBLAS_THREAD_TIMEOUT (2^value cycles, 4-30)
+// when it starts, at load: unless the user set it, we set it to the least, re-read
+// OpenBLAS's environment and restart its pool, which comes back at its next call.
+constexpr const char* kOpenBlasThreadTimeout = "4";
+
+void stop_openblas_spinning() {
+  if (std::getenv("OPENBLAS_THREAD_TIMEOUT") || std::getenv("GOTO_THREAD_TIMEOUT")) return;
+  using Void = void (*)();
+  using Int = int (*)();
+  auto read_env = reinterpret_cast<Void>(dlsym(RTLD_DEFAULT, "openblas_read_env"));
+  auto shutdown = reinterpret_cast<Int>(dlsym(RTLD_DEFAULT, "blas_thread_shutdown_"));
+  if (!read_env || !shutdown || std::strstr(openblas_config(), "USE_OPENMP")) return;  // not the pthread pool
+  setenv("OPENBLAS_THREAD_TIMEOUT", kOpenBlasThreadTimeout, 0);
+  read_env();
+  shutdown();
+}
+
 // A positive integer from the environment, else 0.
 int env_threads(const char* name) {
   const char* value = std::getenv(name);
@@ -91,6 +113,8 @@ void configure_threads(int requested) {
   // OpenBLAS (pthread build) sized its pool at load time from OPENBLAS_NUM_THREADS or all
   // CPUs; keep it equal so that --threads 1 means one core and the pools do not fight.
   if (SetThreads set = openblas_set()) set(n);
+  // After set(): a pool grown by set() is stopped and started again whole.
+  stop_openblas_spinning();
 }
 
 bool configure_allocator() {
@@ -126,6 +150,7 @@ std::string thread_summary() {
   s += ") of " + std::to_string(available_cpus()) + " CPUs";
   if (const char* wait = std::getenv("OMP_WAIT_POLICY")) s += ", OMP_WAIT_POLICY=" + std::string(wait);
   if (const char* core = std::getenv("OPENBLAS_CORETYPE")) s += ", OPENBLAS_CORETYPE=" + std::string(core);
+  if (const char* t = std::getenv("OPENBLAS_THREAD_TIMEOUT")) s += ", OPENBLAS_THREAD_TIMEOUT=" + std::string(t);
   return s;
 }
 
