@@ -308,10 +308,9 @@ TEST(ModelFolder, Fp16WeightsAreFloat32ArithmeticOnFloat16RoundedWeights) {
 }
 
 // With prepack_convolutions every convolution is prepacked: the dense conv weights
-// released (their pages of the file forgotten), and the same bits as without it: when
-// generating, every convolution runs on the weight in oneDNN's layout, reordered at load or
-// once per call (Conv2dImpl::forward). (Before, at::conv2d ran on the dense weight, and on
-// these tiny shapes it did not always pick oneDNN: equal to float rounding only.)
+// released (their pages of the file forgotten), the numbers those of at::conv2d to float rounding (on these tiny
+// shapes at::conv2d does not always pick oneDNN; on SD's it does, and the bits agree; the
+// golden parity runs the prepacked path).
 TEST(ModelFolder, PrepackedConvolutionsGiveTheSameNumbers) {
   FAIRDIFF_REQUIRE_FIXTURES(fixtures);
   c10::InferenceMode guard;
@@ -335,14 +334,15 @@ TEST(ModelFolder, PrepackedConvolutionsGiveTheSameNumbers) {
   at::manual_seed(1);
   const at::Tensor x = at::randn({3, 4, 8, 8}), context = at::randn({3, 77, 32});
   const at::Tensor t = at::scalar_tensor(250.0);
-  auto expect_same = [](const at::Tensor& got, const at::Tensor& want, const char* what) {
-    EXPECT_TRUE(at::equal(got, want)) << what << ": max |difference| " << (got - want).abs().max().item<double>();
+  auto expect_close = [](const at::Tensor& got, const at::Tensor& want, const char* what) {
+    const double err = (got - want).abs().max().item<double>(), top = want.abs().max().item<double>();
+    EXPECT_LE(err, 1e-5 * top) << what << ": max |error| " << err << " of " << top;
   };
-  expect_same(b.unet->forward(x, t, context), a.unet->forward(x, t, context), "unet");
+  expect_close(b.unet->forward(x, t, context), a.unet->forward(x, t, context), "unet");
   const at::Tensor z = at::randn({2, 4, 8, 8});
-  expect_same(b.vae->decode(z), a.vae->decode(z), "vae decode");
+  expect_close(b.vae->decode(z), a.vae->decode(z), "vae decode");
   const at::Tensor image = at::rand({1, 3, 16, 16}) * 2 - 1;
-  expect_same(b.vae->encode(image).mean, a.vae->encode(image).mean, "vae encode (stride-2 convolutions)");
+  expect_close(b.vae->encode(image).mean, a.vae->encode(image).mean, "vae encode (stride-2 convolutions)");
 }
 
 TEST(ModelFolder, PickleWeightsAreRefused) {

@@ -23,9 +23,9 @@ struct ModelOptions {
   // SD 1.5); else the tile in image pixels, a multiple of 8 (the VAE's scale factor) of at
   // least 32.
   int64_t vae_tile = 0;
-  // CPU: every convolution weight reordered once into oneDNN's layout at load instead of
-  // once per layer call (faster steps, slower load; see LoadOptions::prepack_convolutions).
-  // The same images, bit for bit.
+  // CPU: every convolution weight reordered once into oneDNN's layout at load (faster steps,
+  // slower load; see LoadOptions::prepack_convolutions). Images agree with a plain run to
+  // float rounding (within one level on the tiny test model), not always bit for bit.
   bool prepack_weights = false;
   // CPU, float32: the linear and convolution weights (all but a few MB of SD's) are kept in
   // float16 and each converted to float32 when its layer runs: half the memory, slower

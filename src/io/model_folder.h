@@ -39,12 +39,10 @@ struct LoadOptions {
   bool page_out_idle = true;
   // CPU inference: every convolution's weight is reordered once into oneDNN's layout
   // (leaf::Conv2d::prepack) and the dense copy let go (its pages of the file dropped);
-  // such a model runs on the CPU only. Without it each convolution reorders its weight once
-  // per call (leaf::Conv2d::forward), for all the call's images: the same bits. Measured
-  // on SD 1.5 (README "Performance"): steps a few percent faster; load seconds longer (the
-  // reorder, and 2.3 GiB of fresh memory, slow to fault in on the build VM); and the conv
-  // weights become anonymous memory, which cannot leave the process while the VAE runs.
-  // Opt-in (generate --prepack-weights): worth it for long runs.
+  // such a model runs on the CPU only. Measured on SD 1.5 (README "Performance"): UNet
+  // steps 0-13% faster at 512x512, about 20% at 256x256; load 2.5-3.5 s longer (the reorder);
+  // and the conv weights (2.3 GiB) become anonymous memory, which cannot leave the
+  // process while the VAE runs. Opt-in (generate --prepack-weights): worth it for long runs.
   bool prepack_convolutions = false;
 };
 

@@ -116,20 +116,13 @@ void conv2d_banded(const at::Tensor& x, const Conv& conv, int64_t stride, int64_
 
 }  // namespace
 
-namespace {
-// The weight in oneDNN's blocked layout (an MKLDNN tensor), for at::mkldnn_convolution.
-at::Tensor reorder_for_onednn(const at::Tensor& weight, int64_t stride, int64_t padding) {
-  const std::array<int64_t, 2> strides{stride, stride}, paddings{padding, padding}, dilation{1, 1};
-  return at::mkldnn_reorder_conv2d_weight(weight.contiguous().to_mkldnn(), paddings, strides, dilation, 1);
-}
-}  // namespace
-
 bool Conv2dImpl::prepack() {
   if (packed_.defined()) return true;
   if (!weight_.is_cpu() || !at::hasMKLDNN() ||
       (weight_.scalar_type() != at::kFloat && weight_.scalar_type() != at::kBFloat16))
     return false;
-  packed_ = reorder_for_onednn(weight_, stride_, padding_);
+  const std::array<int64_t, 2> stride{stride_, stride_}, padding{padding_, padding_}, dilation{1, 1};
+  packed_ = at::mkldnn_reorder_conv2d_weight(weight_.contiguous().to_mkldnn(), padding, stride, dilation, 1);
   return true;
 }
 
@@ -193,18 +186,9 @@ at::Tensor Conv2dImpl::forward(const at::Tensor& x) const {
   if (!c10::InferenceMode::is_enabled() && !packed_.defined()) return at::conv2d(x, weight, bias_, stride, padding);
   const int64_t image_bytes = std::max(x.numel() / B, weight_.size(0) * Ho * Wo) * x.element_size();
   const bool banded = image_bytes > kBandAbove && x.is_cpu();
-  // When generating on the CPU, the weight in oneDNN's layout: prepacked, or reordered here
-  // once for all of this call's images and bands. at::conv2d would reorder it on every call,
-  // once per image: under fair guidance (3-4 images a step) 3-4 reorders of each weight, where
-  // this costs two passes over it (a dense copy, then the reorder). Every image goes the same
-  // way, whatever the batch: the same bits as with --prepack-weights.
-  at::Tensor packed = packed_;
-  if (!packed.defined() && x.is_cpu() && at::hasMKLDNN() &&
-      (x.scalar_type() == at::kFloat || (x.scalar_type() == at::kBFloat16 && cpu_has_native_bf16())))
-    packed = reorder_for_onednn(weight, stride_, padding_);  // weight: in x's dtype (store_weights)
-  // One image (or band) through oneDNN with the weight in its layout, else at::conv2d.
+  // One image (or band) through oneDNN with the prepacked weight, else at::conv2d.
   auto conv = [&](const at::Tensor& input, at::IntArrayRef pads) {
-    if (packed.defined()) return at::mkldnn_convolution(input, packed, bias_, pads, stride, {1, 1}, 1);
+    if (packed_.defined()) return at::mkldnn_convolution(input, packed_, bias_, pads, stride, {1, 1}, 1);
     return at::conv2d(input, weight, bias_, stride, pads);
   };
   if (B == 1 && !banded) return conv(x, padding);

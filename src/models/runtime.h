@@ -34,10 +34,7 @@ namespace fairdiff {
 // the BLAS is OpenBLAS, its pthread pool to `requested` threads. 0 means: the value of
 // OMP_NUM_THREADS (or MKL_NUM_THREADS) when the environment sets one, else the number of
 // CPUs in this process's affinity mask (what `taskset`, cgroups cpusets and SLURM grant).
-// A negative value is a BadInput error. Also sets OPENBLAS_THREAD_TIMEOUT=4 in the
-// environment, unless it is set, and restarts OpenBLAS's pool with it: its idle workers then
-// sleep at once instead of spinning for 2^28 cycles after each call, on the core that the next
-// convolution needs (runtime.cpp).
+// A negative value is a BadInput error.
 void configure_threads(int requested);
 
 // The thread settings in one line, for logs and benchmark reports:
