@@ -468,7 +468,12 @@ GEGLUImpl::GEGLUImpl(int64_t dim_in, int64_t dim_out, bool bias) {
 at::Tensor GEGLUImpl::forward(const at::Tensor& x) {
   // x [B,N,C] -> [B,N,F]
   std::vector<at::Tensor> parts = proj_(x).chunk(2, -1);  // 2 x [B,N,F]: value, gate
-  return parts[0] * at::gelu(parts[1]);
+  if (!c10::InferenceMode::is_enabled()) return parts[0] * at::gelu(parts[1]);
+  // When generating, in place in the projection's output (the same numbers): two [B,N,F]
+  // temporaries fewer (84 MB each in an SD 1.5 CFG step at 512x512). The result is a
+  // strided view; Linear copies it one image at a time.
+  at::gelu_(parts[1]);
+  return parts[0].mul_(parts[1]);
 }
 
 FeedForwardImpl::FeedForwardImpl(int64_t dim, int64_t mult, bool bias) {
