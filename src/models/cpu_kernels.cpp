@@ -22,97 +22,6 @@ constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.33345190
 // Below this exp underflows past the smallest normal float; softmax arguments are <= 0.
 constexpr float kMinArg = -87.33654f;
 
-__attribute__((target("avx512f"))) inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(kMinArg));
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kC1), x);
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kC2), r);
-  __m512 y = _mm512_set1_ps(kP0);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kP1));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kP2));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kP3));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kP4));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kP5));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(y, k);  // y 2^k
-}
-
-__attribute__((target("avx512f"))) void exp_row_avx512(float* x, int64_t L, float* sum) {
-  const int64_t full = L / 16 * 16;
-  const __mmask16 tail = static_cast<__mmask16>((1u << (L - full)) - 1);
-  __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t j = 0; j < full; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + j));
-  if (tail) m = _mm512_mask_max_ps(m, tail, m, _mm512_maskz_loadu_ps(tail, x + full));
-  const __m512 row_max = _mm512_set1_ps(_mm512_reduce_max_ps(m));
-  __m512 s = _mm512_setzero_ps();
-  for (int64_t j = 0; j < full; j += 16) {
-    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + j), row_max));
-    _mm512_storeu_ps(x + j, e);
-    s = _mm512_add_ps(s, e);
-  }
-  if (tail) {
-    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, x + full), row_max));
-    _mm512_mask_storeu_ps(x + full, tail, e);
-    s = _mm512_mask_add_ps(s, tail, s, e);
-  }
-  *sum = _mm512_reduce_add_ps(s);
-}
-
-// The same on AVX2 + FMA (every x86-64 CPU since Haswell and Zen): 8 lanes, 2^k built in
-// the exponent bits (k >= -126 after the clamp, so 2^k is a normal float), and the tail
-// read with a mask, its missing lanes -inf for the maximum and 0 for the sum.
-__attribute__((target("avx2,fma"))) inline __m256 exp256(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(kMinArg));
-  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kC1), x);
-  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kC2), r);
-  __m256 y = _mm256_set1_ps(kP0);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kP1));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kP2));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kP3));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kP4));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kP5));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));  // y 2^k
-}
-
-__attribute__((target("avx2,fma"))) inline float reduce256(__m256 v, bool max) {
-  __m128 a = _mm256_castps256_ps128(v), b = _mm256_extractf128_ps(v, 1);
-  a = max ? _mm_max_ps(a, b) : _mm_add_ps(a, b);
-  b = _mm_movehl_ps(a, a);
-  a = max ? _mm_max_ps(a, b) : _mm_add_ps(a, b);
-  b = _mm_shuffle_ps(a, a, 1);
-  a = max ? _mm_max_ss(a, b) : _mm_add_ss(a, b);
-  return _mm_cvtss_f32(a);
-}
-
-__attribute__((target("avx2,fma"))) void exp_row_avx2(float* x, int64_t L, float* sum) {
-  const int64_t full = L / 8 * 8;
-  const int rest = static_cast<int>(L - full);
-  // Lanes 0..rest-1 of the tail: all bits set where a lane is in the row.
-  const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(rest), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  const __m256 minus_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  __m256 m = minus_inf;
-  for (int64_t j = 0; j < full; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + j));
-  if (rest) m = _mm256_max_ps(m, _mm256_blendv_ps(minus_inf, _mm256_maskload_ps(x + full, tail), _mm256_castsi256_ps(tail)));
-  const __m256 row_max = _mm256_set1_ps(reduce256(m, true));
-  // Two accumulators, alternating: 16 partial sums as the AVX-512 version has (each sums
-  // L / 16 terms, so the float rounding of a 4096-long row stays near 1e-7 relative).
-  __m256 s[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-  for (int64_t j = 0; j < full; j += 8) {
-    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + j), row_max));
-    _mm256_storeu_ps(x + j, e);
-    s[(j / 8) & 1] = _mm256_add_ps(s[(j / 8) & 1], e);
-  }
-  if (rest) {
-    const __m256 e = exp256(_mm256_sub_ps(_mm256_maskload_ps(x + full, tail), row_max));
-    _mm256_maskstore_ps(x + full, tail, e);
-    s[0] = _mm256_add_ps(s[0], _mm256_and_ps(e, _mm256_castsi256_ps(tail)));
-  }
-  *sum = reduce256(_mm256_add_ps(s[0], s[1]), false);
-}
-
 void exp_row_portable(float* x, int64_t L, float* sum) {
   const float row_max = *std::max_element(x, x + L);
   double s = 0;  // one float accumulator over 4096 terms drifts by ~2e-6 (the vector one sums 16 lanes)
@@ -142,6 +51,32 @@ struct Simd {
   static Reg fmadd(Operand a, Operand b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
 };
 #include "attention_tiles.inc"
+
+// The exponentials: 16 lanes, the tail under a mask, 2^k by vscalefps.
+struct Exp {
+  using Vec = __m512;
+  static constexpr int kWidth = 16, kSums = 1;
+  static __mmask16 lanes(int rest) { return static_cast<__mmask16>((1u << rest) - 1); }
+  static Vec set1(float v) { return _mm512_set1_ps(v); }
+  static Vec loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static void storeu(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+  static Vec load_tail(const float* p, int rest, float fill) {
+    return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), lanes(rest), p);
+  }
+  static void store_tail(float* p, int rest, Vec v) { _mm512_mask_storeu_ps(p, lanes(rest), v); }
+  static Vec keep_tail(Vec v, int rest) { return _mm512_maskz_mov_ps(lanes(rest), v); }
+  static Vec max(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+  static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+  static Vec sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
+  static Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+  static Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static Vec fnmadd(Vec a, Vec b, Vec c) { return _mm512_fnmadd_ps(a, b, c); }
+  static Vec round(Vec v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT); }
+  static Vec scale(Vec y, Vec k) { return _mm512_scalef_ps(y, k); }
+  static float reduce_max(Vec v) { return _mm512_reduce_max_ps(v); }
+  static float reduce_add(Vec v) { return _mm512_reduce_add_ps(v); }
+};
+#include "exp_rows.inc"
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -161,6 +96,50 @@ struct Simd {
   static Reg fmadd(Operand a, Operand b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
 };
 #include "attention_tiles.inc"
+
+// The exponentials on AVX2 + FMA (every x86-64 CPU since Haswell and Zen): 8 lanes, two
+// accumulators, the tail read and written under a lane mask, and 2^k built in the exponent
+// bits (k >= -126 after the clamp, so 2^k is a normal float).
+struct Exp {
+  using Vec = __m256;
+  static constexpr int kWidth = 8, kSums = 2;
+  // Lanes 0..rest-1: all bits set.
+  static __m256i lanes(int rest) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(rest), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static Vec set1(float v) { return _mm256_set1_ps(v); }
+  static Vec loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static void storeu(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+  static Vec load_tail(const float* p, int rest, float fill) {
+    const __m256i m = lanes(rest);
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
+  }
+  static void store_tail(float* p, int rest, Vec v) { _mm256_maskstore_ps(p, lanes(rest), v); }
+  static Vec keep_tail(Vec v, int rest) { return _mm256_and_ps(v, _mm256_castsi256_ps(lanes(rest))); }
+  static Vec max(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+  static Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+  static Vec sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
+  static Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+  static Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static Vec fnmadd(Vec a, Vec b, Vec c) { return _mm256_fnmadd_ps(a, b, c); }
+  static Vec round(Vec v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static Vec scale(Vec y, Vec k) {
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+  }
+  static float reduce(Vec v, bool max) {
+    __m128 a = _mm256_castps256_ps128(v), b = _mm256_extractf128_ps(v, 1);
+    a = max ? _mm_max_ps(a, b) : _mm_add_ps(a, b);
+    b = _mm_movehl_ps(a, a);
+    a = max ? _mm_max_ps(a, b) : _mm_add_ps(a, b);
+    b = _mm_shuffle_ps(a, a, 1);
+    a = max ? _mm_max_ss(a, b) : _mm_add_ss(a, b);
+    return _mm_cvtss_f32(a);
+  }
+  static float reduce_max(Vec v) { return reduce(v, true); }
+  static float reduce_add(Vec v) { return reduce(v, false); }
+};
+#include "exp_rows.inc"
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -293,7 +272,7 @@ void exp_rows(at::Tensor& scores, at::Tensor& sums, Isa isa) {
   float* out = sums.data_ptr<float>();
   if (isa == Isa::kBest) isa = best_isa();
   TORCH_CHECK(supported(isa), "exp_rows: this CPU cannot run the ", isa_name(isa), " kernel");
-  const auto row = isa == Isa::kAvx512 ? exp_row_avx512 : isa == Isa::kAvx2 ? exp_row_avx2 : exp_row_portable;
+  const auto row = isa == Isa::kAvx512 ? avx512::exp_row : isa == Isa::kAvx2 ? avx2::exp_row : exp_row_portable;
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) row(s + r * L, L, out + r);
   });
@@ -322,11 +301,11 @@ AttentionHead::AttentionHead(const float* k, int64_t ldk, const float* v, int64_
   switch (isa) {
     case Isa::kAvx512:
       width_ = avx512::Simd::kWidth, tile_rows_ = avx512::Simd::kRows, tile_vectors_ = avx512::Simd::kVectors;
-      gemm_ = avx512::gemm_tile<>, exp_row_ = exp_row_avx512;
+      gemm_ = avx512::gemm_tile<>, exp_row_ = avx512::exp_row;
       break;
     case Isa::kAvx2:
       width_ = avx2::Simd::kWidth, tile_rows_ = avx2::Simd::kRows, tile_vectors_ = avx2::Simd::kVectors;
-      gemm_ = avx2::gemm_tile<>, exp_row_ = exp_row_avx2;
+      gemm_ = avx2::gemm_tile<>, exp_row_ = avx2::exp_row;
       break;
     default:
       width_ = portable::Simd::kWidth, tile_rows_ = portable::Simd::kRows, tile_vectors_ = portable::Simd::kVectors;
@@ -351,7 +330,7 @@ AttentionHead::AttentionHead(const float* k, int64_t ldk, const float* v, int64_
 void AttentionHead::pack_bf16(const float* k, int64_t ldk, const float* v, int64_t ldv) {
   width_ = avx512_bf16::Simd::kWidth, tile_rows_ = avx512_bf16::Simd::kRows;
   tile_vectors_ = avx512_bf16::Simd::kVectors;
-  gemm16_ = avx512_bf16::gemm_tile<>, exp_row_ = exp_row_avx512;
+  gemm16_ = avx512_bf16::gemm_tile<>, exp_row_ = avx512::exp_row;
   key_tile_ = tile_vectors_ * width_;
   Lp_ = round_up(L_, width_);  // even: p v takes the keys in pairs
   dp_ = round_up(d_, width_);
