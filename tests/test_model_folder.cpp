@@ -210,6 +210,26 @@ TEST(ModelFolder, WeightsAliasTheFileAndPagingChangesNothing) {
   for (const auto& [name, weights] : r.mapped) EXPECT_TRUE(weights.resident()) << name;
 }
 
+// The networks are built with placeholder weights (leaf::PlaceholderParameters) and the load
+// replaces every one: as views of the file, or as copies in another dtype. On the shipped model.
+TEST(ModelFolder, NoPlaceholderWeightOutlivesTheLoad) {
+  c10::InferenceMode guard;
+  for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    LoadOptions o;
+    o.prepack_convolutions = false;
+    o.dtype = dtype;
+    StableDiffusionModel m = load_model_folder(std::string(FAIRDIFF_SOURCE_DIR) + "/models/toy", o);
+    for (torch::nn::Module* module : {static_cast<torch::nn::Module*>(m.text_encoder.get()),
+                                      static_cast<torch::nn::Module*>(m.unet.get()),
+                                      static_cast<torch::nn::Module*>(m.vae.get())})
+      for (const auto& p : module->named_parameters()) {
+        const at::Tensor& w = p.value();
+        EXPECT_TRUE(w.is_contiguous()) << p.key();
+        EXPECT_GE(w.storage().nbytes(), static_cast<size_t>(w.numel()) * w.element_size()) << p.key();
+      }
+  }
+}
+
 // The default load options with every weight a view of the file (no prepacking).
 LoadOptions unpacked() {
   LoadOptions o;

@@ -345,6 +345,87 @@ TEST(Conv2d, BandsOfRowsGiveTheNumbersOfOneCall) {
   }
 }
 
+TEST(RowGroups, CallsFollowTheGroupsThatCoverTheBatch) {
+  using Calls = std::vector<std::pair<int64_t, int64_t>>;
+  const Calls one_by_one{{0, 1}, {1, 1}, {2, 1}, {3, 1}, {4, 1}};
+  EXPECT_EQ(leaf::row_calls(5), one_by_one);  // no scope: one row per call
+  {
+    leaf::RowGroups groups({2, 3});
+    EXPECT_EQ(leaf::row_calls(5), (Calls{{0, 2}, {2, 3}}));
+    EXPECT_EQ(leaf::row_calls(5, /*grouped=*/false), one_by_one);
+    EXPECT_EQ(leaf::row_calls(4), (Calls{{0, 1}, {1, 1}, {2, 1}, {3, 1}}));  // other rows: one per call
+    {
+      leaf::RowGroups inner({1});
+      EXPECT_EQ(leaf::row_calls(5), one_by_one);
+    }
+    EXPECT_EQ(leaf::row_calls(5), (Calls{{0, 2}, {2, 3}}));  // the outer scope again
+  }
+  EXPECT_EQ(leaf::row_calls(5), one_by_one);
+}
+
+TEST(RowGroups, LinearAndConvolutionTakeEachGroupInOneCall) {
+  c10::InferenceMode guard;
+  // Linear: each group's rows are one product, whose row count BLAS sees (16 rows per image
+  // here, 32 for a group of two: OpenBLAS rounds those differently on some CPUs).
+  leaf::Linear linear(64, 64);
+  randomize(*linear, 5);
+  at::manual_seed(6);
+  const at::Tensor x = at::randn({3, 16, 64});  // [B,N,in]
+  at::Tensor bias;
+  for (const auto& p : linear->named_parameters())
+    if (p.key() == "bias") bias = p.value();
+  at::Tensor grouped;
+  {
+    leaf::RowGroups groups({2, 1});
+    grouped = linear(x);
+  }
+  const at::Tensor pair = at::addmm(bias, x.narrow(0, 0, 2).reshape({32, 64}), linear->weight().t());
+  EXPECT_TRUE(at::equal(grouped.narrow(0, 0, 2).reshape({32, 64}), pair));
+  EXPECT_TRUE(at::equal(grouped[2], at::addmm(bias, x[2], linear->weight().t())));
+
+  // Conv2d: a weight larger than an image's maps is shared by the group's call; small weights
+  // on large maps stay one image per call (a shared call would only hold more maps at once).
+  struct Case {
+    int64_t in, out, size;
+    bool shared;
+  };
+  for (const Case& c : {Case{64, 64, 4, true}, Case{4, 4, 32, false}}) {
+    leaf::Conv2d conv(c.in, c.out, 3, 1, 1);
+    randomize(*conv, 7);
+    const at::Tensor maps = at::randn({3, c.in, c.size, c.size});
+    at::Tensor out;
+    {
+      leaf::RowGroups groups({2, 1});
+      out = conv(maps);
+    }
+    at::Tensor expected;
+    for (const auto& p : conv->named_parameters())
+      if (p.key() == "bias") bias = p.value();
+    if (c.shared)
+      expected = at::cat({at::conv2d(maps.narrow(0, 0, 2), conv->weight(), bias, 1, 1),
+                          at::conv2d(maps.narrow(0, 2, 1), conv->weight(), bias, 1, 1)});
+    else
+      expected = at::cat({at::conv2d(maps.narrow(0, 0, 1), conv->weight(), bias, 1, 1),
+                          at::conv2d(maps.narrow(0, 1, 1), conv->weight(), bias, 1, 1),
+                          at::conv2d(maps.narrow(0, 2, 1), conv->weight(), bias, 1, 1)});
+    EXPECT_TRUE(at::equal(out, expected)) << c.in << " channels at " << c.size << "x" << c.size;
+  }
+}
+
+TEST(PlaceholderParameters, LeafWeightsTakeNoMemoryUntilLoaded) {
+  {
+    leaf::PlaceholderParameters placeholders;
+    leaf::Linear linear(1024, 512);
+    leaf::Conv2d conv(320, 320, 3, 1, 1);
+    EXPECT_EQ(linear->weight().sizes(), (std::vector<int64_t>{512, 1024}));
+    EXPECT_EQ(conv->weight().sizes(), (std::vector<int64_t>{320, 320, 3, 3}));
+    for (const auto& p : linear->parameters()) EXPECT_EQ(p.storage().nbytes(), sizeof(float));
+    for (const auto& p : conv->parameters()) EXPECT_EQ(p.storage().nbytes(), sizeof(float));
+  }
+  leaf::Linear linear(1024, 512);  // outside the scope: real tensors (training, random weights)
+  EXPECT_EQ(linear->weight().storage().nbytes(), size_t{512} * 1024 * sizeof(float));
+}
+
 TEST(Profile, CountsCallsAndFlopsOfTheLeafLayers) {
   leaf::Linear linear(16, 8);
   randomize(*linear);

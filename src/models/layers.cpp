@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <numeric>
 
 #include "cpu_kernels.h"
 #include "fairdiff/error.h"
@@ -38,15 +39,29 @@ leaf::Linear make_linear(int64_t in, int64_t out, bool bias = true) { return lea
 
 namespace leaf {
 
+namespace {
+thread_local bool placeholder_parameters = false;
+
+// An uninitialised parameter of `shape`, or its placeholder (PlaceholderParameters).
+at::Tensor new_parameter(at::IntArrayRef shape) {
+  if (placeholder_parameters) return at::empty({1}).expand(shape);
+  return at::empty(shape);
+}
+}  // namespace
+
+PlaceholderParameters::PlaceholderParameters() : previous_(placeholder_parameters) { placeholder_parameters = true; }
+
+PlaceholderParameters::~PlaceholderParameters() { placeholder_parameters = previous_; }
+
 LinearImpl::LinearImpl(int64_t in_features, int64_t out_features, bool bias) {
-  weight_ = register_parameter("weight", at::empty({out_features, in_features}));
-  if (bias) bias_ = register_parameter("bias", at::empty({out_features}));
+  weight_ = register_parameter("weight", new_parameter({out_features, in_features}));
+  if (bias) bias_ = register_parameter("bias", new_parameter({out_features}));
 }
 
 Conv2dImpl::Conv2dImpl(int64_t in_channels, int64_t out_channels, int64_t kernel, int64_t stride, int64_t padding)
     : stride_(stride), padding_(padding) {
-  weight_ = register_parameter("weight", at::empty({out_channels, in_channels, kernel, kernel}));
-  bias_ = register_parameter("bias", at::empty({out_channels}));
+  weight_ = register_parameter("weight", new_parameter({out_channels, in_channels, kernel, kernel}));
+  bias_ = register_parameter("bias", new_parameter({out_channels}));
 }
 
 namespace {
@@ -62,20 +77,21 @@ at::Tensor LinearImpl::forward(const at::Tensor& x) const {
   profile::Scope scope(profile::kLinear, 2.0 * static_cast<double>(x.numel()) * static_cast<double>(weight_.size(0)));
   const at::Tensor weight = as_input_dtype(weight_, x);
   if (x.dim() < 3 || !c10::InferenceMode::is_enabled()) return at::linear(x, weight, bias_);
-  // When generating, one image at a time, as Conv2d: BLAS picks its kernel for a product by
-  // its row count (OpenBLAS's small-matrix and edge paths; measured here: 16 against 32 rows
-  // of a 64-wide projection differ by up to 8e-6), and under fair guidance such differences
-  // changed pixels between --batch-size 1 and 4. Per image, every call has the image's rows.
-  // Each image's product is written into its slice of the output: the same addmm (mm
-  // without bias) that at::linear runs for a 2-D input, without a copy.
-  const int64_t B = x.size(0), in = weight.size(1), out_features = weight.size(0);
+  // When generating, one image at a time (or one image's rows: RowGroups), as Conv2d: BLAS
+  // picks its kernel for a product by its row count (OpenBLAS's small-matrix and edge paths;
+  // measured here: 16 against 32 rows of a 64-wide projection differ by up to 8e-6), and
+  // under fair guidance such differences changed pixels between --batch-size 1 and 4. Per
+  // image, every call has the image's rows. Each call's product is written into its slice
+  // of the output: the same addmm (mm without bias) that at::linear runs for a 2-D input,
+  // without a copy.
+  const int64_t in = weight.size(1), out_features = weight.size(0);
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = out_features;
   at::Tensor out = at::empty(shape, x.options());  // [B,...,out]
   const at::Tensor wt = weight.t();
-  for (int64_t b = 0; b < B; ++b) {
-    at::Tensor ob = out[b].view({-1, out_features});
-    const at::Tensor xb = x[b].reshape({-1, in});
+  for (const auto& [first, count] : row_calls(x.size(0))) {
+    at::Tensor ob = out.narrow(0, first, count).view({-1, out_features});
+    const at::Tensor xb = x.narrow(0, first, count).reshape({-1, in});
     if (bias_.defined())
       at::addmm_out(ob, bias_, xb, wt);
     else
@@ -115,6 +131,32 @@ void conv2d_banded(const at::Tensor& x, const Conv& conv, int64_t stride, int64_
 }
 
 }  // namespace
+
+namespace {
+// The RowGroups in scope on this thread, if any.
+thread_local const std::vector<int64_t>* current_row_groups = nullptr;
+}  // namespace
+
+RowGroups::RowGroups(std::vector<int64_t> sizes) : sizes_(std::move(sizes)), previous_(current_row_groups) {
+  current_row_groups = &sizes_;
+}
+
+RowGroups::~RowGroups() { current_row_groups = previous_; }
+
+std::vector<std::pair<int64_t, int64_t>> row_calls(int64_t rows, bool grouped) {
+  std::vector<std::pair<int64_t, int64_t>> calls;
+  const std::vector<int64_t>* groups = grouped ? current_row_groups : nullptr;
+  if (groups && std::accumulate(groups->begin(), groups->end(), int64_t{0}) == rows) {
+    int64_t first = 0;
+    for (int64_t n : *groups) {
+      calls.emplace_back(first, n);
+      first += n;
+    }
+  } else {
+    for (int64_t b = 0; b < rows; ++b) calls.emplace_back(b, 1);
+  }
+  return calls;
+}
 
 bool Conv2dImpl::prepack() {
   if (packed_.defined()) return true;
@@ -191,19 +233,29 @@ at::Tensor Conv2dImpl::forward(const at::Tensor& x) const {
     if (packed_.defined()) return at::mkldnn_convolution(input, packed_, bias_, pads, stride, {1, 1}, 1);
     return at::conv2d(input, weight, bias_, stride, pads);
   };
-  if (B == 1 && !banded) return conv(x, padding);
-  // When generating, one image at a time: LibTorch picks a convolution algorithm by shape,
-  // and on small feature maps (8x8, 16x16) a batched call rounds differently from the same
-  // image alone (measured here: up to 5e-6), which can flip a pixel level. Per image, an
-  // image's bytes never depend on --batch-size. Training (no inference mode) keeps the
-  // batched call; linear layers, norms and attention are batch-invariant already.
+  // When generating, one image at a time (or one image's rows: RowGroups): LibTorch picks a
+  // convolution algorithm by shape, and on small feature maps (8x8, 16x16) a batched call
+  // rounds differently from the same image alone (measured here: up to 5e-6), which can flip
+  // a pixel level. Per image, an image's bytes never depend on --batch-size. Training (no
+  // inference mode) keeps the batched call; norms and attention are batch-invariant already.
+  // A call reorders the weight into oneDNN's layout and copies its images' maps into it and
+  // back. Rows share a call where the weight is the larger (SD's 1280- and 640-channel
+  // layers at 8x8 to 32x32: a 1280-channel 3x3 weight is 59 MB, an image's 8x8 map 0.3 MB);
+  // where the maps are larger (64x64), a shared call would only hold more of them at once
+  // (measured: +0.1-0.18 GiB of peak RSS at 512x512 for 3-7% of the step).
+  const bool share = weight_.nbytes() >= static_cast<size_t>(image_bytes);
+  const std::vector<std::pair<int64_t, int64_t>> calls = row_calls(B, share);
+  if (calls.size() == 1 && !banded) return conv(x, padding);
   at::Tensor out = at::empty({B, weight_.size(0), Ho, Wo}, x.options());
-  for (int64_t b = 0; b < B; ++b) {
-    at::Tensor ob = out.slice(0, b, b + 1);
-    if (banded)
-      conv2d_banded(x.slice(0, b, b + 1), conv, stride_, padding_, weight_.size(2), ob);
-    else
-      ob.copy_(conv(x.slice(0, b, b + 1), padding));
+  for (const auto& [first, count] : calls) {
+    if (banded) {
+      for (int64_t b = first; b < first + count; ++b) {
+        at::Tensor ob = out.slice(0, b, b + 1);
+        conv2d_banded(x.slice(0, b, b + 1), conv, stride_, padding_, weight_.size(2), ob);
+      }
+    } else {
+      out.narrow(0, first, count).copy_(conv(x.narrow(0, first, count), padding));
+    }
   }
   return out;  // [B,C_out,H',W']
 }

@@ -19,6 +19,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace fairdiff {
@@ -31,6 +32,23 @@ namespace fairdiff {
 // and conv weights are UNINITIALISED until loaded (norms start at scale 1, shift 0).
 // Each forward is one profile::Scope (profile.h), counting its FLOPs from the shapes.
 namespace leaf {
+
+// While one is alive on this thread, Linear and Conv2d register their weights and biases as
+// placeholders (one element, expanded to the shape) instead of allocating them: for networks
+// whose every parameter a load then replaces (load_state_dict's set_data, which checks that
+// the file has them all). Allocated, SD 1.5's 3.4 GiB of UNet weights were never touched but
+// left the heap that large once freed, and the denoising steps' tensors then spread over it:
+// 1.09 GiB resident for the steps' 0.26 GiB of live tensors at 512x512 (measured here).
+class PlaceholderParameters {
+ public:
+  PlaceholderParameters();
+  ~PlaceholderParameters();
+  PlaceholderParameters(const PlaceholderParameters&) = delete;
+  PlaceholderParameters& operator=(const PlaceholderParameters&) = delete;
+
+ private:
+  bool previous_;
+};
 
 class LinearImpl : public torch::nn::Module {
  public:
@@ -67,6 +85,34 @@ class Conv2dImpl : public torch::nn::Module {
   at::Tensor packed_;         // weight_ in oneDNN's layout (an MKLDNN tensor), after prepack()
 };
 TORCH_MODULE(Conv2d);
+
+// Which rows of a batch may share a Linear or Conv2d call when generating. By default each
+// row is its own call, so that an image's numbers never depend on the batch it is in (the
+// kernels pick their algorithm by shape: README, Generating). The rows of one image in a
+// denoising step (its unconditional, text and edit rows) are a fixed set, whatever the batch
+// size, so they may go through together: one weight reorder and one pass over the weight for
+// all of them instead of one per row. The pipeline names them around its UNet call:
+//
+//   leaf::RowGroups groups({3, 3});  // rows 0-2 are image 0's, rows 3-5 image 1's
+//   at::Tensor eps = unet->forward(x, t, cond);
+//
+// The scope is the calling thread's; sizes that do not add up to a layer's row count (a
+// layer that sees other rows) leave that layer one row per call.
+class RowGroups {
+ public:
+  explicit RowGroups(std::vector<int64_t> sizes);
+  ~RowGroups();
+  RowGroups(const RowGroups&) = delete;
+  RowGroups& operator=(const RowGroups&) = delete;
+
+ private:
+  std::vector<int64_t> sizes_;
+  const std::vector<int64_t>* previous_;
+};
+
+// The calls for a batch of `rows` rows: (first row, row count) per call, by the RowGroups in
+// scope; one row per call without it or when `grouped` is false.
+std::vector<std::pair<int64_t, int64_t>> row_calls(int64_t rows, bool grouped = true);
 
 // Prepacks every leaf::Conv2d of `module` (Conv2dImpl::prepack) and lets the dense
 // weights go: `on_released(weight)` is called with each one before it is released (the

@@ -6,6 +6,7 @@
 #include <c10/core/InferenceMode.h>
 
 #include <cstring>
+#include <numeric>
 
 #include "fairdiff/error.h"
 
@@ -105,7 +106,7 @@ at::Tensor StableDiffusionPipeline::denoise(Scheduler& scheduler, const at::Tens
     x = scheduler.scale_model_input(x, i);
     // diffusers keeps timesteps as float32 (or int64) tensors; the UNet embeds t as float32.
     const at::Tensor t = at::scalar_tensor(timesteps[i], at::TensorOptions(at::kFloat).device(latents.device()));
-    const at::Tensor eps = model_.unet->forward(x, t, cond);  // [2B + E, C, h, w]
+    const at::Tensor eps = cfg ? unet_by_image(x, t, cond, B, extra_rows) : model_.unet->forward(x, t, cond);
     at::Tensor noise_pred;
     if (cfg) {
       const at::Tensor eps_u = eps.narrow(0, 0, B), eps_t = eps.narrow(0, B, B);
@@ -122,6 +123,31 @@ at::Tensor StableDiffusionPipeline::denoise(Scheduler& scheduler, const at::Tens
     if (on_step) on_step(i, timesteps.size(), latents);
   }
   return latents;
+}
+
+at::Tensor StableDiffusionPipeline::unet_by_image(const at::Tensor& x, const at::Tensor& t, const Conditioning& cond,
+                                                int64_t B, const std::vector<int64_t>& extra_rows) {
+  // x [2B + E, C, h, w]: B unconditional rows, B text rows, then E extra rows of the images
+  // extra_rows names. The UNet sees them image by image, [u_0, c_0, extras of 0, u_1, ...],
+  // and its convolutions and linear layers take each image's rows in one call (RowGroups):
+  // a fixed set per image and step, so an image's numbers still do not depend on the batch.
+  std::vector<int64_t> order, sizes;
+  for (int64_t b = 0; b < B; ++b) {
+    order.push_back(b);
+    order.push_back(B + b);
+    for (size_t e = 0; e < extra_rows.size(); ++e)
+      if (extra_rows[e] == b) order.push_back(2 * B + static_cast<int64_t>(e));
+    sizes.push_back(static_cast<int64_t>(order.size()) - std::accumulate(sizes.begin(), sizes.end(), int64_t{0}));
+  }
+  TORCH_CHECK(static_cast<int64_t>(order.size()) == x.size(0), "denoise: ", x.size(0), " UNet rows for ", order.size(),
+              " rows of ", B, " images");
+  leaf::RowGroups groups(sizes);
+  bool in_order = true;
+  for (size_t r = 0; r < order.size(); ++r) in_order = in_order && order[r] == static_cast<int64_t>(r);
+  if (in_order) return model_.unet->forward(x, t, cond);
+  const at::Tensor by_image = at::tensor(order, at::kLong).to(x.device());
+  const at::Tensor eps = model_.unet->forward(x.index_select(0, by_image), t, cond.index_select(by_image));
+  return at::empty_like(eps).index_copy_(0, by_image, eps);  // [2B + E, C, h, w], back in x's order
 }
 
 at::Tensor StableDiffusionPipeline::decode(const at::Tensor& latents) {

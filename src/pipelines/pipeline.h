@@ -93,6 +93,11 @@ class StableDiffusionPipeline {
   static at::Tensor to_uint8(const at::Tensor& image);
 
  private:
+  // One CFG step's UNet call on [uncond; cond; extra], each image's rows taken together
+  // (leaf::RowGroups); `extra_rows` names the image of each extra row. Returns eps in x's order.
+  at::Tensor unet_by_image(const at::Tensor& x, const at::Tensor& t, const Conditioning& cond, int64_t B,
+                           const std::vector<int64_t>& extra_rows);
+
   StableDiffusionModel& model_;
   std::unique_ptr<TextConditioner> conditioner_;
 };
