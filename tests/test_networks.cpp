@@ -34,6 +34,12 @@ void randomize(torch::nn::Module& module, uint64_t seed = 0) {
   for (auto& p : module.parameters()) p.uniform_(-0.2, 0.2);
 }
 
+at::Tensor parameter_named(const torch::nn::Module& module, const std::string& name) {
+  for (const auto& p : module.named_parameters())
+    if (p.key() == name) return p.value();
+  return {};
+}
+
 std::vector<int64_t> shape_of(torch::nn::Module& module, const std::string& name) {
   for (const auto& p : module.named_parameters())
     if (p.key() == name) return p.value().sizes().vec();
@@ -371,9 +377,7 @@ TEST(RowGroups, LinearAndConvolutionTakeEachGroupInOneCall) {
   randomize(*linear, 5);
   at::manual_seed(6);
   const at::Tensor x = at::randn({3, 16, 64});  // [B,N,in]
-  at::Tensor bias;
-  for (const auto& p : linear->named_parameters())
-    if (p.key() == "bias") bias = p.value();
+  const at::Tensor bias = parameter_named(*linear, "bias");
   at::Tensor grouped;
   {
     leaf::RowGroups groups({2, 1});
@@ -398,16 +402,12 @@ TEST(RowGroups, LinearAndConvolutionTakeEachGroupInOneCall) {
       leaf::RowGroups groups({2, 1});
       out = conv(maps);
     }
-    at::Tensor expected;
-    for (const auto& p : conv->named_parameters())
-      if (p.key() == "bias") bias = p.value();
-    if (c.shared)
-      expected = at::cat({at::conv2d(maps.narrow(0, 0, 2), conv->weight(), bias, 1, 1),
-                          at::conv2d(maps.narrow(0, 2, 1), conv->weight(), bias, 1, 1)});
-    else
-      expected = at::cat({at::conv2d(maps.narrow(0, 0, 1), conv->weight(), bias, 1, 1),
-                          at::conv2d(maps.narrow(0, 1, 1), conv->weight(), bias, 1, 1),
-                          at::conv2d(maps.narrow(0, 2, 1), conv->weight(), bias, 1, 1)});
+    // One at::conv2d per group (shared) or per image.
+    std::vector<at::Tensor> parts;
+    for (const auto& [first, count] : c.shared ? std::vector<std::pair<int64_t, int64_t>>{{0, 2}, {2, 1}}
+                                               : std::vector<std::pair<int64_t, int64_t>>{{0, 1}, {1, 1}, {2, 1}})
+      parts.push_back(at::conv2d(maps.narrow(0, first, count), conv->weight(), parameter_named(*conv, "bias"), 1, 1));
+    const at::Tensor expected = at::cat(parts);
     EXPECT_TRUE(at::equal(out, expected)) << c.in << " channels at " << c.size << "x" << c.size;
   }
 }

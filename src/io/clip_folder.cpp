@@ -22,10 +22,7 @@ CLIPFolder load_clip_folder(const std::string& dir, const LoadOptions& options) 
     throw_bad_input(dir, "the tokenizer has ids up to " + std::to_string(clip.tokenizer->max_id()) +
                              " but text_config.vocab_size is " + std::to_string(config.text_config.vocab_size),
                     "the tokenizer files and config.json come from different models");
-  {
-    leaf::PlaceholderParameters placeholders;  // every parameter comes from the file, below
-    clip.model = CLIPModel(config);
-  }
+  clip.model = leaf::built_for_load<CLIPModel>(config);  // every parameter comes from the file, below
   const auto weights = std::make_shared<const SafeTensors>(component_weights(dir, "model"));
   clip.mapped = MappedWeights(weights, load_state_dict(*clip.model, weights, "CLIP model", options.dtype, options.device));
   clip.mapped.prefault_all();

@@ -38,11 +38,7 @@ Holder load_component(const std::string& dir, const std::string& component, cons
     throw_bad_input(dir, "component folder " + component + "/ is missing", kFolderHint);
   const std::string config_path = dir + "/config.json";
   const Config config = Config::from_json(read_json_file(config_path), config_path);
-  Holder module{nullptr};
-  {
-    leaf::PlaceholderParameters placeholders;  // every parameter comes from the file, below
-    module = Holder(config);
-  }
+  Holder module = leaf::built_for_load<Holder>(config);  // every parameter comes from the file, below
   // Shared: tensors that alias the mapping keep it alive after this returns.
   const auto weights = std::make_shared<const SafeTensors>(component_weights(dir, weights_name));
   std::vector<const TensorView*> aliased = load_state_dict(*module, weights, component, options.dtype, options.device);

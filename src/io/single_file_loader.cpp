@@ -161,14 +161,12 @@ StableDiffusionModel load_single_file(const std::string& checkpoint, const std::
                  m.tokenizer->pad_id(), family_name(plan.family),
                  plan.family == SdFamily::SD2 ? "0 (\"!\")" : "49407 (<|endoftext|>)");
 
-  {
-    leaf::PlaceholderParameters placeholders;  // every parameter comes from the file (fill_module)
-    m.text_encoder = CLIPTextModel(text_config);
-    m.unet = UNet2DConditionModel(unet_config);
-    m.vae = AutoencoderKL(vae_config);
-  }
+  // Every parameter comes from the file (fill_module).
+  m.text_encoder = leaf::built_for_load<CLIPTextModel>(text_config);
   m.mapped["text_encoder"] = fill_module(*m.text_encoder, "text_encoder", plan, owner, options);
+  m.unet = leaf::built_for_load<UNet2DConditionModel>(unet_config);
   m.mapped["unet"] = fill_module(*m.unet, "unet", plan, owner, options);
+  m.vae = leaf::built_for_load<AutoencoderKL>(vae_config);
   m.mapped["vae"] = fill_module(*m.vae, "vae", plan, owner, options);
   m.page_out_idle = options.page_out_idle;
   // Ready to run: every mapped page now, or each component's when it runs (page_out_idle,

@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <numeric>
 
 #include "cpu_kernels.h"
 #include "fairdiff/error.h"
@@ -134,27 +133,23 @@ void conv2d_banded(const at::Tensor& x, const Conv& conv, int64_t stride, int64_
 
 namespace {
 // The RowGroups in scope on this thread, if any.
-thread_local const std::vector<int64_t>* current_row_groups = nullptr;
+thread_local const RowGroups* current_row_groups = nullptr;
 }  // namespace
 
-RowGroups::RowGroups(std::vector<int64_t> sizes) : sizes_(std::move(sizes)), previous_(current_row_groups) {
-  current_row_groups = &sizes_;
+RowGroups::RowGroups(const std::vector<int64_t>& sizes) : previous_(current_row_groups) {
+  for (int64_t n : sizes) {
+    calls_.emplace_back(rows_, n);
+    rows_ += n;
+  }
+  current_row_groups = this;
 }
 
 RowGroups::~RowGroups() { current_row_groups = previous_; }
 
 std::vector<std::pair<int64_t, int64_t>> row_calls(int64_t rows, bool grouped) {
+  if (grouped && current_row_groups && current_row_groups->rows() == rows) return current_row_groups->calls();
   std::vector<std::pair<int64_t, int64_t>> calls;
-  const std::vector<int64_t>* groups = grouped ? current_row_groups : nullptr;
-  if (groups && std::accumulate(groups->begin(), groups->end(), int64_t{0}) == rows) {
-    int64_t first = 0;
-    for (int64_t n : *groups) {
-      calls.emplace_back(first, n);
-      first += n;
-    }
-  } else {
-    for (int64_t b = 0; b < rows; ++b) calls.emplace_back(b, 1);
-  }
+  for (int64_t b = 0; b < rows; ++b) calls.emplace_back(b, 1);
   return calls;
 }
 
@@ -240,22 +235,20 @@ at::Tensor Conv2dImpl::forward(const at::Tensor& x) const {
   // inference mode) keeps the batched call; norms and attention are batch-invariant already.
   // A call reorders the weight into oneDNN's layout and copies its images' maps into it and
   // back. Rows share a call where the weight is the larger (SD's 1280- and 640-channel
-  // layers at 8x8 to 32x32: a 1280-channel 3x3 weight is 59 MB, an image's 8x8 map 0.3 MB);
-  // where the maps are larger (64x64), a shared call would only hold more of them at once
-  // (measured: +0.1-0.18 GiB of peak RSS at 512x512 for 3-7% of the step).
-  const bool share = weight_.nbytes() >= static_cast<size_t>(image_bytes);
+  // layers at 8x8 to 32x32: a 1280-channel 3x3 weight is 59 MB, an image's 8x8 map 0.3 MB).
+  // Where the maps are larger (64x64), sharing measured no faster and a shared call holds
+  // more of them at once (fast fair guidance, 512x512: peak RSS 4.26-4.35 against 4.17-4.20
+  // GiB). Banded maps are the largest: one image per call.
+  const bool share = !banded && weight_.nbytes() >= static_cast<size_t>(image_bytes);
   const std::vector<std::pair<int64_t, int64_t>> calls = row_calls(B, share);
   if (calls.size() == 1 && !banded) return conv(x, padding);
   at::Tensor out = at::empty({B, weight_.size(0), Ho, Wo}, x.options());
   for (const auto& [first, count] : calls) {
-    if (banded) {
-      for (int64_t b = first; b < first + count; ++b) {
-        at::Tensor ob = out.slice(0, b, b + 1);
-        conv2d_banded(x.slice(0, b, b + 1), conv, stride_, padding_, weight_.size(2), ob);
-      }
-    } else {
-      out.narrow(0, first, count).copy_(conv(x.narrow(0, first, count), padding));
-    }
+    at::Tensor rows_out = out.narrow(0, first, count);
+    if (banded)
+      conv2d_banded(x.narrow(0, first, count), conv, stride_, padding_, weight_.size(2), rows_out);  // count 1
+    else
+      rows_out.copy_(conv(x.narrow(0, first, count), padding));
   }
   return out;  // [B,C_out,H',W']
 }

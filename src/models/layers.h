@@ -50,6 +50,14 @@ class PlaceholderParameters {
   bool previous_;
 };
 
+// A network built with placeholder weights, for a loader to fill:
+//   m.unet = leaf::built_for_load<UNet2DConditionModel>(unet_config);
+template <typename Holder, typename... Args>
+Holder built_for_load(Args&&... args) {
+  PlaceholderParameters placeholders;
+  return Holder(std::forward<Args>(args)...);
+}
+
 class LinearImpl : public torch::nn::Module {
  public:
   LinearImpl(int64_t in_features, int64_t out_features, bool bias = true);
@@ -100,14 +108,19 @@ TORCH_MODULE(Conv2d);
 // layer that sees other rows) leave that layer one row per call.
 class RowGroups {
  public:
-  explicit RowGroups(std::vector<int64_t> sizes);
+  explicit RowGroups(const std::vector<int64_t>& sizes);
   ~RowGroups();
   RowGroups(const RowGroups&) = delete;
   RowGroups& operator=(const RowGroups&) = delete;
 
+  int64_t rows() const { return rows_; }
+  // (first row, row count) of each group
+  const std::vector<std::pair<int64_t, int64_t>>& calls() const { return calls_; }
+
  private:
-  std::vector<int64_t> sizes_;
-  const std::vector<int64_t>* previous_;
+  int64_t rows_ = 0;
+  std::vector<std::pair<int64_t, int64_t>> calls_;
+  const RowGroups* previous_;
 };
 
 // The calls for a batch of `rows` rows: (first row, row count) per call, by the RowGroups in

@@ -5,8 +5,8 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <c10/core/InferenceMode.h>
 
+#include <algorithm>
 #include <cstring>
-#include <numeric>
 
 #include "fairdiff/error.h"
 
@@ -133,18 +133,18 @@ at::Tensor StableDiffusionPipeline::unet_by_image(const at::Tensor& x, const at:
   // a fixed set per image and step, so an image's numbers still do not depend on the batch.
   std::vector<int64_t> order, sizes;
   for (int64_t b = 0; b < B; ++b) {
+    const size_t start = order.size();
     order.push_back(b);
     order.push_back(B + b);
     for (size_t e = 0; e < extra_rows.size(); ++e)
       if (extra_rows[e] == b) order.push_back(2 * B + static_cast<int64_t>(e));
-    sizes.push_back(static_cast<int64_t>(order.size()) - std::accumulate(sizes.begin(), sizes.end(), int64_t{0}));
+    sizes.push_back(static_cast<int64_t>(order.size() - start));
   }
   TORCH_CHECK(static_cast<int64_t>(order.size()) == x.size(0), "denoise: ", x.size(0), " UNet rows for ", order.size(),
               " rows of ", B, " images");
   leaf::RowGroups groups(sizes);
-  bool in_order = true;
-  for (size_t r = 0; r < order.size(); ++r) in_order = in_order && order[r] == static_cast<int64_t>(r);
-  if (in_order) return model_.unet->forward(x, t, cond);
+  // A permutation of 0..n-1 in increasing order is x's own order: one image, or no edits.
+  if (std::is_sorted(order.begin(), order.end())) return model_.unet->forward(x, t, cond);
   const at::Tensor by_image = at::tensor(order, at::kLong).to(x.device());
   const at::Tensor eps = model_.unet->forward(x.index_select(0, by_image), t, cond.index_select(by_image));
   return at::empty_like(eps).index_copy_(0, by_image, eps);  // [2B + E, C, h, w], back in x's order
