@@ -3,6 +3,7 @@
 //   fairdiff-bench                                  # SD 1.5 architecture, random weights, 512 and 256
 //   fairdiff-bench --model ./stable-diffusion-v1-5 --sizes 512 --steps 4 --dtype bf16
 //   fairdiff-bench --sizes 256 --fairness-rows 2    # + a step with 2 edit concepts per image
+//   fairdiff-bench --sizes 512 --fairness-rows 1 --alternate 4   # its ratio from 4 alternating pairs
 //   fairdiff-bench --sizes 256 --libtorch-threads   # LibTorch's own thread default, to compare
 //   fairdiff-bench --save-random-model runs/sd15-random   # write the random SD 1.5 as a diffusers folder
 //   fairdiff-bench --model runs/sd15-random --sizes 1024 --vae-tiling   # tiled VAE decode
@@ -21,7 +22,8 @@
 //                one batched UNet call on [2B] latents, CFG, scheduler step); the first step
 //                is a warm-up, the mean of the following ones is reported
 //   fairness     the same with R extra UNet rows per image (semantic guidance with R edit
-//                concepts evaluates [2B + R B] rows); its guidance arithmetic is left out
+//                concepts evaluates [2B + R B] rows); its guidance arithmetic is left out;
+//                with --alternate N, in one loop with the CFG steps, alternately (N pairs)
 //   VAE decode   one decode of the B latents (first call at this size)
 //   peak RSS     the process's high-water mark (VmHWM), per phase: Linux resets it when
 //                "5" is written to /proc/self/clear_refs; compared with the weights' bytes
@@ -397,6 +399,7 @@ struct Options {
   bool libtorch_threads = false;
   bool system_malloc = false;
   int64_t fairness_rows = 0;
+  int64_t alternate = 0;  // --alternate N: N pairs of CFG and fairness steps in one sampling loop
   std::string scheduler;  // "" = the model's
   bool skip_vae = false;
   bool peak_only = false;  // --peak-only: the machine peak alone
@@ -571,27 +574,39 @@ nlohmann::json profile_rows(const std::string& what, const fairdiff::profile::To
 // elementwise ops on [R B, C, h, w]) is left out: it is noise next to the UNet.
 class ExtraRows : public fairdiff::GuidanceExtension {
  public:
-  ExtraRows(const fairdiff::Conditioning& cond, int64_t rows) {
+  // every_other: the rows on odd steps only, so that one loop alternates CFG steps (even)
+  // and steps with the extra rows (odd).
+  ExtraRows(const fairdiff::Conditioning& cond, int64_t rows, bool every_other = false) : every_other_(every_other) {
     const int64_t B = cond.rows();
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t b = 0; b < B; ++b) latent_rows_.push_back(b);
     extra_ = cond.index_select(at::tensor(latent_rows_, at::kLong));  // R B rows
   }
-  fairdiff::Conditioning embeddings(size_t, std::vector<int64_t>* latent_rows) override {
+  fairdiff::Conditioning embeddings(size_t step, std::vector<int64_t>* latent_rows) override {
+    if (every_other_ && step % 2 == 0) {
+      latent_rows->clear();
+      given_.push_back(0);
+      return extra_.index_select(at::zeros({0}, at::kLong));  // no rows
+    }
     *latent_rows = latent_rows_;
+    given_.push_back(extra_.rows());
     return extra_;
   }
+  // The rows given at each step so far.
+  const std::vector<int64_t>& given() const { return given_; }
   at::Tensor apply(size_t, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor& g) override {
     return g;
   }
 
  private:
+  bool every_other_;
+  std::vector<int64_t> given_;
   std::vector<int64_t> latent_rows_;
   fairdiff::Conditioning extra_;
 };
 
 struct StepTimes {
-  double warmup = 0;          // the first step
+  double warmup = 0;          // the first step (the last of them, with several warm-up steps)
   std::vector<double> timed;  // the others
   double cpu_per_wall = 0;    // over the timed steps: CPU seconds / wall seconds (busy cores)
   double faults_per_step = 0; // page faults per timed step
@@ -615,12 +630,12 @@ at::Tensor bench_noise(StableDiffusionPipeline& pipe, int64_t batch, int64_t siz
 // Runs the library's sampling loop over 1 + `steps` UNet calls and times each call.
 StepTimes time_steps(StableDiffusionPipeline& pipe, StableDiffusionModel& model, const Options& o,
                      const fairdiff::PromptEmbeddings& emb, int64_t size, int64_t steps,
-                     fairdiff::GuidanceExtension* extension, const char* label) {
+                     fairdiff::GuidanceExtension* extension, const char* label, size_t warmup_steps = 1) {
   auto sched = fairdiff::make_scheduler(model.scheduler_config, o.scheduler, "scheduler_config.json");
-  // The fewest inference steps giving at least 1 + steps UNet calls (PNDM repeats one timestep).
+  // The fewest inference steps giving at least warm-up + steps UNet calls (PNDM repeats one timestep).
   for (int64_t k = 1;; ++k) {
     sched->set_timesteps(k);
-    if (static_cast<int64_t>(sched->timesteps().size()) >= 1 + steps) break;
+    if (sched->timesteps().size() >= warmup_steps + static_cast<size_t>(steps)) break;
   }
   std::vector<at::Generator> gens;
   const at::Tensor noise = bench_noise(pipe, o.batch, size, &gens);
@@ -635,15 +650,16 @@ StepTimes time_steps(StableDiffusionPipeline& pipe, StableDiffusionModel& model,
                              [&](size_t i, size_t, const at::Tensor& latents) {
                                sync(latents);
                                const double dt = seconds_since(last);
-                               if (i == 0)
+                               const bool warming = i < warmup_steps;
+                               if (warming)
                                  out.warmup = dt;
                                else
                                  out.timed.push_back(dt);
                                std::fprintf(stderr, "  %s %lldx%lld step %zu/%zu%s: %.2f s\n", label,
                                             static_cast<long long>(size), static_cast<long long>(size), i + 1, n,
-                                            i == 0 ? " (warm-up)" : "", dt);
+                                            warming ? " (warm-up)" : "", dt);
                                last = Clock::now();
-                               if (i == 0) {
+                               if (i + 1 == warmup_steps) {
                                  session.reset();  // profile the timed steps only
                                  timed_start = last;
                                  cpu_start = cpu_seconds();
@@ -710,6 +726,9 @@ void check_options(const Options& o) {
   if (o.batch < 1) fairdiff::throw_bad_input("--batch", "expected at least 1 image, found " + std::to_string(o.batch));
   if (o.steps < 0) fairdiff::throw_bad_input("--steps", "expected 0 (default) or more steps");
   if (o.fairness_rows < 0) fairdiff::throw_bad_input("--fairness-rows", "expected 0 or more rows per image");
+  if (o.alternate < 0) fairdiff::throw_bad_input("--alternate", "expected 0 (off) or more pairs of steps");
+  if (o.alternate > 0 && o.fairness_rows == 0)
+    fairdiff::throw_bad_input("--alternate", "times the --fairness-rows step against the CFG step: add --fairness-rows R");
   if (o.vae_tile < -1 || (o.vae_tile > 0 && (o.vae_tile < 32 || o.vae_tile % 8 != 0)))
     fairdiff::throw_bad_input("--vae-tiling", "expected a tile of at least 32 pixels, a multiple of 8");
 }
@@ -954,24 +973,59 @@ UNetResult bench_unet(const SizeBench& b, nlohmann::json& r) {
   return {step_s, st.latents, finite};
 }
 
+// The fairness step's figures against the CFG step's: step_s and f_s, the seconds of each;
+// ratio, f_s / step_s unless given (the median of alternating pairs).
+void report_extra_rows(const SizeBench& b, double step_s, double f_s, double warmup_s, nlohmann::json& r,
+                       const std::string& how, double ratio = 0) {
+  const Options& o = b.o;
+  if (ratio == 0) ratio = f_s / step_s;
+  const int64_t fb = (2 + o.fairness_rows) * o.batch;
+  r["fairness_rows"] = o.fairness_rows;
+  r["fairness_unet_batch"] = fb;
+  r["fairness_warmup_step_s"] = warmup_s;
+  r["fairness_step_s"] = f_s;
+  r["fairness_step_per_image_s"] = f_s / static_cast<double>(o.batch);
+  r["fairness_extra_per_image_s"] = (f_s - step_s) / static_cast<double>(o.batch);
+  r["fairness_step_ratio"] = ratio;
+  r["peak_rss_fairness_gib"] = b.peaks.end_phase();
+  row("UNet step (CFG + " + std::to_string(o.fairness_rows) + " rows/image)", b.sz, f_s,
+      "UNet batch " + std::to_string(fb) + ", x" + fmt("%.2f", ratio) + " the CFG step" + how + ", +" +
+          fmt("%.3f", (f_s - step_s) / static_cast<double>(o.batch)) + " s per image per step");
+}
+
 // The same steps with --fairness-rows extra rows per image, against the CFG step of step_s.
 void bench_extra_rows(const SizeBench& b, double step_s, nlohmann::json& r) {
   const Options& o = b.o;
   ExtraRows extra(b.emb.cond, o.fairness_rows);
   const StepTimes ft = time_steps(b.pipe, b.model, o, b.emb, b.size, b.steps, &extra, "CFG+rows");
-  const double f_s = mean(ft.timed);
-  const int64_t fb = (2 + o.fairness_rows) * o.batch;
-  r["fairness_rows"] = o.fairness_rows;
-  r["fairness_unet_batch"] = fb;
-  r["fairness_warmup_step_s"] = ft.warmup;
-  r["fairness_step_s"] = f_s;
-  r["fairness_step_per_image_s"] = f_s / static_cast<double>(o.batch);
-  r["fairness_extra_per_image_s"] = (f_s - step_s) / static_cast<double>(o.batch);
-  r["fairness_step_ratio"] = f_s / step_s;
-  r["peak_rss_fairness_gib"] = b.peaks.end_phase();
-  row("UNet step (CFG + " + std::to_string(o.fairness_rows) + " rows/image)", b.sz, f_s,
-      "UNet batch " + std::to_string(fb) + ", x" + fmt("%.2f", f_s / step_s) + " the CFG step, +" +
-          fmt("%.3f", (f_s - step_s) / static_cast<double>(o.batch)) + " s per image per step");
+  report_extra_rows(b, step_s, mean(ft.timed), ft.warmup, r, "");
+}
+
+// --alternate N: one sampling loop whose steps alternate, CFG on even steps and CFG plus the
+// extra rows on odd ones; a warm-up step of each, then N pairs. The ratio is the median of
+// the pairs' ratios. Separate runs of each (bench_extra_rows) put any drift of the machine's
+// speed between them into the ratio: a VM here moved its FMA peak by a quarter between runs
+// and its CFG step by 15% between two runs a minute apart. Adjacent steps share the drift.
+void bench_alternating_rows(const SizeBench& b, nlohmann::json& r) {
+  const Options& o = b.o;
+  ExtraRows extra(b.emb.cond, o.fairness_rows, true);
+  const StepTimes st = time_steps(b.pipe, b.model, o, b.emb, b.size, 2 * o.alternate, &extra, "CFG|CFG+rows", 2);
+  std::vector<double> cfg_s, fair_s, ratios;
+  for (size_t i = 0; i + 1 < st.timed.size(); i += 2) {
+    cfg_s.push_back(st.timed[i]);
+    fair_s.push_back(st.timed[i + 1]);
+    ratios.push_back(st.timed[i + 1] / st.timed[i]);
+  }
+  r["fairness_alternate_pairs"] = ratios.size();
+  r["fairness_extra_rows_by_step"] = extra.given();  // 0, R B, 0, R B, ...
+  r["fairness_pair_ratios"] = ratios;
+  r["fairness_pair_cfg_step_s"] = cfg_s;
+  r["fairness_pair_step_s"] = fair_s;
+  const auto [lo, hi] = std::minmax_element(ratios.begin(), ratios.end());
+  report_extra_rows(b, median(cfg_s), median(fair_s), st.warmup, r,
+                    ", alternating: median of " + std::to_string(ratios.size()) + " pairs (x" + fmt("%.2f", *lo) +
+                        "-" + fmt("%.2f", *hi) + ")",
+                    median(ratios));
 }
 
 // VAE decode of `latents` (the first call at this size). Returns whether the image is finite.
@@ -1013,7 +1067,10 @@ nlohmann::json bench_size(const SizeBench& b, double weights_gib) {
     const UNetResult unet = bench_unet(b, r);
     latents = unet.latents;
     finite = unet.finite;
-    if (o.fairness_rows > 0) bench_extra_rows(b, unet.step_s, r);
+    if (o.alternate > 0)
+      bench_alternating_rows(b, r);
+    else if (o.fairness_rows > 0)
+      bench_extra_rows(b, unet.step_s, r);
   }
   if (!o.skip_vae) finite = bench_vae(b, latents, r) && finite;
   const double rss = b.peaks.overall;
@@ -1079,6 +1136,9 @@ int main(int argc, char** argv) {
   app.add_option("--threads", o.threads, "CPU threads, 0 = all CPUs (or OMP_NUM_THREADS)")->capture_default_str();
   app.add_flag("--libtorch-threads", o.libtorch_threads, "keep LibTorch's own thread default (for comparison)");
   app.add_option("--fairness-rows", o.fairness_rows, "also time a step with R extra UNet rows per image (SEGA with R concepts)");
+  app.add_option("--alternate", o.alternate,
+                 "time the --fairness-rows step against the CFG step in one sampling loop, alternately: N pairs "
+                 "after a warm-up step of each; the ratio is the median of the pairs' ratios");
   app.add_option("--scheduler", o.scheduler, "scheduler override (pndm, ddim, euler, ...; default: the model's)");
   app.add_flag("--system-malloc", o.system_malloc, "keep glibc's malloc defaults (for comparison)");
   app.add_flag("--peak-only", o.peak_only, "measure the machine's FMA peak and stop");
