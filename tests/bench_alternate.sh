@@ -9,22 +9,23 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 fail() { echo "FAIL: $*"; exit 1; }
 
-"$bench" --model "$src/models/toy" --sizes 64 --steps 2 --skip-vae --threads 1 --fairness-rows 1 --alternate 3 \
+"$bench" --model "$src/models/toy" --sizes 64 --steps 2 --skip-vae --threads 1 --fairness-rows 1 --alternate 4 \
   >"$tmp/out" 2>"$tmp/err" || fail "bench exited $?: $(tail -n 3 "$tmp/err")"
-# 2 warm-up steps (one of each), then 3 pairs: 8 steps, CFG on the even ones.
-[ "$(grep -c 'CFG|CFG+rows 64x64 step' "$tmp/err")" = 8 ] || fail "expected 8 steps: $(cat "$tmp/err")"
-[ "$(grep -c 'CFG|CFG+rows 64x64 step [12]/8 (warm-up)' "$tmp/err")" = 2 ] || fail "expected 2 warm-up steps"
-grep -q 'alternating: median of 3 pairs' "$tmp/out" || fail "no alternating row: $(cat "$tmp/out")"
+# 2 warm-up steps (one of each), then 4 pairs: 10 steps, CFG on the even ones.
+[ "$(grep -c 'CFG|CFG+rows 64x64 step' "$tmp/err")" = 10 ] || fail "expected 10 steps: $(cat "$tmp/err")"
+[ "$(grep -c 'CFG|CFG+rows 64x64 step [12]/10 (warm-up)' "$tmp/err")" = 2 ] || fail "expected 2 warm-up steps"
+grep -q 'alternating: median of 4 pairs' "$tmp/out" || fail "no alternating row: $(cat "$tmp/out")"
 tail -n 1 "$tmp/out" | python3 -c '
 import json, sys
 s = json.loads(sys.stdin.read())["sizes"][0]
 r, c, f = s["fairness_pair_ratios"], s["fairness_pair_cfg_step_s"], s["fairness_pair_step_s"]
-assert s["fairness_alternate_pairs"] == 3 and len(r) == len(c) == len(f) == 3, s
+assert s["fairness_alternate_pairs"] == 4 and len(r) == len(c) == len(f) == 4, s
 for ri, ci, fi in zip(r, c, f):
     assert ci > 0 and fi > 0 and abs(ri - fi / ci) < 1e-9 * ri, (ri, ci, fi)
-assert s["fairness_step_ratio"] == sorted(r)[1], s
+m = sorted(r)
+assert abs(s["fairness_step_ratio"] - (m[1] + m[2]) / 2) < 1e-12, s  # the median of an even count
 assert s["fairness_unet_batch"] == 3, s
-assert s["fairness_extra_rows_by_step"] == [0, 1] * 4, s  # the extra row on odd steps only
+assert s["fairness_extra_rows_by_step"] == [0, 1] * 5, s  # the extra row on odd steps only
 ' || fail "the JSON line does not hold the pairs"
 
 for bad in "--alternate 2" "--alternate -1 --fairness-rows 1"; do
