@@ -230,6 +230,34 @@ TEST(ModelFolder, NoPlaceholderWeightOutlivesTheLoad) {
   }
 }
 
+// A bf16 load of a float32 folder converts every weight once, into one mapping per file
+// (tensor_io.cpp, CopyArena: huge pages for the fresh memory), with the numbers of .to(bf16).
+TEST(ModelFolder, ConvertedWeightsAreOneMappingWithTheNumbersOfTo) {
+  c10::InferenceMode guard;
+  LoadOptions o;
+  o.prepack_convolutions = false;
+  const std::string dir = std::string(FAIRDIFF_SOURCE_DIR) + "/models/toy";
+  const StableDiffusionModel f32 = load_model_folder(dir, o);
+  o.dtype = at::kBFloat16;
+  const StableDiffusionModel b16 = load_model_folder(dir, o);
+  const auto want = f32.unet->named_parameters();
+  uintptr_t lo = UINTPTR_MAX, hi = 0;
+  size_t bytes = 0;
+  for (const auto& p : b16.unet->named_parameters()) {
+    const at::Tensor& w = p.value();
+    ASSERT_EQ(w.scalar_type(), at::kBFloat16) << p.key();
+    EXPECT_TRUE(at::equal(w, want[p.key()].to(at::kBFloat16))) << p.key();
+    const auto begin = reinterpret_cast<uintptr_t>(w.data_ptr());
+    EXPECT_EQ(begin % 64, 0u) << p.key();
+    lo = std::min(lo, begin);
+    hi = std::max(hi, begin + static_cast<uintptr_t>(w.nbytes()));
+    bytes += (w.nbytes() + 63) / 64 * 64;
+  }
+  // One block no longer than the copies (64-byte aligned, back to back): heap allocations
+  // of their own would leave the allocator's headers and alignment between them.
+  EXPECT_LE(hi - lo, bytes);
+}
+
 // The default load options with every weight a view of the file (no prepacking).
 LoadOptions unpacked() {
   LoadOptions o;

@@ -630,7 +630,7 @@ at::Tensor bench_noise(StableDiffusionPipeline& pipe, int64_t batch, int64_t siz
   return pipe.initial_noise(seeds, size, size, gens);
 }
 
-// Runs the library's sampling loop over 1 + `steps` UNet calls and times each call.
+// Runs the library's sampling loop over warmup_steps + `steps` UNet calls and times each call.
 StepTimes time_steps(StableDiffusionPipeline& pipe, StableDiffusionModel& model, const Options& o,
                      const fairdiff::PromptEmbeddings& emb, int64_t size, int64_t steps,
                      fairdiff::GuidanceExtension* extension, const char* label, size_t warmup_steps = 1) {
@@ -976,12 +976,11 @@ UNetResult bench_unet(const SizeBench& b, nlohmann::json& r) {
   return {step_s, st.latents, finite};
 }
 
-// The fairness step's figures against the CFG step's: step_s and f_s, the seconds of each;
-// ratio, f_s / step_s unless given (the median of alternating pairs).
-void report_extra_rows(const SizeBench& b, double step_s, double f_s, double warmup_s, nlohmann::json& r,
-                       const std::string& how, double ratio = 0) {
+// The fairness step's figures against the CFG step's: step_s and f_s, the seconds of each, and
+// their ratio (f_s / step_s, or the median of alternating pairs).
+void report_extra_rows(const SizeBench& b, double step_s, double f_s, double ratio, double warmup_s,
+                       nlohmann::json& r, const std::string& how) {
   const Options& o = b.o;
-  if (ratio == 0) ratio = f_s / step_s;
   const int64_t fb = (2 + o.fairness_rows) * o.batch;
   r["fairness_rows"] = o.fairness_rows;
   r["fairness_unet_batch"] = fb;
@@ -1001,14 +1000,15 @@ void bench_extra_rows(const SizeBench& b, double step_s, nlohmann::json& r) {
   const Options& o = b.o;
   ExtraRows extra(b.emb.cond, o.fairness_rows);
   const StepTimes ft = time_steps(b.pipe, b.model, o, b.emb, b.size, b.steps, &extra, "CFG+rows");
-  report_extra_rows(b, step_s, mean(ft.timed), ft.warmup, r, "");
+  const double f_s = mean(ft.timed);
+  report_extra_rows(b, step_s, f_s, f_s / step_s, ft.warmup, r, "");
 }
 
 // --alternate N: one sampling loop whose steps alternate, CFG on even steps and CFG plus the
 // extra rows on odd ones; a warm-up step of each, then N pairs. The ratio is the median of
 // the pairs' ratios. Separate runs of each (bench_extra_rows) put any drift of the machine's
 // speed between them into the ratio: a VM here moved its FMA peak by a quarter between runs
-// and its CFG step by 15% between two runs a minute apart. Adjacent steps share the drift.
+// and its CFG step by 16% between runs a few minutes apart. Adjacent steps share the drift.
 void bench_alternating_rows(const SizeBench& b, nlohmann::json& r) {
   const Options& o = b.o;
   ExtraRows extra(b.emb.cond, o.fairness_rows, true);
@@ -1025,10 +1025,9 @@ void bench_alternating_rows(const SizeBench& b, nlohmann::json& r) {
   r["fairness_pair_cfg_step_s"] = cfg_s;
   r["fairness_pair_step_s"] = fair_s;
   const auto [lo, hi] = std::minmax_element(ratios.begin(), ratios.end());
-  report_extra_rows(b, median(cfg_s), median(fair_s), st.warmup, r,
+  report_extra_rows(b, median(cfg_s), median(fair_s), median(ratios), st.warmup, r,
                     ", alternating: median of " + std::to_string(ratios.size()) + " pairs (x" + fmt("%.2f", *lo) +
-                        "-" + fmt("%.2f", *hi) + ")",
-                    median(ratios));
+                        "-" + fmt("%.2f", *hi) + ")");
 }
 
 // VAE decode of `latents` (the first call at this size). Returns whether the image is finite.

@@ -2,6 +2,8 @@
 
 #include <torch/nn/module.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <set>
 
@@ -91,28 +93,96 @@ std::vector<std::pair<std::string, at::Tensor>> match_state_dict(torch::nn::Modu
   return targets;
 }
 
+// The converted CPU copies of one file's tensors (a bf16 model from a float32 file), in one
+// anonymous mapping that asks for transparent huge pages: the copies are fresh memory, and a
+// 2 MB fault costs far less than 512 faults of 4 KB where faults are slow. On a 2-vCPU VM
+// measured here, 2 GB of new 4 KB pages took 7.5-8.4 s and of huge pages 2.7-4.2 s, and the
+// bf16 load of SD 1.5 (2.1 GB of copies) went from 7.6-10.7 s to 5.2-5.7 s, with the same
+// bytes out. Unmapped when its last tensor is freed.
+class CopyArena {
+ public:
+  static constexpr size_t kHuge = size_t{2} << 20;
+  explicit CopyArena(size_t bytes) : size_(bytes + kHuge) {
+    void* p = mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+      throw Error(ErrorKind::Runtime, "loading the weights",
+                  "no memory for the " + std::to_string(bytes >> 20) + " MiB of converted weights",
+                  "free memory, or load in the dtype the files are stored in (--dtype)");
+    base_ = static_cast<uint8_t*>(p);
+    // From the first 2 MB boundary, so that every whole 2 MB of the copies can be a huge page.
+    start_ = base_ + (kHuge - reinterpret_cast<uintptr_t>(base_) % kHuge) % kHuge;
+    madvise(start_, bytes, MADV_HUGEPAGE);  // advice: without THP the pages are small, as before
+  }
+  ~CopyArena() { munmap(base_, size_); }
+  CopyArena(const CopyArena&) = delete;
+  CopyArena& operator=(const CopyArena&) = delete;
+  uint8_t* at(size_t offset) const { return start_ + offset; }
+  // A copy freed before the others (a weight replaced after the load, as --prepack-weights
+  // does) gives its whole pages back, as a freed tensor would.
+  static void release(void* data, size_t bytes) {
+    constexpr uintptr_t kPage = 4096;
+    const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kPage - 1) / kPage * kPage;
+    const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) / kPage * kPage;
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+  }
+
+ private:
+  size_t size_;
+  uint8_t* base_;
+  uint8_t* start_;
+};
+
+// Bytes of a tensor of `view`'s shape in `dtype`, rounded up to 64 (the CPU allocator's alignment).
+size_t copy_bytes(const TensorView& view, at::ScalarType dtype) {
+  return (static_cast<size_t>(view.numel()) * c10::elementSize(dtype) + 63) / 64 * 64;
+}
+
 // Fills the module's tensors from the file: an alias of the mapping where `owner` is given
-// and the tensor can be one, else one copy to (dtype, device) of the module's tensor.
+// and the tensor can be one, else one copy to (dtype, device) of the module's tensor (the
+// CPU copies in one CopyArena).
 std::vector<const TensorView*> fill_state_dict(std::vector<std::pair<std::string, at::Tensor>>& targets,
                                                const SafeTensors& file, const std::shared_ptr<const SafeTensors>& owner,
                                                c10::optional<at::ScalarType> dtype, c10::optional<at::Device> device) {
   at::NoGradGuard no_grad;
-  std::vector<const TensorView*> aliased;
+  struct Fill {
+    at::Tensor* target;
+    const TensorView* view;
+    at::ScalarType dtype;
+    at::Device device;
+    bool alias;
+  };
+  std::vector<Fill> fills;
+  size_t arena_bytes = 0;
   for (auto& [name, target] : targets) {
     const TensorView& view = *file.find(name);
     // Integer buffers keep their dtype; floating tensors take the requested one.
     const at::ScalarType to_dtype = dtype && at::isFloatingType(target.scalar_type()) ? *dtype : target.scalar_type();
     const at::Device to_device = device.value_or(target.device());
-    if (owner) {
-      at::Tensor src = tensor_view(view, owner);
-      if (can_alias(src, to_dtype, to_device)) {
-        target.set_data(src);
-        aliased.push_back(&view);
-        continue;
-      }
+    const bool alias = owner && can_alias(tensor_view(view), to_dtype, to_device);
+    if (!alias && to_device.is_cpu()) arena_bytes += copy_bytes(view, to_dtype);
+    fills.push_back({&target, &view, to_dtype, to_device, alias});
+  }
+  const auto arena = arena_bytes > 0 ? std::make_shared<CopyArena>(arena_bytes) : nullptr;
+  size_t offset = 0;
+  std::vector<const TensorView*> aliased;
+  for (const Fill& f : fills) {
+    if (f.alias) {
+      f.target->set_data(tensor_view(*f.view, owner));
+      aliased.push_back(f.view);
+      continue;
     }
-    target.set_data(tensor_view(view).to(to_device, to_dtype, /*non_blocking=*/false, /*copy=*/true));
-    if (owner) file.discard(view);
+    if (f.device.is_cpu()) {
+      const size_t bytes = copy_bytes(*f.view, f.dtype);
+      at::Tensor copy = at::from_blob(
+          arena->at(offset), f.view->shape, [arena, bytes](void* data) { CopyArena::release(data, bytes); },
+          at::TensorOptions().dtype(f.dtype));
+      offset += bytes;
+      copy.copy_(tensor_view(*f.view));
+      f.target->set_data(copy);
+    } else {
+      f.target->set_data(tensor_view(*f.view).to(f.device, f.dtype, /*non_blocking=*/false, /*copy=*/true));
+    }
+    if (owner) file.discard(*f.view);
   }
   return aliased;
 }
