@@ -163,6 +163,18 @@ TEST(Manifest, WholeLinesAreLeftAlone) {
   EXPECT_EQ(slurp(dir / "manifest.jsonl"), whole);
 }
 
+// Resuming and merging read a record's index and file name as such: a line with a file that
+// is not a string (found by the manifest fuzz target: check_resume threw json's type_error)
+// or without one is not a record of ours, and is skipped as a torn line is.
+TEST(Manifest, LinesWithoutAStringFileAreNotRecords) {
+  TempDir dir;
+  spit(dir / "manifest.jsonl", kLine1 + "\n" + R"({"index":1,"file":42,"prompt":"a kite"})" + "\n" +
+                                   R"({"index":2,"prompt":"a kite"})" + "\n");
+  const auto records = read_manifest(dir / "manifest.jsonl");
+  ASSERT_EQ(records.size(), 1u);
+  EXPECT_EQ(records.at(0).at("file"), "00000-1.png");
+}
+
 TEST(Manifest, TornLineGluedToTheNextIsMovedAside) {
   // An older fairdiff appended after a torn line: the torn part and the next record share a line.
   TempDir dir;

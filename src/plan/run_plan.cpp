@@ -439,9 +439,13 @@ std::map<int64_t, nlohmann::json> read_manifest(const std::string& path) {
   std::ifstream in(path);
   std::string line;
   while (std::getline(in, line)) {
-    // A torn last line (a crash while appending) is ignored: its image is regenerated.
+    // A torn last line (a crash while appending) is ignored: its image is regenerated. So is a
+    // line that is not a record of ours: every record has an integer index and a file name,
+    // which resuming and merging read as such.
     const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
-    if (j.is_discarded() || !j.is_object() || !j.contains("index") || !j["index"].is_number_integer()) continue;
+    if (j.is_discarded() || !j.is_object() || !j.contains("index") || !j["index"].is_number_integer() ||
+        !j.contains("file") || !j["file"].is_string())
+      continue;
     entries[j["index"].get<int64_t>()] = j;
   }
   return entries;

@@ -14,7 +14,8 @@
 
 namespace fairdiff {
 
-// Manifest lines by image index; unparsable (torn) lines are skipped.
+// Manifest lines by image index; unparsable (torn) lines, and lines without an integer
+// "index" and a string "file", are skipped.
 std::map<int64_t, nlohmann::json> read_manifest(const std::string& path);
 
 // Resume's repair of an interrupted append (generate calls it holding the manifest's lock):
