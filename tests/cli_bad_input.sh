@@ -116,6 +116,8 @@ gen_row gen_karras 2 "karras sigmas are available" -- gen --sampling-method ddim
 gen_row gen_size 2 "width 100 is not a positive multiple of 8" -- gen -W 100 -o "$tmp/never"
 gen_row gen_width_huge 2 "width 100000 is more than 16384 pixels" -- gen -W 100000 -o "$tmp/never"
 gen_row gen_width_2p31 2 "width 2147483640 is more than 16384 pixels" -- gen -W 2147483640 -o "$tmp/never"
+gen_row gen_weights_cache_gb 2 'FAIRDIFF_WEIGHTS_CACHE_GB: "lots" is not a number of gigabytes' -- \
+  env FAIRDIFF_WEIGHTS_CACHE_GB=lots "$fairdiff" generate -p x --steps 1 -o "$tmp/never"
 gen_row gen_height_2p31 2 "height 2147483648 is more than 16384 pixels" -- gen -H 2147483648 -o "$tmp/never"
 gen_row gen_height_2p63 2 "--height" -- gen -H 9223372036854775808 -o "$tmp/never"
 gen_row gen_steps 2 "--steps: 0 is less than 1" -- gen --steps 0 -o "$tmp/never"

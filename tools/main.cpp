@@ -117,6 +117,9 @@ void add_generate_flags(CLI::App* cmd, fairdiff::GenerateOptions& o, int& thread
   cmd->add_flag("--prepack-weights", o.prepack_weights,
                 "CPU: reorder convolution weights once into oneDNN's layout at load (faster steps, a few "
                 "seconds more to load)");
+  cmd->add_flag("--no-weights-cache{false}", o.weights_cache,
+                "CPU: neither read nor keep weights converted at load (bf16 from float32 files) in the weights "
+                "cache (~/.cache/fairdiff/weights; FAIRDIFF_WEIGHTS_CACHE_GB caps it, default 16)");
   cmd->add_flag("--fp16-weights", o.fp16_weights,
                 "CPU: keep the linear and convolution weights in float16, converted to float32 per layer as it "
                 "runs (half the memory, slower steps; runs with --dtype fp32)");

@@ -32,6 +32,12 @@ struct ModelOptions {
   // steps, images within the bound README "Performance" gives. Needs --dtype fp32 (or auto,
   // which it then resolves to fp32); not with prepack_weights. Recorded as weight_dtype.
   bool fp16_weights = false;
+  // CPU: weights converted at load (a dtype other than the files', as bf16 from float32
+  // files) are kept on disk in the weights cache ($FAIRDIFF_CACHE_DIR or ~/.cache/fairdiff,
+  // weights/; at most $FAIRDIFF_WEIGHTS_CACHE_GB, default 16) and mapped from there by later
+  // loads instead of converted again: the same numbers, a faster start. false: neither read
+  // nor written.
+  bool weights_cache = true;
 };
 
 // How one batch of images is sampled: every image of a batch shares these.

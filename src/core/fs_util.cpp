@@ -20,33 +20,53 @@ std::string temporary_path(const std::string& path, const std::string& owner) {
   return path + ".tmp." + (owner.empty() ? "" : owner + ".") + std::to_string(::getpid());
 }
 
-void write_file_atomic(const std::string& path, const std::string& contents, const std::string& owner) {
-  const std::string tmp = temporary_path(path, owner);
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0)
+AtomicFileWriter::AtomicFileWriter(const std::string& path, const std::string& owner)
+    : path_(path), tmp_(temporary_path(path, owner)) {
+  fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd_ < 0)
     throw Error(ErrorKind::Runtime, path, std::string("cannot create file: ") + std::strerror(errno),
                 "check that the folder exists and is writable");
+}
+
+AtomicFileWriter::~AtomicFileWriter() {
+  if (fd_ < 0) return;
+  ::close(fd_);
+  ::unlink(tmp_.c_str());
+}
+
+void AtomicFileWriter::write(const void* data, size_t bytes) {
+  const auto* p = static_cast<const char*>(data);
   size_t done = 0;
-  while (done < contents.size()) {
-    ssize_t w = ::write(fd, contents.data() + done, contents.size() - done);
+  while (done < bytes) {
+    const ssize_t w = ::write(fd_, p + done, bytes - done);
     if (w < 0) {
       if (errno == EINTR) continue;
-      const std::string why = std::strerror(errno);
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      throw Error(ErrorKind::Runtime, path, "write failed: " + why, "check free disk space");
+      throw Error(ErrorKind::Runtime, path_, std::string("write failed: ") + std::strerror(errno),
+                  "check free disk space");
     }
     done += static_cast<size_t>(w);
   }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
-    ::unlink(tmp.c_str());
-    throw Error(ErrorKind::Runtime, path, std::string("flush failed: ") + std::strerror(errno));
+}
+
+void AtomicFileWriter::commit() {
+  int why = ::fsync(fd_) == 0 ? 0 : errno;
+  if (::close(fd_) != 0 && why == 0) why = errno;
+  fd_ = -1;
+  if (why != 0) {
+    ::unlink(tmp_.c_str());
+    throw Error(ErrorKind::Runtime, path_, std::string("flush failed: ") + std::strerror(why));
   }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    const std::string why = std::strerror(errno);
-    ::unlink(tmp.c_str());
-    throw Error(ErrorKind::Runtime, path, "rename failed: " + why);
+  if (::rename(tmp_.c_str(), path_.c_str()) != 0) {
+    const std::string reason = std::strerror(errno);
+    ::unlink(tmp_.c_str());
+    throw Error(ErrorKind::Runtime, path_, "rename failed: " + reason);
   }
+}
+
+void write_file_atomic(const std::string& path, const std::string& contents, const std::string& owner) {
+  AtomicFileWriter file(path, owner);
+  file.write(contents.data(), contents.size());
+  file.commit();
 }
 
 void append_line_durable(const std::string& path, const std::string& line) {

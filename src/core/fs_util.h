@@ -1,6 +1,7 @@
 // Small file-system helpers shared inside the library (not public API).
 #pragma once
 
+#include <cstddef>
 #include <string>
 
 namespace fairdiff {
@@ -8,6 +9,23 @@ namespace fairdiff {
 // Writes `contents` to temporary_path(path, owner), flushes it, then renames it
 // over `path`: a crash leaves either the old file or the new one, never half.
 void write_file_atomic(const std::string& path, const std::string& contents, const std::string& owner = {});
+
+// The same for a file written in pieces (one too large to hold as one string): the pieces
+// go to temporary_path(path, owner), and commit() flushes it and renames it over `path`.
+// Destroyed without a commit (an error on the way), the temporary is removed.
+class AtomicFileWriter {
+ public:
+  AtomicFileWriter(const std::string& path, const std::string& owner = {});
+  ~AtomicFileWriter();
+  AtomicFileWriter(const AtomicFileWriter&) = delete;
+  AtomicFileWriter& operator=(const AtomicFileWriter&) = delete;
+  void write(const void* data, size_t bytes);
+  void commit();
+
+ private:
+  std::string path_, tmp_;
+  int fd_ = -1;
+};
 
 // The temporary beside `path` that write_file_atomic writes for this process:
 // PATH.tmp.<owner>.<pid> (PATH.tmp.<pid> without an owner). The owner says who may

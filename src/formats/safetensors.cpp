@@ -245,33 +245,41 @@ void SafeTensors::discard(const TensorView& view) const {
   if (end > begin) (void)::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
 }
 
-void write_safetensors(const std::string& path, const std::vector<TensorData>& tensors,
-                       const std::map<std::string, std::string>& metadata) {
-  std::vector<const TensorData*> sorted;
+void write_safetensors(const std::string& path, const std::vector<TensorBytes>& tensors,
+                       const std::map<std::string, std::string>& metadata, const std::string& owner) {
+  std::vector<const TensorBytes*> sorted;
   for (const auto& t : tensors) sorted.push_back(&t);
   std::sort(sorted.begin(), sorted.end(), [](auto* a, auto* b) { return a->name < b->name; });
 
   nlohmann::json header = nlohmann::json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
   uint64_t offset = 0;
-  for (const TensorData* t : sorted) {
+  for (const TensorBytes* t : sorted) {
     int64_t numel = 1;
     for (int64_t d : t->shape) numel *= d;
-    if (t->bytes.size() != static_cast<size_t>(numel) * dtype_size(t->dtype))
+    if (t->nbytes != static_cast<size_t>(numel) * dtype_size(t->dtype))
       throw Error(ErrorKind::Runtime, path, "tensor '" + t->name + "' has the wrong number of bytes for its shape");
-    header[t->name] = {{"dtype", dtype_name(t->dtype)},
-                       {"shape", t->shape},
-                       {"data_offsets", {offset, offset + t->bytes.size()}}};
-    offset += t->bytes.size();
+    header[t->name] = {{"dtype", dtype_name(t->dtype)}, {"shape", t->shape}, {"data_offsets", {offset, offset + t->nbytes}}};
+    offset += t->nbytes;
   }
   std::string text = header.dump();
   text.append((8 - text.size() % 8) % 8, ' ');  // align the data section
-  std::string blob;
+  std::string prefix;
   const uint64_t n = text.size();
-  for (int i = 0; i < 8; ++i) blob.push_back(static_cast<char>((n >> (8 * i)) & 0xff));
-  blob += text;
-  for (const TensorData* t : sorted) blob.append(reinterpret_cast<const char*>(t->bytes.data()), t->bytes.size());
-  write_file_atomic(path, blob);
+  for (int i = 0; i < 8; ++i) prefix.push_back(static_cast<char>((n >> (8 * i)) & 0xff));
+  prefix += text;
+  AtomicFileWriter file(path, owner);
+  file.write(prefix.data(), prefix.size());
+  for (const TensorBytes* t : sorted) file.write(t->data, t->nbytes);
+  file.commit();
+}
+
+void write_safetensors(const std::string& path, const std::vector<TensorData>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  std::vector<TensorBytes> views;
+  views.reserve(tensors.size());
+  for (const auto& t : tensors) views.push_back({t.name, t.dtype, t.shape, t.bytes.data(), t.bytes.size()});
+  write_safetensors(path, views, metadata, "");
 }
 
 }  // namespace fairdiff

@@ -86,4 +86,18 @@ struct TensorData {
 void write_safetensors(const std::string& path, const std::vector<TensorData>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
 
+// One tensor to write from memory that the caller keeps alive meanwhile.
+struct TensorBytes {
+  std::string name;
+  DType dtype;
+  std::vector<int64_t> shape;
+  const uint8_t* data;
+  size_t nbytes;  // numel * dtype_size
+};
+
+// The same, streamed from the callers' memory to temporary_path(path, owner) (gigabytes of
+// weights are never copied into one buffer first).
+void write_safetensors(const std::string& path, const std::vector<TensorBytes>& tensors,
+                       const std::map<std::string, std::string>& metadata, const std::string& owner);
+
 }  // namespace fairdiff

@@ -33,16 +33,24 @@ const std::vector<std::string> kPipelines = {"StableDiffusionPipeline", "StableD
 
 template <typename Holder, typename Config>
 Holder load_component(const std::string& dir, const std::string& component, const std::string& weights_name,
-                      const LoadOptions& options, MappedWeights* mapped) {
+                      const LoadOptions& options, MappedWeights* mapped, std::vector<PendingWeights>* pending) {
   if (!is_directory(dir))
     throw_bad_input(dir, "component folder " + component + "/ is missing", kFolderHint);
   const std::string config_path = dir + "/config.json";
   const Config config = Config::from_json(read_json_file(config_path), config_path);
   Holder module = leaf::built_for_load<Holder>(config);  // every parameter comes from the file, below
+  const std::string file = component_weights(dir, weights_name);
   // Shared: tensors that alias the mapping keep it alive after this returns.
-  const auto weights = std::make_shared<const SafeTensors>(component_weights(dir, weights_name));
-  std::vector<const TensorView*> aliased = load_state_dict(*module, weights, component, options.dtype, options.device);
-  MappedWeights views(weights, std::move(aliased));
+  const auto weights = std::make_shared<const SafeTensors>(file);
+  // A conversion on the CPU is done once: later loads map the weights cache's entry.
+  const std::vector<TensorView>& stored = weights->tensors();
+  const bool cached = options.weights_cache.enabled() && options.device.is_cpu() &&
+                      std::any_of(stored.begin(), stored.end(), [&](const TensorView& v) { return converts(v, options.dtype); });
+  const CachedWeightsKey key = cached ? cached_weights_key(file, component, options.dtype) : CachedWeightsKey{};
+  MappedWeights views = load_through_cache(
+      *module, options.weights_cache, cached ? &key : nullptr,
+      [&] { return MappedWeights(weights, load_state_dict(*module, weights, component, options.dtype, options.device)); },
+      pending);
   // Ready to run: every page mapped now, in one call per tensor; unless the model maps each
   // component in when it runs (page_out_idle: StableDiffusionModel::use), or prepacking
   // reads the conv weights once and drops them (prepack_model then prefaults what is left).
@@ -142,25 +150,30 @@ void require_architecture(const std::string& dir, const std::string& architectur
 
 }  // namespace
 
-CLIPTextModel load_text_encoder(const std::string& dir, const LoadOptions& options, MappedWeights* mapped) {
+CLIPTextModel load_text_encoder(const std::string& dir, const LoadOptions& options, MappedWeights* mapped,
+                                std::vector<PendingWeights>* pending) {
   require_architecture(dir, "CLIPTextModel");
-  return load_component<CLIPTextModel, CLIPTextConfig>(dir, "text_encoder", weights_name("text_encoder"), options, mapped);
+  return load_component<CLIPTextModel, CLIPTextConfig>(dir, "text_encoder", weights_name("text_encoder"), options, mapped,
+                                                      pending);
 }
 
 CLIPTextModelWithProjection load_text_encoder_2(const std::string& dir, const LoadOptions& options,
-                                                MappedWeights* mapped) {
+                                                MappedWeights* mapped, std::vector<PendingWeights>* pending) {
   require_architecture(dir, "CLIPTextModelWithProjection");
   return load_component<CLIPTextModelWithProjection, CLIPTextConfig>(dir, "text_encoder_2",
-                                                                     weights_name("text_encoder_2"), options, mapped);
+                                                                     weights_name("text_encoder_2"), options, mapped,
+                                                                     pending);
 }
 
-UNet2DConditionModel load_unet(const std::string& dir, const LoadOptions& options, MappedWeights* mapped) {
+UNet2DConditionModel load_unet(const std::string& dir, const LoadOptions& options, MappedWeights* mapped,
+                               std::vector<PendingWeights>* pending) {
   return load_component<UNet2DConditionModel, UNet2DConditionConfig>(dir, "unet", weights_name("unet"), options,
-                                                                     mapped);
+                                                                     mapped, pending);
 }
 
-AutoencoderKL load_vae(const std::string& dir, const LoadOptions& options, MappedWeights* mapped) {
-  return load_component<AutoencoderKL, AutoencoderKLConfig>(dir, "vae", weights_name("vae"), options, mapped);
+AutoencoderKL load_vae(const std::string& dir, const LoadOptions& options, MappedWeights* mapped,
+                       std::vector<PendingWeights>* pending) {
+  return load_component<AutoencoderKL, AutoencoderKLConfig>(dir, "vae", weights_name("vae"), options, mapped, pending);
 }
 
 StableDiffusionModel load_model_folder(const std::string& model_dir, const LoadOptions& options) {
@@ -174,7 +187,10 @@ StableDiffusionModel load_model_folder(const std::string& model_dir, const LoadO
   if (!is_directory(model_dir + "/tokenizer"))
     throw_bad_input(model_dir, "component folder tokenizer/ is missing", kFolderHint);
   m.tokenizer = load_tokenizer(model_dir + "/tokenizer");
-  m.text_encoder = load_text_encoder(model_dir + "/text_encoder", options, &m.mapped["text_encoder"]);
+  // Converted weights to store in the cache (not when prepacking replaces them right away).
+  std::vector<PendingWeights> pending;
+  std::vector<PendingWeights>* to_cache = options.prepack_convolutions ? nullptr : &pending;
+  m.text_encoder = load_text_encoder(model_dir + "/text_encoder", options, &m.mapped["text_encoder"], to_cache);
   if (m.index.xl) {
     if (!is_directory(model_dir + "/tokenizer_2"))
       throw_bad_input(model_dir, "component folder tokenizer_2/ is missing (an SDXL model has two tokenizers)",
@@ -183,10 +199,11 @@ StableDiffusionModel load_model_folder(const std::string& model_dir, const LoadO
     if (!is_directory(model_dir + "/text_encoder_2"))
       throw_bad_input(model_dir, "component folder text_encoder_2/ is missing (an SDXL model has two text encoders)",
                       kFolderHint);
-    m.text_encoder_2 = load_text_encoder_2(model_dir + "/text_encoder_2", options, &m.mapped["text_encoder_2"]);
+    m.text_encoder_2 = load_text_encoder_2(model_dir + "/text_encoder_2", options, &m.mapped["text_encoder_2"], to_cache);
   }
-  m.unet = load_unet(model_dir + "/unet", options, &m.mapped["unet"]);
-  m.vae = load_vae(model_dir + "/vae", options, &m.mapped["vae"]);
+  m.unet = load_unet(model_dir + "/unet", options, &m.mapped["unet"], to_cache);
+  m.vae = load_vae(model_dir + "/vae", options, &m.mapped["vae"], to_cache);
+  m.cache_writes = store_cached_weights(options.weights_cache, std::move(pending));
   m.page_out_idle = options.page_out_idle;
   if (options.prepack_convolutions && options.device.is_cpu()) prepack_model(m);
   return m;

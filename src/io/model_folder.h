@@ -25,6 +25,7 @@
 #include "tokenizer.h"
 #include "tensor_io.h"
 #include "unet_2d_condition.h"
+#include "weights_cache.h"
 
 namespace fairdiff {
 
@@ -44,6 +45,11 @@ struct LoadOptions {
   // and the conv weights (2.3 GiB) become anonymous memory, which cannot leave the
   // process while the VAE runs. Opt-in (generate --prepack-weights): worth it for long runs.
   bool prepack_convolutions = false;
+  // Weights converted at load (a dtype other than the files'; CPU only) are read from this
+  // cache when it holds them, else written to it after the load (weights_cache.h). Off (no
+  // folder) by default here; generate and the embedding API use default_weights_cache(). Not written
+  // with prepack_convolutions, which replaces the loaded weights at once.
+  WeightsCache weights_cache;
 };
 
 struct ModelIndex {
@@ -67,15 +73,18 @@ std::string component_weights(const std::string& component_dir, const std::strin
 // "unet" / "vae": diffusion_pytorch_model.*), by component_weights.
 std::string model_weights(const std::string& model_dir, const std::string& component);
 
-// `mapped` (optional) receives the weights that alias the file (tensor_io.h).
+// `mapped` (optional) receives the weights that alias the file (tensor_io.h); `pending`
+// (optional) the converted weights to store in LoadOptions::weights_cache, when it missed.
 CLIPTextModel load_text_encoder(const std::string& component_dir, const LoadOptions& options,
-                                MappedWeights* mapped = nullptr);
+                                MappedWeights* mapped = nullptr, std::vector<PendingWeights>* pending = nullptr);
 // SDXL's text_encoder_2/ (CLIPTextModelWithProjection).
 CLIPTextModelWithProjection load_text_encoder_2(const std::string& component_dir, const LoadOptions& options,
-                                                MappedWeights* mapped = nullptr);
+                                                MappedWeights* mapped = nullptr,
+                                                std::vector<PendingWeights>* pending = nullptr);
 UNet2DConditionModel load_unet(const std::string& component_dir, const LoadOptions& options,
-                               MappedWeights* mapped = nullptr);
-AutoencoderKL load_vae(const std::string& component_dir, const LoadOptions& options, MappedWeights* mapped = nullptr);
+                               MappedWeights* mapped = nullptr, std::vector<PendingWeights>* pending = nullptr);
+AutoencoderKL load_vae(const std::string& component_dir, const LoadOptions& options, MappedWeights* mapped = nullptr,
+                       std::vector<PendingWeights>* pending = nullptr);
 
 struct StableDiffusionModel {
   std::string dir;
@@ -109,6 +118,9 @@ struct StableDiffusionModel {
   std::string prefetching;
   std::future<void> prefetch;
   void finish_prefetch();  // waits for the prefetch, if any
+  // The weights cache's entries being written (LoadOptions::weights_cache). Declared last:
+  // destroyed first, so a model goes only once they are written.
+  std::future<void> cache_writes;
 };
 
 StableDiffusionModel load_model_folder(const std::string& model_dir, const LoadOptions& options);

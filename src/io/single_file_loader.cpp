@@ -6,6 +6,7 @@
 #include <spdlog/spdlog.h>
 #include <torch/nn/module.h>
 
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <set>
@@ -161,13 +162,30 @@ StableDiffusionModel load_single_file(const std::string& checkpoint, const std::
                  m.tokenizer->pad_id(), family_name(plan.family),
                  plan.family == SdFamily::SD2 ? "0 (\"!\")" : "49407 (<|endoftext|>)");
 
-  // Every parameter comes from the file (fill_module).
+  // Every parameter comes from the file (fill_module), or, where it converts on the CPU and
+  // converted before, from the weights cache's entry (written after the load when it missed;
+  // not when prepacking replaces the weights right away).
+  std::vector<PendingWeights> pending;
+  auto fill = [&](torch::nn::Module& module, const std::string& component) {
+    const bool cached = options.weights_cache.enabled() && options.device.is_cpu() &&
+                        std::any_of(plan.tensors.begin(), plan.tensors.end(), [&](const PlannedTensor& t) {
+                          return t.component == component && converts(file.at(t.source), options.dtype);
+                        });
+    const CachedWeightsKey key = cached ? cached_weights_key(checkpoint, component, options.dtype) : CachedWeightsKey{};
+    MappedWeights mapped = load_through_cache(
+        module, options.weights_cache, cached ? &key : nullptr,
+        [&] { return fill_module(module, component, plan, owner, options); },
+        options.prepack_convolutions ? nullptr : &pending);
+    module.eval();
+    return mapped;
+  };
   m.text_encoder = leaf::built_for_load<CLIPTextModel>(text_config);
-  m.mapped["text_encoder"] = fill_module(*m.text_encoder, "text_encoder", plan, owner, options);
+  m.mapped["text_encoder"] = fill(*m.text_encoder, "text_encoder");
   m.unet = leaf::built_for_load<UNet2DConditionModel>(unet_config);
-  m.mapped["unet"] = fill_module(*m.unet, "unet", plan, owner, options);
+  m.mapped["unet"] = fill(*m.unet, "unet");
   m.vae = leaf::built_for_load<AutoencoderKL>(vae_config);
-  m.mapped["vae"] = fill_module(*m.vae, "vae", plan, owner, options);
+  m.mapped["vae"] = fill(*m.vae, "vae");
+  m.cache_writes = store_cached_weights(options.weights_cache, std::move(pending));
   m.page_out_idle = options.page_out_idle;
   // Ready to run: every mapped page now, or each component's when it runs (page_out_idle,
   // StableDiffusionModel::use); prepack_model does the same with what it leaves.

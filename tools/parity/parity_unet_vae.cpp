@@ -19,13 +19,13 @@ namespace {
 // loaded once (and prepacked when asked) per folder, dtype and device.
 template <class Model>
 Model& cached(const ParityCase& c, const std::string& component,
-              Model (*load)(const std::string&, const LoadOptions&, MappedWeights*)) {
+              Model (*load)(const std::string&, const LoadOptions&, MappedWeights*, std::vector<PendingWeights>*)) {
   static std::map<std::string, Model> cache;
   const std::string dir = c.model_dir() + "/" + component;
   const std::string key = dir + "|" + c10::toString(c.options().dtype) + "|" + c.options().device.str();
   auto it = cache.find(key);
   if (it == cache.end()) {
-    it = cache.emplace(key, load(dir, {c.options().dtype, c.options().device}, nullptr)).first;
+    it = cache.emplace(key, load(dir, {c.options().dtype, c.options().device}, nullptr, nullptr)).first;
     if (c.options().prepack) leaf::prepack_convolutions(*it->second, nullptr);
   }
   return it->second;
