@@ -47,6 +47,19 @@ void write_json(const fs::path& p, const nlohmann::json& j) {
 
 // A model folder: the toy's tokenizer, VAE and scheduler, with a UNet (and, when the
 // context width changes, a text encoder) of another shape and random weights.
+// The networks leave their weights uninitialised (they are loaded): norms 1 and 0, biases
+// 0, the rest N(0, 0.02), as a random Stable Diffusion checkpoint is written.
+void randomize(torch::nn::Module& module) {
+  c10::NoGradGuard no_grad;
+  for (auto& p : module.named_parameters()) {
+    if (p.key().find("norm") != std::string::npos) continue;
+    if (p.key().size() > 5 && p.key().compare(p.key().size() - 5, 5, ".bias") == 0)
+      p.value().zero_();
+    else
+      p.value().normal_(0, 0.02);
+  }
+}
+
 fs::path make_variant(const fs::path& dir, const nlohmann::json& unet_changes, int64_t context_width) {
   fs::create_directories(dir);
   for (const char* part : {"model_index.json", "tokenizer", "vae", "scheduler"}) fs::create_symlink(kToy / part, dir / part);
@@ -57,6 +70,7 @@ fs::path make_variant(const fs::path& dir, const nlohmann::json& unet_changes, i
     text["intermediate_size"] = 4 * context_width;
     write_json(dir / "text_encoder" / "config.json", text);
     CLIPTextModel te(CLIPTextConfig::from_json(text, "text_encoder/config.json"));
+    randomize(*te);
     save_state_dict(*te, (dir / "text_encoder" / "model.safetensors").string());
   } else {
     fs::create_symlink(kToy / "text_encoder", dir / "text_encoder");
@@ -66,18 +80,7 @@ fs::path make_variant(const fs::path& dir, const nlohmann::json& unet_changes, i
   unet["cross_attention_dim"] = context_width;
   write_json(dir / "unet" / "config.json", unet);
   UNet2DConditionModel u(UNet2DConditionConfig::from_json(unet, "unet/config.json"));
-  // Leaf layers leave their weights uninitialised (they are loaded): norms 1 and 0, biases
-  // 0, the rest N(0, 0.02), as a random Stable Diffusion checkpoint is written.
-  {
-    c10::NoGradGuard no_grad;
-    for (auto& p : u->named_parameters()) {
-      if (p.key().find("norm") != std::string::npos) continue;
-      if (p.key().size() > 5 && p.key().compare(p.key().size() - 5, 5, ".bias") == 0)
-        p.value().zero_();
-      else
-        p.value().normal_(0, 0.02);
-    }
-  }
+  randomize(*u);
   save_state_dict(*u, (dir / "unet" / "diffusion_pytorch_model.safetensors").string());
   return dir;
 }

@@ -48,10 +48,10 @@ CLIPAttentionImpl::CLIPAttentionImpl(const CLIPTextConfig& c)
       head_dim(c.hidden_size / c.num_attention_heads),
       scale(1.0 / std::sqrt(static_cast<double>(c.hidden_size / c.num_attention_heads))) {
   // Registration order follows the reference (k, v, q, out).
-  k_proj_ = register_module("k_proj", torch::nn::Linear(c.hidden_size, c.hidden_size));
-  v_proj_ = register_module("v_proj", torch::nn::Linear(c.hidden_size, c.hidden_size));
-  q_proj_ = register_module("q_proj", torch::nn::Linear(c.hidden_size, c.hidden_size));
-  out_proj_ = register_module("out_proj", torch::nn::Linear(c.hidden_size, c.hidden_size));
+  k_proj_ = register_module("k_proj", CLIPLinear(c.hidden_size, c.hidden_size));
+  v_proj_ = register_module("v_proj", CLIPLinear(c.hidden_size, c.hidden_size));
+  q_proj_ = register_module("q_proj", CLIPLinear(c.hidden_size, c.hidden_size));
+  out_proj_ = register_module("out_proj", CLIPLinear(c.hidden_size, c.hidden_size));
 }
 
 at::Tensor CLIPAttentionImpl::forward(const at::Tensor& x, const at::Tensor& causal_mask) {
@@ -71,8 +71,8 @@ at::Tensor CLIPAttentionImpl::forward(const at::Tensor& x, const at::Tensor& cau
 }
 
 CLIPMLPImpl::CLIPMLPImpl(const CLIPTextConfig& c) : quick_gelu(c.hidden_act == "quick_gelu") {
-  fc1_ = register_module("fc1", torch::nn::Linear(c.hidden_size, c.intermediate_size));
-  fc2_ = register_module("fc2", torch::nn::Linear(c.intermediate_size, c.hidden_size));
+  fc1_ = register_module("fc1", CLIPLinear(c.hidden_size, c.intermediate_size));
+  fc2_ = register_module("fc2", CLIPLinear(c.intermediate_size, c.hidden_size));
 }
 
 at::Tensor CLIPMLPImpl::forward(const at::Tensor& x) {
@@ -97,10 +97,21 @@ at::Tensor CLIPEncoderLayerImpl::forward(const at::Tensor& x, const at::Tensor& 
   return h + mlp_(layer_norm2_(h));
 }
 
+CLIPLinearImpl::CLIPLinearImpl(int64_t in_features, int64_t out_features, bool bias) {
+  weight_ = register_parameter("weight", leaf::new_parameter({out_features, in_features}));
+  if (bias) bias_ = register_parameter("bias", leaf::new_parameter({out_features}));
+}
+
+namespace {
+// An embedding table without LibTorch's normal init (CLIPLinear says why).
+torch::nn::Embedding embedding(int64_t count, int64_t dim) {
+  return torch::nn::Embedding(torch::nn::EmbeddingOptions(count, dim)._weight(leaf::new_parameter({count, dim})));
+}
+}  // namespace
+
 CLIPTextEmbeddingsImpl::CLIPTextEmbeddingsImpl(const CLIPTextConfig& c) {
-  token_embedding_ = register_module("token_embedding", torch::nn::Embedding(c.vocab_size, c.hidden_size));
-  position_embedding_ =
-      register_module("position_embedding", torch::nn::Embedding(c.max_position_embeddings, c.hidden_size));
+  token_embedding_ = register_module("token_embedding", embedding(c.vocab_size, c.hidden_size));
+  position_embedding_ = register_module("position_embedding", embedding(c.max_position_embeddings, c.hidden_size));
 }
 
 at::Tensor CLIPTextEmbeddingsImpl::forward(const at::Tensor& input_ids) {
@@ -132,7 +143,7 @@ CLIPTextModelImpl::CLIPTextModelImpl(const CLIPTextConfig& config) : config_(con
 CLIPTextModelWithProjectionImpl::CLIPTextModelWithProjectionImpl(const CLIPTextConfig& config) : config_(config) {
   text_model_ = register_module("text_model", CLIPTextTransformer(config));
   text_projection_ = register_module(
-      "text_projection", torch::nn::Linear(torch::nn::LinearOptions(config.hidden_size, config.projection_dim).bias(false)));
+      "text_projection", CLIPLinear(config.hidden_size, config.projection_dim, /*bias=*/false));
 }
 
 CLIPTextOutput CLIPTextModelWithProjectionImpl::forward(const at::Tensor& input_ids, const at::Tensor& attention_mask) {

@@ -10,12 +10,13 @@
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/embedding.h>
-#include <torch/nn/modules/linear.h>
 #include <torch/nn/modules/normalization.h>
 
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
+
+#include "layers.h"
 
 namespace fairdiff {
 
@@ -36,12 +37,25 @@ struct CLIPTextConfig {  // defaults: transformers' CLIPTextConfig
   static CLIPTextConfig from_json(const nlohmann::json& config, const std::string& where);
 };
 
+// torch.nn.Linear as CLIP runs it: one at::linear over the whole batch (the numbers of
+// torch::nn::Linear), with uninitialised parameters, placeholders while built for a load
+// (leaf::PlaceholderParameters). LibTorch's kaiming init of the SD 1.x text encoder's
+// 85M linear parameters, with the embeddings' 38M normal draws, took 1.4 s of every start
+// on a 2-vCPU VM, for numbers the load replaces. (Not leaf::Linear: that one runs each
+// image's rows apart when generating and stores its weight in float16 with --fp16-weights.)
+struct CLIPLinearImpl : torch::nn::Module {
+  CLIPLinearImpl(int64_t in_features, int64_t out_features, bool bias = true);
+  at::Tensor forward(const at::Tensor& x) { return at::linear(x, weight_, bias_); }  // [...,in] -> [...,out]
+  at::Tensor weight_, bias_;  // [out,in], [out] (undefined without bias)
+};
+TORCH_MODULE(CLIPLinear);
+
 struct CLIPAttentionImpl : torch::nn::Module {
   CLIPAttentionImpl(const CLIPTextConfig& config);
   at::Tensor forward(const at::Tensor& x, const at::Tensor& causal_mask);
   int64_t heads, head_dim;
   double scale;
-  torch::nn::Linear k_proj_{nullptr}, v_proj_{nullptr}, q_proj_{nullptr}, out_proj_{nullptr};
+  CLIPLinear k_proj_{nullptr}, v_proj_{nullptr}, q_proj_{nullptr}, out_proj_{nullptr};
 };
 TORCH_MODULE(CLIPAttention);
 
@@ -49,7 +63,7 @@ struct CLIPMLPImpl : torch::nn::Module {
   CLIPMLPImpl(const CLIPTextConfig& config);
   at::Tensor forward(const at::Tensor& x);
   bool quick_gelu;
-  torch::nn::Linear fc1_{nullptr}, fc2_{nullptr};
+  CLIPLinear fc1_{nullptr}, fc2_{nullptr};
 };
 TORCH_MODULE(CLIPMLP);
 
@@ -138,7 +152,7 @@ class CLIPTextModelWithProjectionImpl : public torch::nn::Module {
  private:
   CLIPTextConfig config_;
   CLIPTextTransformer text_model_{nullptr};
-  torch::nn::Linear text_projection_{nullptr};
+  CLIPLinear text_projection_{nullptr};
 };
 TORCH_MODULE(CLIPTextModelWithProjection);
 

@@ -40,13 +40,12 @@ namespace leaf {
 
 namespace {
 thread_local bool placeholder_parameters = false;
+}  // namespace
 
-// An uninitialised parameter of `shape`, or its placeholder (PlaceholderParameters).
 at::Tensor new_parameter(at::IntArrayRef shape) {
   if (placeholder_parameters) return at::empty({1}).expand(shape);
   return at::empty(shape);
 }
-}  // namespace
 
 PlaceholderParameters::PlaceholderParameters() : previous_(placeholder_parameters) { placeholder_parameters = true; }
 

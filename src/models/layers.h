@@ -50,6 +50,10 @@ class PlaceholderParameters {
   bool previous_;
 };
 
+// An uninitialised parameter of `shape`, or its placeholder while a PlaceholderParameters is
+// alive on this thread: for layers of other files that are built for a load the same way.
+at::Tensor new_parameter(at::IntArrayRef shape);
+
 // A network built with placeholder weights, for a loader to fill:
 //   m.unet = leaf::built_for_load<UNet2DConditionModel>(unet_config);
 template <typename Holder, typename... Args>
