@@ -53,6 +53,7 @@ struct Options {
   double cfg = 7.0;
   double check = 0;  // percentage points; 0 = report only
   std::string mode = "exact";  // --fairness-mode of the guided runs
+  std::string dtype = "auto";  // generate --dtype of every run
   bool paper = false;          // the paper's edit settings instead of the colour attribute's defaults
   std::string verify_model;    // a CLIP folder: adds a guided run with --verify judged by it
   std::string verifier = "clip";
@@ -90,6 +91,7 @@ RunResult run_case(const Options& o, const Case& c, const std::string& dir, bool
   fairdiff::GenerateOptions g = fairdiff::tools::toy_run(o.run, c.prompt, fair ? c.fairness : "", dir);
   g.cfg_scale = o.cfg;
   g.fairness_mode = o.mode;
+  g.dtype = o.dtype;
   if (fair && o.paper) {
     g.fairness.clear();
     g.fairness_file = paper_fairness_file(o, c, dir + "-settings");
@@ -213,6 +215,8 @@ int main(int argc, char** argv) {
   app.add_option("--seed", o.run.seed, "seed of the first image (both runs of a case use the same seeds)")
       ->capture_default_str();
   app.add_option("--fairness-mode", o.mode, "exact or fast (see fairdiff generate --help)")->capture_default_str();
+  app.add_option("--dtype", o.dtype, "generate --dtype of every run (auto: bf16 on a CPU with native bf16)")
+      ->capture_default_str();
   app.add_option("--threads", o.run.threads, "CPU threads (the toy model's layers are too small to share)")
       ->capture_default_str();
   app.add_option("--check", o.check,
