@@ -79,8 +79,7 @@ CLIPVisionEmbeddingsImpl::CLIPVisionEmbeddingsImpl(const CLIPVisionConfig& c) {
       "patch_embedding", torch::nn::Conv2d(torch::nn::Conv2dOptions(c.num_channels, c.hidden_size, c.patch_size)
                                                .stride(c.patch_size)
                                                .bias(false)));
-  position_embedding_ =
-      register_module("position_embedding", torch::nn::Embedding(c.num_patches() + 1, c.hidden_size));
+  position_embedding_ = register_module("position_embedding", clip_embedding(c.num_patches() + 1, c.hidden_size));
 }
 
 at::Tensor CLIPVisionEmbeddingsImpl::forward(const at::Tensor& pixel_values) {
@@ -114,11 +113,9 @@ CLIPModelImpl::CLIPModelImpl(const CLIPConfig& c) : config_(c) {
   text_model_ = register_module("text_model", CLIPTextTransformer(c.text_config));
   vision_model_ = register_module("vision_model", CLIPVisionTransformer(c.vision_config));
   visual_projection_ = register_module(
-      "visual_projection",
-      torch::nn::Linear(torch::nn::LinearOptions(c.vision_config.hidden_size, c.projection_dim).bias(false)));
-  text_projection_ = register_module(
-      "text_projection",
-      torch::nn::Linear(torch::nn::LinearOptions(c.text_config.hidden_size, c.projection_dim).bias(false)));
+      "visual_projection", CLIPLinear(c.vision_config.hidden_size, c.projection_dim, /*bias=*/false));
+  text_projection_ =
+      register_module("text_projection", CLIPLinear(c.text_config.hidden_size, c.projection_dim, /*bias=*/false));
   logit_scale_ = register_parameter("logit_scale", at::zeros({}));
 }
 

@@ -15,7 +15,6 @@
 #include <torch/nn/module.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/embedding.h>
-#include <torch/nn/modules/linear.h>
 #include <torch/nn/modules/normalization.h>
 
 #include <cmath>
@@ -96,7 +95,7 @@ class CLIPModelImpl : public torch::nn::Module {
   CLIPConfig config_;
   CLIPTextTransformer text_model_{nullptr};
   CLIPVisionTransformer vision_model_{nullptr};
-  torch::nn::Linear visual_projection_{nullptr}, text_projection_{nullptr};
+  CLIPLinear visual_projection_{nullptr}, text_projection_{nullptr};
   at::Tensor logit_scale_;  // []
 };
 TORCH_MODULE(CLIPModel);

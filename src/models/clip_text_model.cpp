@@ -102,16 +102,13 @@ CLIPLinearImpl::CLIPLinearImpl(int64_t in_features, int64_t out_features, bool b
   if (bias) bias_ = register_parameter("bias", leaf::new_parameter({out_features}));
 }
 
-namespace {
-// An embedding table without LibTorch's normal init (CLIPLinear says why).
-torch::nn::Embedding embedding(int64_t count, int64_t dim) {
+torch::nn::Embedding clip_embedding(int64_t count, int64_t dim) {
   return torch::nn::Embedding(torch::nn::EmbeddingOptions(count, dim)._weight(leaf::new_parameter({count, dim})));
 }
-}  // namespace
 
 CLIPTextEmbeddingsImpl::CLIPTextEmbeddingsImpl(const CLIPTextConfig& c) {
-  token_embedding_ = register_module("token_embedding", embedding(c.vocab_size, c.hidden_size));
-  position_embedding_ = register_module("position_embedding", embedding(c.max_position_embeddings, c.hidden_size));
+  token_embedding_ = register_module("token_embedding", clip_embedding(c.vocab_size, c.hidden_size));
+  position_embedding_ = register_module("position_embedding", clip_embedding(c.max_position_embeddings, c.hidden_size));
 }
 
 at::Tensor CLIPTextEmbeddingsImpl::forward(const at::Tensor& input_ids) {

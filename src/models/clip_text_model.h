@@ -50,6 +50,9 @@ struct CLIPLinearImpl : torch::nn::Module {
 };
 TORCH_MODULE(CLIPLinear);
 
+// An embedding table without LibTorch's normal init (CLIPLinear says why).
+torch::nn::Embedding clip_embedding(int64_t count, int64_t dim);
+
 struct CLIPAttentionImpl : torch::nn::Module {
   CLIPAttentionImpl(const CLIPTextConfig& config);
   at::Tensor forward(const at::Tensor& x, const at::Tensor& causal_mask);
