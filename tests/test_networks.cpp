@@ -155,6 +155,57 @@ TEST(CpuKernels, ExpRowsDividedBySumsIsTheSoftmax) {
   }
 }
 
+// GEGLU's one-pass gating against value * gelu(gate) in double, for every version this CPU
+// runs: the bound is 4e-7 on 1 + erf (Abramowitz and Stegun's 1.5e-7 on erfc, and the float
+// evaluation of it), times |x| / 2, plus a few roundings of the result; widths with the tails
+// of 16 and 8 lanes; large, tiny and zero gates.
+// In bf16 it rounds as LibTorch's gelu_ then mul_ on bf16 tensors: the same bits nearly
+// everywhere, else a bf16 step where the two gelus straddle a rounding boundary.
+TEST(CpuKernels, GegluRowsIsValueTimesExactGelu) {
+  at::manual_seed(11);
+  for (int64_t F : {1, 7, 8, 15, 16, 17, 40, 1280}) {
+    at::Tensor h = at::randn({37, 2 * F}) * 3;
+    if (F >= 16) h.index_put_({0, at::indexing::Slice(F, F + 6)}, at::tensor({-12.f, -9.f, 0.f, 1e-30f, 9.f, 40.f}));
+    const at::Tensor x = h.narrow(1, F, F).to(at::kDouble), value = h.narrow(1, 0, F).to(at::kDouble);
+    const at::Tensor gelu = 0.5 * x * (1 + at::erf(x / std::sqrt(2.0)));
+    const at::Tensor expected = value * gelu;
+    const at::Tensor bound = value.abs() * (0.5 * x.abs() * 4e-7 + 4 * gelu.abs() * std::ldexp(1.0, -24)) + 1e-37;
+    for (cpu::Isa isa : {cpu::Isa::kAvx512, cpu::Isa::kAvx2}) {
+      if (!cpu::supported(isa)) {
+        std::printf("[ SKIPPED  ] the %s kernel: this CPU cannot run it\n", cpu::isa_name(isa));
+        continue;
+      }
+      at::Tensor rows = h.clone();
+      ASSERT_TRUE(cpu::geglu_rows(rows, isa));
+      const std::string what = "F = " + std::to_string(F) + " (" + cpu::isa_name(isa) + ")";
+      EXPECT_TRUE(((rows.narrow(1, 0, F).to(at::kDouble) - expected).abs() <= bound).all().item<bool>()) << what;
+      EXPECT_TRUE(at::equal(rows.narrow(1, F, F), h.narrow(1, F, F))) << what << ": the gate half is left as it was";
+    }
+    if (cpu::supported(cpu::Isa::kAvx512)) {
+      const at::Tensor hb = h.to(at::kBFloat16);
+      at::Tensor rows = hb.clone();
+      ASSERT_TRUE(cpu::geglu_rows(rows, cpu::Isa::kAvx512));
+      // LibTorch's bf16 gelu_ and mul_ compute in float and round: the same, spelled in float
+      // ops (its bf16 kernels go through oneDNN, which ONEDNN_MAX_CPU_ISA=AVX2 refuses).
+      const at::Tensor gate = at::gelu(hb.narrow(1, F, F).to(at::kFloat)).to(at::kBFloat16).to(at::kFloat);
+      const at::Tensor libtorch = (hb.narrow(1, 0, F).to(at::kFloat) * gate).to(at::kBFloat16).to(at::kFloat);
+      const at::Tensor ours = rows.narrow(1, 0, F).to(at::kFloat);
+      // LibTorch's float gelu forms 1 + erf(z), which cancels in the negative tail (about 6e-8
+      // absolute: it gives 0 below x = -5.9, where gelu(-7) is -9e-12); ours keeps erfc(|z|) there.
+      const at::Tensor xb = hb.narrow(1, F, F).to(at::kFloat), vb = hb.narrow(1, 0, F).to(at::kFloat);
+      EXPECT_TRUE(((ours - libtorch).abs() <= libtorch.abs() * std::ldexp(1.0, -7) + vb.abs() * xb.abs() * 1e-7)
+                      .all()
+                      .item<bool>())
+          << "bf16, F = " << F;
+      const at::Tensor body = xb > -3;
+      EXPECT_GT((ours == libtorch).masked_select(body).to(at::kFloat).mean().item<double>(), 0.99) << "bf16, F = " << F;
+    }
+  }
+  at::Tensor odd = at::zeros({2, 3}), half = at::zeros({2, 4}, at::kHalf);
+  EXPECT_FALSE(cpu::geglu_rows(odd)) << "an odd width is no value | gate pair";
+  EXPECT_FALSE(cpu::geglu_rows(half)) << "float16 has no version";
+}
+
 // The fused head against softmax(q k^T) v in double, for every kernel this CPU can run: head
 // widths and lengths with tails of every tile (6 rows; 16, 8 or 1 floats a vector; 64, 16
 // or 4 keys a tile), read from and written to strided columns as multi_head_attention passes

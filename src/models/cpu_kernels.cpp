@@ -75,8 +75,45 @@ struct Exp {
   static Vec scale(Vec y, Vec k) { return _mm512_scalef_ps(y, k); }
   static float reduce_max(Vec v) { return _mm512_reduce_max_ps(v); }
   static float reduce_add(Vec v) { return _mm512_reduce_add_ps(v); }
+  static Vec div(Vec a, Vec b) { return _mm512_div_ps(a, b); }
+  static Vec abs(Vec v) { return _mm512_abs_ps(v); }
+  static Vec select_nonneg(Vec z, Vec a, Vec b) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GE_OQ), b, a);
+  }
 };
 #include "exp_rows.inc"
+#include "geglu_rows.inc"
+
+// bf16 rows: widened to float (a shift), gelu rounded to bf16 and then the product, as
+// LibTorch's gelu_ and mul_ on bf16 tensors round (round to nearest even; NaN stays NaN).
+inline Vec from_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline __m256i bf16_bits(Vec v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, _mm512_set1_epi32(0x7fc0)));
+}
+inline Vec round_bf16(Vec v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits(v)), 16));
+}
+inline void geglu_bf16_16(uint16_t* value, const uint16_t* gate) {
+  const Vec g = round_bf16(gelu_vec(from_bf16(gate)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(value), bf16_bits(_mm512_mul_ps(from_bf16(value), g)));
+}
+void geglu_row_bf16(uint16_t* value, const uint16_t* gate, int64_t F) {
+  const int64_t full = F / 16 * 16;
+  for (int64_t j = 0; j < full; j += 16) geglu_bf16_16(value + j, gate + j);
+  if (const int64_t rest = F - full) {  // through a whole vector on the stack (masked 16-bit moves need AVX512BW)
+    uint16_t v[16] = {}, g[16] = {};
+    std::memcpy(v, value + full, static_cast<size_t>(rest) * sizeof(uint16_t));
+    std::memcpy(g, gate + full, static_cast<size_t>(rest) * sizeof(uint16_t));
+    geglu_bf16_16(v, g);
+    std::memcpy(value + full, v, static_cast<size_t>(rest) * sizeof(uint16_t));
+  }
+}
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -138,8 +175,14 @@ struct Exp {
   }
   static float reduce_max(Vec v) { return reduce(v, true); }
   static float reduce_add(Vec v) { return reduce(v, false); }
+  static Vec div(Vec a, Vec b) { return _mm256_div_ps(a, b); }
+  static Vec abs(Vec v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+  static Vec select_nonneg(Vec z, Vec a, Vec b) {
+    return _mm256_blendv_ps(b, a, _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GE_OQ));
+  }
 };
 #include "exp_rows.inc"
+#include "geglu_rows.inc"
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -276,6 +319,31 @@ void exp_rows(at::Tensor& scores, at::Tensor& sums, Isa isa) {
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) row(s + r * L, L, out + r);
   });
+}
+
+bool geglu_rows(at::Tensor& h, Isa isa) {
+  // h [n, 2F] contiguous: value | gate, in place; float32 on avx2 or avx512, bf16 on avx512.
+  if (!h.is_cpu() || h.dim() != 2 || !h.is_contiguous() || h.size(1) % 2 != 0) return false;
+  if (isa == Isa::kBest) isa = best_isa();
+  TORCH_CHECK(supported(isa), "geglu_rows: this CPU cannot run the ", isa_name(isa), " kernel");
+  const bool fp32 = h.scalar_type() == at::kFloat, bf16 = h.scalar_type() == at::kBFloat16;
+  if (!(fp32 && (isa == Isa::kAvx512 || isa == Isa::kAvx2)) && !(bf16 && isa == Isa::kAvx512)) return false;
+  const int64_t n = h.size(0), F = h.size(1) / 2;
+  // A row is thousands of values: a few rows a task keeps the threads' shares even.
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(F, 1));
+  if (bf16) {
+    auto* p = reinterpret_cast<uint16_t*>(h.data_ptr<at::BFloat16>());
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) avx512::geglu_row_bf16(p + r * 2 * F, p + r * 2 * F + F, F);
+    });
+    return true;
+  }
+  float* p = h.data_ptr<float>();
+  const auto row = isa == Isa::kAvx512 ? avx512::geglu_row : avx2::geglu_row;
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) row(p + r * 2 * F, p + r * 2 * F + F, F);
+  });
+  return true;
 }
 
 bool AttentionHead::bf16_products_supported() {

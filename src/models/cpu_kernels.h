@@ -34,6 +34,13 @@ const char* isa_name(Isa isa);
 // `isa` picks a version (tests compare them all); an unsupported one is an error.
 void exp_rows(at::Tensor& scores, at::Tensor& sums, Isa isa = Isa::kBest);
 
+// GEGLU's gating, in place, in one pass: h [n, 2F] contiguous, value | gate per row, becomes
+// value * gelu(gate) in its first F columns (the exact erf GELU, by Abramowitz and Stegun's
+// erfc to 1.5e-7 absolute, where LibTorch 1.13 calls Sleef's AVX2 erf even on AVX-512 CPUs).
+// float32 on avx2 and avx512; bf16 on avx512, rounded as LibTorch's gelu_ then mul_ round.
+// Returns false, touching nothing, where no version applies (the caller keeps LibTorch's).
+bool geglu_rows(at::Tensor& h, Isa isa = Isa::kBest);
+
 // One head's attention, fused, in float32: out = softmax(q k^T) v for q already scaled.
 //
 //   cpu::AttentionHead head(k, ldk, v, ldv, L, d);   // k, v [L, d], row strides ldk, ldv
