@@ -626,6 +626,38 @@ TEST(UNet, LinearProjectionAndPerBlockTransformerDepth) {
   EXPECT_TRUE(names.count("mid_block.attentions.0.transformer_blocks.2.attn2.to_k.weight"));
 }
 
+TEST(UNet, RowsThatRepeatTheirSampleShareTheLayersBeforeTheContext) {
+  UNet2DConditionModel unet(UNet2DConditionConfig::from_json(tiny_unet_json(), "config.json"));
+  randomize(*unet);
+  c10::InferenceMode guard;
+  const at::Tensor x = at::randn({1, 4, 8, 8}), y = at::randn({1, 4, 8, 8});
+  const at::Tensor sample = at::cat({x, x, y, y, y, x});  // runs of equal rows: {0,1}, {2,3,4}, {5}
+  const at::Tensor context = at::randn({6, 5, 32});
+  const at::Tensor t = at::scalar_tensor(10, at::kLong);
+  auto flops = [&](const at::Tensor& s, const at::Tensor& timestep, at::Tensor* out) {
+    profile::Session session;
+    *out = unet->forward(s, timestep, context);
+    double total = 0;
+    for (auto op : profile::kOps) total += session.totals()[op].flops;
+    return total;
+  };
+  at::Tensor shared, distinct;
+  const double shared_flops = flops(sample, t, &shared);
+  const double distinct_flops = flops(at::randn({6, 4, 8, 8}), t, &distinct);
+  // Each row as a batch of one: the same bits (every layer takes one row per call here).
+  for (int64_t b = 0; b < 6; ++b) {
+    const at::Tensor alone = unet->forward(sample.narrow(0, b, 1), t, context.narrow(0, b, 1));
+    EXPECT_TRUE(at::equal(shared.narrow(0, b, 1), alone)) << "row " << b;
+  }
+  // Three runs for six rows: the prefix ran three times fewer.
+  EXPECT_LT(shared_flops, distinct_flops);
+  // Rows with a timestep each share nothing (their time embeddings may differ): the same work
+  // as for six distinct samples.
+  const at::Tensor timesteps = at::tensor({10, 10, 10, 10, 10, 20});
+  at::Tensor ignored;
+  EXPECT_EQ(flops(sample, timesteps, &ignored), flops(at::randn({6, 4, 8, 8}), timesteps, &ignored));
+}
+
 // ---------------------------------------------------------------------------
 // VAE
 

@@ -568,9 +568,11 @@ BasicTransformerBlockImpl::BasicTransformerBlockImpl(const BasicTransformerBlock
   ff_ = register_module("ff", FeedForward(o.dim));
 }
 
-at::Tensor BasicTransformerBlockImpl::forward(const at::Tensor& x, const at::Tensor& context) {
-  // x [B,N,C], context [B,L,D] -> [B,N,C]
+at::Tensor BasicTransformerBlockImpl::forward(const at::Tensor& x, const at::Tensor& context,
+                                              const at::Tensor& spread) {
+  // x [B,N,C] (or [G,N,C] with spread [B]), context [B,L,D] -> [B,N,C]
   at::Tensor h = attn1_(norm1_(x)) + x;
+  if (spread.defined()) h = h.index_select(0, spread);  // [G,N,C] -> [B,N,C]
   h = attn2_(norm2_(h), context) + h;
   return ff_(norm3_(h)) + h;
 }
@@ -605,18 +607,21 @@ Transformer2DModelImpl::Transformer2DModelImpl(const Transformer2DModelOptions& 
     proj_out_conv_ = register_module("proj_out", make_conv(inner_dim_, o.in_channels, 1));
 }
 
-at::Tensor Transformer2DModelImpl::forward(const at::Tensor& x, const at::Tensor& context) {
-  // x [B,C,H,W], context [B,L,D] -> [B,C,H,W]
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+at::Tensor Transformer2DModelImpl::forward(const at::Tensor& x, const at::Tensor& context, const at::Tensor& spread) {
+  // x [B,C,H,W] (or [G,C,H,W] with spread [B]), context [B,L,D] -> [B,C,H,W]
+  const int64_t G = x.size(0), B = spread.defined() ? spread.size(0) : G;
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
   at::Tensor h = norm_(x);
   if (proj_in_conv_) {
-    h = proj_in_conv_(h);                                         // [B,I,H,W]
-    h = h.permute({0, 2, 3, 1}).reshape({B, H * W, inner_dim_});  // [B,N,I]
+    h = proj_in_conv_(h);                                         // [G,I,H,W]
+    h = h.permute({0, 2, 3, 1}).reshape({G, H * W, inner_dim_});  // [G,N,I]
   } else {
-    h = h.permute({0, 2, 3, 1}).reshape({B, H * W, C});  // [B,N,C]
-    h = proj_in_linear_(h);                              // [B,N,I]
+    h = h.permute({0, 2, 3, 1}).reshape({G, H * W, C});  // [G,N,C]
+    h = proj_in_linear_(h);                              // [G,N,I]
   }
-  for (auto& block : blocks_) h = block(h, context);  // [B,N,I]
+  // The first block spreads shared rows (G -> B); the others see B rows.
+  for (size_t i = 0; i < blocks_.size(); ++i)
+    h = blocks_[i](h, context, i == 0 ? spread : at::Tensor());  // [B,N,I]
   if (proj_out_conv_) {
     h = h.reshape({B, H, W, inner_dim_}).permute({0, 3, 1, 2}).contiguous();  // [B,I,H,W]
     h = proj_out_conv_(h);                                                    // [B,C,H,W]
@@ -624,7 +629,7 @@ at::Tensor Transformer2DModelImpl::forward(const at::Tensor& x, const at::Tensor
     h = proj_out_linear_(h);                                         // [B,N,C]
     h = h.reshape({B, H, W, C}).permute({0, 3, 1, 2}).contiguous();  // [B,C,H,W]
   }
-  return h + x;
+  return h + (spread.defined() ? x.index_select(0, spread) : x);
 }
 
 // ---------------------------------------------------------------------------

@@ -292,7 +292,10 @@ class BasicTransformerBlockImpl : public torch::nn::Module {
  public:
   explicit BasicTransformerBlockImpl(const BasicTransformerBlockOptions& options);
   // x [B,N,C], context [B,L,D] -> [B,N,C]
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& context);
+  // With `spread` [B] (int64): x [G,N,C] holds the rows that several context rows share, and
+  // context row i goes with x row spread[i]. The self-attention runs on the G rows, and they
+  // are spread to B before the cross-attention, the first layer that reads the context.
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& context, const at::Tensor& spread = {});
 
  private:
   leaf::LayerNorm norm1_{nullptr}, norm2_{nullptr}, norm3_{nullptr};
@@ -320,7 +323,8 @@ class Transformer2DModelImpl : public torch::nn::Module {
  public:
   explicit Transformer2DModelImpl(const Transformer2DModelOptions& options);
   // x [B,C,H,W], context [B,L,D] -> [B,C,H,W]
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& context);
+  // With `spread` [B]: x is [G,C,H,W], shared rows as BasicTransformerBlock takes them.
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& context, const at::Tensor& spread = {});
 
  private:
   Transformer2DModelOptions options_;

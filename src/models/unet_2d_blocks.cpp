@@ -82,12 +82,12 @@ CrossAttnDownBlock2D::CrossAttnDownBlock2D(const UNetBlockOptions& o) {
 }
 
 at::Tensor CrossAttnDownBlock2D::forward(const at::Tensor& x, const at::Tensor& temb, const at::Tensor& context,
-                                         std::vector<at::Tensor>& skips) {
-  // x [B,C_in,H,W] -> [B,C_out,H/2,W/2]; pushes num_layers (+1) skips
+                                         std::vector<at::Tensor>& skips, const at::Tensor& spread) {
+  // x [B,C_in,H,W] (or [G,C_in,H,W] with spread) -> [B,C_out,H/2,W/2]; pushes num_layers (+1) skips
   at::Tensor h = x;
   for (size_t i = 0; i < resnets_.size(); ++i) {
-    h = resnets_[i](h, temb);        // [B,C_out,H,W]
-    h = attentions_[i](h, context);  // [B,C_out,H,W]
+    h = resnets_[i](h, temb);                                           // [B|G,C_out,H,W]
+    h = attentions_[i](h, context, i == 0 ? spread : at::Tensor());  // [B,C_out,H,W]: spread in the first
     skips.push_back(h);
   }
   if (downsampler_) {
@@ -107,9 +107,10 @@ DownBlock2D::DownBlock2D(const UNetBlockOptions& o) {
 }
 
 at::Tensor DownBlock2D::forward(const at::Tensor& x, const at::Tensor& temb, const at::Tensor& /*context*/,
-                                std::vector<at::Tensor>& skips) {
-  // x [B,C_in,H,W] -> [B,C_out,H',W']; pushes num_layers (+1) skips
-  at::Tensor h = x;
+                                std::vector<at::Tensor>& skips, const at::Tensor& spread) {
+  // x [B,C_in,H,W] (or [G,C_in,H,W] with spread) -> [B,C_out,H',W']; pushes num_layers (+1) skips
+  // Without a cross-attention to wait for, shared rows are spread at once.
+  at::Tensor h = spread.defined() ? x.index_select(0, spread) : x;
   for (auto& resnet : resnets_) {
     h = resnet(h, temb);  // [B,C_out,H,W]
     skips.push_back(h);

@@ -48,8 +48,11 @@ struct UNetBlockOptions {
 class UNetDownBlock : public torch::nn::Module {
  public:
   // x [B,C_in,H,W], temb [B,T], context [B,L,D] -> [B,C_out,H',W']
+  // With `spread` [B] (int64, the first block only): x is [G,C_in,H,W], rows that several
+  // context rows share (an image's CFG and edit rows), context row i taking x row spread[i];
+  // the block computes on the G rows as long as nothing reads the context, then spreads them.
   virtual at::Tensor forward(const at::Tensor& x, const at::Tensor& temb, const at::Tensor& context,
-                             std::vector<at::Tensor>& skips) = 0;
+                             std::vector<at::Tensor>& skips, const at::Tensor& spread) = 0;
   virtual int64_t num_resnets() const = 0;
 };
 
@@ -68,7 +71,7 @@ class CrossAttnDownBlock2D : public UNetDownBlock {
  public:
   explicit CrossAttnDownBlock2D(const UNetBlockOptions& options);
   at::Tensor forward(const at::Tensor& x, const at::Tensor& temb, const at::Tensor& context,
-                     std::vector<at::Tensor>& skips) override;
+                     std::vector<at::Tensor>& skips, const at::Tensor& spread) override;
   int64_t num_resnets() const override { return static_cast<int64_t>(resnets_.size()); }
 
  private:
@@ -82,7 +85,7 @@ class DownBlock2D : public UNetDownBlock {
  public:
   explicit DownBlock2D(const UNetBlockOptions& options);
   at::Tensor forward(const at::Tensor& x, const at::Tensor& temb, const at::Tensor& context,
-                     std::vector<at::Tensor>& skips) override;
+                     std::vector<at::Tensor>& skips, const at::Tensor& spread) override;
   int64_t num_resnets() const override { return static_cast<int64_t>(resnets_.size()); }
 
  private:

@@ -45,6 +45,30 @@ void require_false(const nlohmann::json& config, const std::string& key, const s
   throw_unsupported(where, key + " = true is not supported (supported: false)", hint);
 }
 
+// Runs of equal rows in x [B,...]: `first` [G] the first row of each run, `spread` [B] each
+// row's run; both undefined when no row equals the one before it.
+struct SharedRows {
+  at::Tensor first, spread;
+};
+
+SharedRows shared_rows(const at::Tensor& x) {
+  const int64_t B = x.size(0);
+  if (B < 2) return {};
+  // Equal bits (not ==, which calls -0 and 0 equal): one comparison of all neighbours, one
+  // transfer to the host.
+  const at::ScalarType bits = x.element_size() == 8 ? at::kLong : x.element_size() == 4 ? at::kInt : at::kShort;
+  const at::Tensor v = x.contiguous().view(bits);
+  const at::Tensor same = at::eq(v.narrow(0, 1, B - 1), v.narrow(0, 0, B - 1)).flatten(1).all(1).to(at::kCPU);
+  const bool* same_as_previous = same.data_ptr<bool>();
+  std::vector<int64_t> first{0}, spread{0};
+  for (int64_t b = 1; b < B; ++b) {
+    if (!same_as_previous[b - 1]) first.push_back(b);
+    spread.push_back(static_cast<int64_t>(first.size()) - 1);
+  }
+  if (static_cast<int64_t>(first.size()) == B) return {};
+  return {at::tensor(first, at::kLong).to(x.device()), at::tensor(spread, at::kLong).to(x.device())};
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------
@@ -399,13 +423,26 @@ at::Tensor UNet2DConditionModelImpl::run(const at::Tensor& sample, const at::Ten
     emb = emb + add_embedding_(add_embeds);  // [B,T]
   }
 
-  // 2. pre-process
+  // 2. pre-process. Rows that repeat the row before them (an image's unconditional, text and
+  // edit rows: one latent, side by side) with one time embedding for all are the same up to
+  // the first layer that reads the context: conv_in, the first resnet, the first transformer
+  // block's self-attention. Those run once per run of equal rows ([G]); `spread` then maps
+  // each of the B rows to its run.
   at::Tensor h = config_.center_input_sample ? sample * 2.0 - 1.0 : sample;
-  h = conv_in_(h);  // [B,C0,H,W]
+  at::Tensor spread;
+  if (emb.size(0) == 1) {
+    const SharedRows shared = shared_rows(h);
+    if (shared.spread.defined()) {
+      h = h.index_select(0, shared.first);  // [G,C,H,W]
+      spread = shared.spread;               // [B]
+    }
+  }
+  h = conv_in_(h);  // [B|G,C0,H,W]
 
   // 3. down
-  std::vector<at::Tensor> skips{h};
-  for (auto& block : down_blocks_) h = block->forward(h, emb, encoder_hidden_states, skips);
+  std::vector<at::Tensor> skips{spread.defined() ? h.index_select(0, spread) : h};
+  for (size_t i = 0; i < down_blocks_.size(); ++i)
+    h = down_blocks_[i]->forward(h, emb, encoder_hidden_states, skips, i == 0 ? spread : at::Tensor());
 
   // 4. mid
   h = mid_block_(h, emb, encoder_hidden_states);
