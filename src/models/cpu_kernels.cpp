@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <string>
 #include <limits>
 
@@ -89,7 +90,7 @@ struct Exp {
 inline Vec from_bf16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
-inline __m256i bf16_bits(Vec v) {
+inline __m256i to_bf16_bits_16(Vec v) {  // 16 lanes; the scalar bf16_bits below does one
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
@@ -97,11 +98,11 @@ inline __m256i bf16_bits(Vec v) {
   return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, _mm512_set1_epi32(0x7fc0)));
 }
 inline Vec round_bf16(Vec v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits(v)), 16));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_bits_16(v)), 16));
 }
 inline void geglu_bf16_16(uint16_t* value, const uint16_t* gate) {
   const Vec g = round_bf16(gelu_vec(from_bf16(gate)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(value), bf16_bits(_mm512_mul_ps(from_bf16(value), g)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(value), to_bf16_bits_16(_mm512_mul_ps(from_bf16(value), g)));
 }
 void geglu_row_bf16(uint16_t* value, const uint16_t* gate, int64_t F) {
   const int64_t full = F / 16 * 16;
