@@ -390,5 +390,17 @@ else
   echo "note: $agreement not built; its 4 rows are skipped"
 fi
 
+# --- fairdiff-fairness-bench: generate's checks before its table; skipped when not built --------
+fbench=$(dirname "$fairdiff")/fairdiff-fairness-bench
+if [ -x "$fbench" ]; then
+  row fbench_dtype_unknown 2 'unknown dtype "fp8"' -- "$fbench" --dtype fp8 --out "$tmp/never-bench"
+  if [ -s "$tmp/out" ] || [ -e "$tmp/never-bench" ]; then
+    failures=$((failures + 1)); echo "FAIL fbench_dtype_unknown: printed on stdout or wrote $tmp/never-bench"
+  fi
+  row fbench_mode_unknown 2 '--fairness-mode' -- "$fbench" --fairness-mode slow --out "$tmp/never-bench"
+else
+  echo "note: $fbench not built; its 2 rows are skipped"
+fi
+
 echo "$passes passed, $failures failed"
 [ "$failures" -eq 0 ]

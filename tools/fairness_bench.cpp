@@ -86,21 +86,28 @@ struct RunResult {
   double retries_per_image = 0;
 };
 
-RunResult run_case(const Options& o, const Case& c, const std::string& dir, bool fair, bool verify = false) {
-  fs::remove_all(dir);
+// generate's options for one run of case c (the paper's settings file aside).
+fairdiff::GenerateOptions run_options(const Options& o, const Case& c, const std::string& dir, bool fair,
+                                      bool verify) {
   fairdiff::GenerateOptions g = fairdiff::tools::toy_run(o.run, c.prompt, fair ? c.fairness : "", dir);
   g.cfg_scale = o.cfg;
   g.fairness_mode = o.mode;
   g.dtype = o.dtype;
-  if (fair && o.paper) {
-    g.fairness.clear();
-    g.fairness_file = paper_fairness_file(o, c, dir + "-settings");
-  }
   g.verify = verify;
   g.verify_classifier = o.verifier;
   g.clip_model = o.verify_model;
   g.max_retries = o.max_retries;
   g.verify_margin = o.verify_margin;
+  return g;
+}
+
+RunResult run_case(const Options& o, const Case& c, const std::string& dir, bool fair, bool verify = false) {
+  fs::remove_all(dir);
+  fairdiff::GenerateOptions g = run_options(o, c, dir, fair, verify);
+  if (fair && o.paper) {
+    g.fairness.clear();
+    g.fairness_file = paper_fairness_file(o, c, dir + "-settings");
+  }
   const auto t0 = std::chrono::steady_clock::now();
   const fairdiff::RunSummary summary = fairdiff::generate(g);
   RunResult r;
@@ -237,6 +244,10 @@ int main(int argc, char** argv) {
     if (o.run.model.empty()) o.run.model = fairdiff::default_model();
     if (o.run.model.empty())
       throw fairdiff::Error(fairdiff::ErrorKind::BadInput, "--model", "models/toy is missing: pass --model");
+    // The flags that pass through to generate are checked as generate checks them, before
+    // the table starts: a bad --dtype is one line on stderr and nothing on stdout.
+    fairdiff::GenerateOptions first = run_options(o, kCases.front(), o.out + "/check", true, !o.verify_model.empty());
+    fairdiff::validate(first);
     fairdiff::configure_process(o.run.threads);
     return run(o);
   });
