@@ -78,6 +78,7 @@
 #include "runtime.h"
 #include "scheduler.h"
 #include "tensor_io.h"
+#include "weights_cache.h"
 #include "tool_main.h"
 
 namespace fairdiff::bench {
@@ -409,6 +410,7 @@ struct Options {
   bool no_onednn = false;  // --no-onednn: LibTorch's own kernels, as on a CPU without native bf16
   bool vae_only = false;
   bool prepack = false;  // LoadOptions::prepack_convolutions
+  bool weights_cache = true;  // --model: read and write the weights cache, as generate does
   bool fp16_weights = false;  // generate --fp16-weights: linear and conv weights kept in float16
   int64_t vae_tile = 0;  // 0 off, -1 the VAE's sample_size, else pixels
   std::string save_random_model;  // write the random SD 1.5 there and exit
@@ -744,6 +746,9 @@ fairdiff::LoadOptions load_options(const Options& o) {
     fairdiff::throw_unsupported("--dtype fp16", "LibTorch 1.13 has no half-precision matmul on the CPU",
                                 "use --dtype bf16 or fp32 on the CPU, fp16 with --device cuda");
   lo.prepack_convolutions = o.prepack;
+  // As generate: a converting load (bf16 from float32 files) maps the cached copy when there is one.
+  if (o.weights_cache) lo.weights_cache = fairdiff::default_weights_cache();
+  lo.weights_cache.write = !o.fp16_weights;
   if (o.fp16_weights && (lo.dtype != at::kFloat || !lo.device.is_cpu() || o.prepack))
     fairdiff::throw_bad_input("--fp16-weights", "float16 weight storage runs float32 on the CPU, without prepacking",
                               "use --dtype fp32 --device cpu");
@@ -787,6 +792,7 @@ nlohmann::json start_report(const Options& o, const at::Device& device, const st
                            {"malloc", malloc_setting},
                            {"batch", o.batch},
                            {"prepack_weights", o.prepack},
+                           {"weights_cache", o.weights_cache},
                            {"fp16_weights", o.fp16_weights},
                            {"load_average_at_start", load_average()}};
   std::printf("fairdiff-bench: %s, %s, %s%s, malloc %s; load average %.2f at start\n", device.str().c_str(),
@@ -845,6 +851,14 @@ StableDiffusionModel load_model(const Options& o, const fairdiff::LoadOptions& l
     report["load_s"] = load_s;
     row("load model folder", "-", load_s,
         o.model + (o.prepack ? " (mapped; conv weights prepacked)" : " (mapped; each network mapped in when it runs)"));
+    if (model.cache_writes.valid()) {
+      // generate writes a missed entry beside the steps; here it is waited for, so that the
+      // steps are timed alone.
+      const auto t1 = Clock::now();
+      model.cache_writes.wait();
+      report["weights_cache_write_s"] = seconds_since(t1);
+      row("write the weights cache", "-", seconds_since(t1), "a converting load's first time (beside the work in generate)");
+    }
   }
   if (o.fp16_weights) {
     const auto t0 = Clock::now();
@@ -1148,6 +1162,8 @@ int main(int argc, char** argv) {
                "LibTorch's kernels without oneDNN: what bf16 gets on a CPU without AVX-512 bf16 support, where "
                "LibTorch 1.13 does not use oneDNN for it (with ATEN_CPU_CAPABILITY=avx2 for the rest)");
   app.add_flag("--skip-vae", o.skip_vae, "do not time the VAE decode");
+  app.add_flag("--no-weights-cache{false}", o.weights_cache,
+               "with --model: neither read nor write the weights cache (as generate --no-weights-cache)");
   app.add_flag("--prepack-weights", o.prepack, "reorder convolution weights into oneDNN's layout at load (as generate --prepack-weights)");
   app.add_flag("--fp16-weights", o.fp16_weights, "keep linear and conv weights in float16, converted per layer (as generate --fp16-weights; with --dtype fp32)");
   app.add_flag("--vae-only", o.vae_only, "time only the VAE decode (of noise latents), e.g. with --vae-tiling at 1024");
