@@ -1,6 +1,8 @@
 // Model folders: strict loading, clear errors for every bad input, dtype conversion.
 #include <c10/core/InferenceMode.h>
 
+#include <sys/resource.h>
+
 #include <filesystem>
 #include <fstream>
 
@@ -256,6 +258,57 @@ TEST(ModelFolder, ConvertedWeightsAreOneMappingWithTheNumbersOfTo) {
   // One block no longer than the copies (64-byte aligned, back to back): heap allocations
   // of their own would leave the allocator's headers and alignment between them.
   EXPECT_LE(hi - lo, bytes);
+}
+
+// The address space this process has mapped (VmSize of /proc/self/status), in bytes.
+size_t mapped_bytes() {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);)
+    if (line.rfind("VmSize:", 0) == 0) return std::stoull(line.substr(7)) * 1024;  // "VmSize:  123 kB"
+  return 0;
+}
+
+// A converting load whose copies cannot be mapped (tensor_io.cpp, CopyArena) is one clear
+// error naming the size and the way out, and the module keeps the weights it had. The
+// address space is held to what is mapped already plus 8 MiB, so that the copies' mapping
+// (32 MiB) is what fails, after the file was mapped.
+TEST(ModelFolder, ConvertedWeightsWithoutMemoryAreOneClearError) {
+  c10::InferenceMode guard;
+  test::TempDir tmp;
+  constexpr int64_t kFloats = int64_t{8} << 20;  // 32 MiB as float32 in the file, 16 MiB as bf16
+  struct Weights : torch::nn::Module {
+    at::Tensor weight = register_parameter("weight", torch::zeros({kFloats}), false);
+  };
+  Weights module;
+  {
+    const at::Tensor ones = torch::ones({kFloats});
+    const auto* data = static_cast<const uint8_t*>(ones.data_ptr());
+    write_safetensors(tmp / "big.safetensors",
+                      std::vector<TensorData>{{"weight", DType::F32, {kFloats}, std::vector<uint8_t>(data, data + ones.nbytes())}});
+  }
+  const SafeTensors file(tmp / "big.safetensors");
+
+  rlimit before{};
+  ASSERT_EQ(getrlimit(RLIMIT_AS, &before), 0);
+  const size_t now = mapped_bytes();
+  ASSERT_GT(now, 0u);
+  rlimit held = before;
+  held.rlim_cur = now + (size_t{8} << 20);
+  ASSERT_EQ(setrlimit(RLIMIT_AS, &held), 0);
+  try {
+    test::expect_error([&] { load_state_dict(module, file, "weights", at::kBFloat16); }, ErrorKind::Runtime,
+                       {"no memory for the 16 MiB of converted weights", "--dtype"});
+  } catch (...) {
+    setrlimit(RLIMIT_AS, &before);
+    throw;
+  }
+  ASSERT_EQ(setrlimit(RLIMIT_AS, &before), 0);
+  EXPECT_EQ(module.weight.scalar_type(), at::kFloat);
+  EXPECT_EQ(module.weight.sum().item<double>(), 0.0) << "the failed load changed the module's weight";
+  // With the address space back, the same load converts.
+  load_state_dict(module, file, "weights", at::kBFloat16);
+  EXPECT_EQ(module.weight.scalar_type(), at::kBFloat16);
+  EXPECT_EQ(module.weight.to(at::kFloat).sum().item<double>(), static_cast<double>(kFloats));  // exact in float
 }
 
 // The default load options with every weight a view of the file (no prepacking).
