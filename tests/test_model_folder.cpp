@@ -271,7 +271,7 @@ size_t mapped_bytes() {
 // A converting load whose copies cannot be mapped (tensor_io.cpp, CopyArena) is one clear
 // error naming the size and the way out, and the module keeps the weights it had. The
 // address space is held to what is mapped already plus 8 MiB, so that the copies' mapping
-// (32 MiB) is what fails, after the file was mapped.
+// (16 MiB of bf16, and 2 MiB for the huge-page alignment) is what fails, after the file was mapped.
 TEST(ModelFolder, ConvertedWeightsWithoutMemoryAreOneClearError) {
   c10::InferenceMode guard;
   test::TempDir tmp;
