@@ -408,6 +408,25 @@ TEST(ModelFolder, Fp16WeightsAreFloat32ArithmeticOnFloat16RoundedWeights) {
   EXPECT_LT(off, 1e-2 * scale);
 }
 
+// The tiny SD 1.x folder loaded twice in `dtype`: plain, then with its convolutions prepacked.
+std::pair<StableDiffusionModel, StableDiffusionModel> load_plain_and_prepacked(const std::string& fixtures,
+                                                                               at::ScalarType dtype) {
+  LoadOptions plain;
+  plain.prepack_convolutions = false;
+  plain.dtype = dtype;
+  LoadOptions prepack = plain;
+  prepack.prepack_convolutions = true;
+  return {load_model_folder(fixtures + "/models/tiny-sd1", plain),
+          load_model_folder(fixtures + "/models/tiny-sd1", prepack)};
+}
+
+std::vector<const leaf::Conv2dImpl*> unet_convolutions(const StableDiffusionModel& model) {
+  std::vector<const leaf::Conv2dImpl*> convs;
+  for (const auto& child : model.unet->modules())
+    if (const auto* conv = dynamic_cast<const leaf::Conv2dImpl*>(child.get())) convs.push_back(conv);
+  return convs;
+}
+
 // With prepack_convolutions every convolution is prepacked: the dense conv weights
 // released (their pages of the file forgotten), the numbers those of at::conv2d to float rounding (on these tiny
 // shapes at::conv2d does not always pick oneDNN; on SD's it does, and the bits agree; the
@@ -415,21 +434,13 @@ TEST(ModelFolder, Fp16WeightsAreFloat32ArithmeticOnFloat16RoundedWeights) {
 TEST(ModelFolder, PrepackedConvolutionsGiveTheSameNumbers) {
   FAIRDIFF_REQUIRE_FIXTURES(fixtures);
   c10::InferenceMode guard;
-  LoadOptions plain;
-  plain.prepack_convolutions = false;
-  LoadOptions prepack = plain;
-  prepack.prepack_convolutions = true;
-  StableDiffusionModel a = load_model_folder(fixtures + "/models/tiny-sd1", plain);
-  StableDiffusionModel b = load_model_folder(fixtures + "/models/tiny-sd1", prepack);
-  int64_t packed = 0;
-  for (const auto& child : b.unet->modules()) {
-    const auto* conv = dynamic_cast<const leaf::Conv2dImpl*>(child.get());
-    if (!conv) continue;
+  auto [a, b] = load_plain_and_prepacked(fixtures, at::kFloat);
+  const auto convs = unet_convolutions(b);
+  EXPECT_GT(convs.size(), 10u);
+  for (const leaf::Conv2dImpl* conv : convs) {
     EXPECT_TRUE(conv->prepacked());
     EXPECT_EQ(conv->weight().storage().nbytes(), sizeof(float)) << "dense weight kept";
-    ++packed;
   }
-  EXPECT_GT(packed, 10);
   EXPECT_LT(b.mapped.at("unet").bytes(), a.mapped.at("unet").bytes());
   EXPECT_EQ(parameter_count(*b.unet), parameter_count(*a.unet));  // names and shapes kept
   at::manual_seed(1);
@@ -444,6 +455,25 @@ TEST(ModelFolder, PrepackedConvolutionsGiveTheSameNumbers) {
   expect_close(b.vae->decode(z), a.vae->decode(z), "vae decode");
   const at::Tensor image = at::rand({1, 3, 16, 16}) * 2 - 1;
   expect_close(b.vae->encode(image).mean, a.vae->encode(image).mean, "vae encode (stride-2 convolutions)");
+}
+
+// bf16 with prepacking loads on every CPU: the convolutions are reordered where oneDNN can
+// (leaf::onednn_reorders_bf16) and keep their plain weights elsewhere, with a plain load's numbers.
+TEST(ModelFolder, Bf16PrepackingLoadsOnEveryCpu) {
+  FAIRDIFF_REQUIRE_FIXTURES(fixtures);
+  c10::InferenceMode guard;
+  auto [a, b] = load_plain_and_prepacked(fixtures, at::kBFloat16);
+  const auto convs = unet_convolutions(b);
+  EXPECT_GT(convs.size(), 10u);
+  for (const leaf::Conv2dImpl* conv : convs) EXPECT_EQ(conv->prepacked(), leaf::onednn_reorders_bf16());
+  at::manual_seed(1);
+  const at::Tensor x = at::randn({2, 4, 8, 8}).to(at::kBFloat16);
+  const at::Tensor context = at::randn({2, 77, 32}).to(at::kBFloat16);
+  const at::Tensor t = at::scalar_tensor(250.0);
+  const at::Tensor got = b.unet->forward(x, t, context);
+  EXPECT_TRUE(got.isfinite().all().item<bool>());
+  // Where nothing was reordered, the same kernels ran on the same weights.
+  if (!leaf::onednn_reorders_bf16()) EXPECT_TRUE(at::equal(got, a.unet->forward(x, t, context)));
 }
 
 TEST(ModelFolder, PickleWeightsAreRefused) {

@@ -152,16 +152,11 @@ std::vector<std::pair<int64_t, int64_t>> row_calls(int64_t rows, bool grouped) {
   return calls;
 }
 
-namespace {
-// LibTorch 1.13's oneDNN reorders a bf16 weight only on a CPU with AVX-512 BW, VL and DQ (its
-// mkldnn_bf16_device_check; elsewhere the reorder throws, as found on an AVX2-only Zen 3). There
-// a bf16 convolution keeps its plain weight.
 bool onednn_reorders_bf16() {
   static const bool yes = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                           __builtin_cpu_supports("avx512dq");
   return yes;
 }
-}  // namespace
 
 bool Conv2dImpl::prepack() {
   if (packed_.defined()) return true;

@@ -131,6 +131,11 @@ class RowGroups {
 // scope; one row per call without it or when `grouped` is false.
 std::vector<std::pair<int64_t, int64_t>> row_calls(int64_t rows, bool grouped = true);
 
+// Whether LibTorch 1.13's oneDNN can reorder a bf16 weight here: only on a CPU with AVX-512 BW,
+// VL and DQ (its mkldnn_bf16_device_check; elsewhere the reorder throws, as found on an AVX2-only
+// Zen 3). Where it cannot, Conv2dImpl::prepack leaves a bf16 convolution its plain weight.
+bool onednn_reorders_bf16();
+
 // Prepacks every leaf::Conv2d of `module` (Conv2dImpl::prepack) and lets the dense
 // weights go: `on_released(weight)` is called with each one before it is released (the
 // model drops its pages of the file there). Returns the number prepacked.
