@@ -174,12 +174,15 @@ TEST(WeightsCache, KeepsTheMostRecentlyLoadedWithinItsSize) {
   const std::string small = tmp / "small";
   load_and_store(kToy, bf16_cached(small, 1024));
   EXPECT_TRUE(entries(small).empty());
-  // Nor with --prepack-weights, which replaces the loaded weights at once.
+  // Nor with --prepack-weights, which replaces the loaded weights at once; unless, as on a CPU
+  // without AVX-512, oneDNN cannot reorder bf16 weights, so that the loaded ones stay.
   LoadOptions packed = bf16_cached(tmp / "packed");
   packed.prepack_convolutions = true;
   StableDiffusionModel p = load_model_folder(kToy, packed);
-  EXPECT_FALSE(p.cache_writes.valid());
-  EXPECT_TRUE(entries(tmp / "packed").empty());
+  const bool written = !leaf::onednn_reorders_bf16();
+  EXPECT_EQ(p.cache_writes.valid(), written);
+  if (written) p.cache_writes.wait();
+  EXPECT_EQ(entries(tmp / "packed").size(), written ? 3u : 0u);
 }
 
 TEST(WeightsCache, EntriesOfADeletedModelGoWhenTheNextIsWritten) {

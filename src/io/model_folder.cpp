@@ -55,7 +55,7 @@ Holder load_component(const std::string& dir, const std::string& component, cons
   // component in when it runs (page_out_idle: StableDiffusionModel::use), or prepacking
   // reads the conv weights once and drops them (prepack_model then prefaults what is left).
   const bool mapped_at_use = mapped && options.page_out_idle;
-  if (!mapped_at_use && !(options.prepack_convolutions && options.device.is_cpu())) views.prefault_all();
+  if (!mapped_at_use && !prepacks_convolutions(options)) views.prefault_all();
   if (mapped) *mapped = std::move(views);
   module->eval();
   // The values the constructor initialised (torch::nn layers do; the CLIP encoders hold
@@ -189,7 +189,7 @@ StableDiffusionModel load_model_folder(const std::string& model_dir, const LoadO
   m.tokenizer = load_tokenizer(model_dir + "/tokenizer");
   // Converted weights to store in the cache (not when prepacking replaces them right away).
   std::vector<PendingWeights> pending;
-  std::vector<PendingWeights>* to_cache = options.prepack_convolutions ? nullptr : &pending;
+  std::vector<PendingWeights>* to_cache = prepacks_convolutions(options) ? nullptr : &pending;
   m.text_encoder = load_text_encoder(model_dir + "/text_encoder", options, &m.mapped["text_encoder"], to_cache);
   if (m.index.xl) {
     if (!is_directory(model_dir + "/tokenizer_2"))
@@ -205,8 +205,13 @@ StableDiffusionModel load_model_folder(const std::string& model_dir, const LoadO
   m.vae = load_vae(model_dir + "/vae", options, &m.mapped["vae"], to_cache);
   m.cache_writes = store_cached_weights(options.weights_cache, std::move(pending));
   m.page_out_idle = options.page_out_idle;
-  if (options.prepack_convolutions && options.device.is_cpu()) prepack_model(m);
+  if (prepacks_convolutions(options)) prepack_model(m);
   return m;
+}
+
+bool prepacks_convolutions(const LoadOptions& options) {
+  return options.prepack_convolutions && options.device.is_cpu() &&
+         (options.dtype != at::kBFloat16 || leaf::onednn_reorders_bf16());
 }
 
 int64_t prepack_model(StableDiffusionModel& m) {

@@ -48,7 +48,7 @@ struct LoadOptions {
   // Weights converted at load (a dtype other than the files'; CPU only) are read from this
   // cache when it holds them, else written to it after the load (weights_cache.h). Off (no
   // folder) by default here; generate and the embedding API use default_weights_cache(). Not written
-  // with prepack_convolutions, which replaces the loaded weights at once.
+  // when convolutions are prepacked (prepacks_convolutions), which replaces the loaded weights at once.
   WeightsCache weights_cache;
 };
 
@@ -124,6 +124,11 @@ struct StableDiffusionModel {
 };
 
 StableDiffusionModel load_model_folder(const std::string& model_dir, const LoadOptions& options);
+
+// Whether a load with `options` prepacks its convolutions: prepack_convolutions on the CPU,
+// unless in bf16 where oneDNN cannot reorder bf16 weights (leaf::onednn_reorders_bf16), so
+// that every convolution would keep its plain weight.
+bool prepacks_convolutions(const LoadOptions& options);
 
 // LoadOptions::prepack_convolutions for a loaded model: prepacks the three networks'
 // convolutions, forgets their dense weights' mapped pages and prefaults the mapped weights

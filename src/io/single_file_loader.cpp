@@ -175,7 +175,7 @@ StableDiffusionModel load_single_file(const std::string& checkpoint, const std::
     MappedWeights mapped = load_through_cache(
         module, options.weights_cache, cached ? &key : nullptr,
         [&] { return fill_module(module, component, plan, owner, options); },
-        options.prepack_convolutions ? nullptr : &pending);
+        prepacks_convolutions(options) ? nullptr : &pending);
     module.eval();
     return mapped;
   };
@@ -189,7 +189,7 @@ StableDiffusionModel load_single_file(const std::string& checkpoint, const std::
   m.page_out_idle = options.page_out_idle;
   // Ready to run: every mapped page now, or each component's when it runs (page_out_idle,
   // StableDiffusionModel::use); prepack_model does the same with what it leaves.
-  if (options.prepack_convolutions && options.device.is_cpu())
+  if (prepacks_convolutions(options))
     prepack_model(m);
   else if (!options.page_out_idle)
     for (auto& [name, weights] : m.mapped) weights.prefault_all();
