@@ -747,8 +747,7 @@ fairdiff::LoadOptions load_options(const Options& o) {
                                 "use --dtype bf16 or fp32 on the CPU, fp16 with --device cuda");
   lo.prepack_convolutions = o.prepack;
   // As generate: a converting load (bf16 from float32 files) maps the cached copy when there is one.
-  if (o.weights_cache) lo.weights_cache = fairdiff::default_weights_cache();
-  lo.weights_cache.write = !o.fp16_weights;
+  lo.weights_cache = fairdiff::run_weights_cache(o.weights_cache, o.fp16_weights);
   if (o.fp16_weights && (lo.dtype != at::kFloat || !lo.device.is_cpu() || o.prepack))
     fairdiff::throw_bad_input("--fp16-weights", "float16 weight storage runs float32 on the CPU, without prepacking",
                               "use --dtype fp32 --device cpu");

@@ -146,6 +146,12 @@ void evict(const WeightsCache& cache, const std::string& keep) {
 
 }  // namespace
 
+WeightsCache run_weights_cache(bool use, bool fp16_weights) {
+  WeightsCache cache = use ? default_weights_cache() : WeightsCache{};
+  cache.write = !fp16_weights;
+  return cache;
+}
+
 WeightsCache default_weights_cache() {
   WeightsCache cache;
   const std::string dir = hash_cache_dir();

@@ -49,6 +49,11 @@ struct WeightsCache {
 // hash_cache_dir()/weights, at most $FAIRDIFF_WEIGHTS_CACHE_GB gigabytes (default 16; 0 = no cache).
 WeightsCache default_weights_cache();
 
+// The cache that generate and fairdiff-bench load through: default_weights_cache() when `use`
+// (--no-weights-cache: none), and not written with float16 weight storage (--fp16-weights),
+// which replaces the loaded weights at once.
+WeightsCache run_weights_cache(bool use, bool fp16_weights);
+
 // Whether loading `stored` as a floating tensor of `dtype` converts it (integer tensors keep
 // their dtype).
 bool converts(const TensorView& stored, at::ScalarType dtype);

@@ -20,7 +20,9 @@ class ClipClassifier : public GroupClassifier {
   ClipClassifier(const ClassifierOptions& o, const Attribute& attribute)
       : attribute_(attribute.name), margin_(o.margin) {
     c10::InferenceMode inference;
-    clip_ = load_clip_folder(o.model, {at::kFloat, at::Device(o.device)});
+    LoadOptions load;  // float32, no weights cache: nothing converts
+    load.device = at::Device(o.device);
+    clip_ = load_clip_folder(o.model, load);
     device_ = at::Device(o.device);
     std::vector<at::Tensor> classes;
     for (const AttributeGroup& g : attribute.groups) {

@@ -47,9 +47,7 @@ constexpr const char* kNonNativeBf16Slowdown = "20-50x";
 LoadOptions resolve_runtime(ModelOptions& o) {
   LoadOptions lo;
   lo.prepack_convolutions = o.prepack_weights;
-  if (o.weights_cache) lo.weights_cache = default_weights_cache();
-  // float16 storage replaces the loaded weights right away, as prepacking does.
-  lo.weights_cache.write = !o.fp16_weights;
+  lo.weights_cache = run_weights_cache(o.weights_cache, o.fp16_weights);
   if (o.device == "auto") {
     lo.device = at::hasCUDA() ? at::Device(at::kCUDA) : at::Device(at::kCPU);
   } else {
