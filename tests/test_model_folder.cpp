@@ -458,14 +458,14 @@ TEST(ModelFolder, PrepackedConvolutionsGiveTheSameNumbers) {
 }
 
 // bf16 with prepacking loads on every CPU: the convolutions are reordered where oneDNN can
-// (leaf::onednn_reorders_bf16) and keep their plain weights elsewhere, with a plain load's numbers.
+// (leaf::onednn_reorders) and keep their plain weights elsewhere, with a plain load's numbers.
 TEST(ModelFolder, Bf16PrepackingLoadsOnEveryCpu) {
   FAIRDIFF_REQUIRE_FIXTURES(fixtures);
   c10::InferenceMode guard;
   auto [a, b] = load_plain_and_prepacked(fixtures, at::kBFloat16);
   const auto convs = unet_convolutions(b);
   EXPECT_GT(convs.size(), 10u);
-  for (const leaf::Conv2dImpl* conv : convs) EXPECT_EQ(conv->prepacked(), leaf::onednn_reorders_bf16());
+  for (const leaf::Conv2dImpl* conv : convs) EXPECT_EQ(conv->prepacked(), leaf::onednn_reorders(at::kBFloat16));
   at::manual_seed(1);
   const at::Tensor x = at::randn({2, 4, 8, 8}).to(at::kBFloat16);
   const at::Tensor context = at::randn({2, 77, 32}).to(at::kBFloat16);
@@ -473,7 +473,7 @@ TEST(ModelFolder, Bf16PrepackingLoadsOnEveryCpu) {
   const at::Tensor got = b.unet->forward(x, t, context);
   EXPECT_TRUE(got.isfinite().all().item<bool>());
   // Where nothing was reordered, the same kernels ran on the same weights.
-  if (!leaf::onednn_reorders_bf16()) EXPECT_TRUE(at::equal(got, a.unet->forward(x, t, context)));
+  if (!leaf::onednn_reorders(at::kBFloat16)) EXPECT_TRUE(at::equal(got, a.unet->forward(x, t, context)));
 }
 
 TEST(ModelFolder, PickleWeightsAreRefused) {

@@ -179,7 +179,7 @@ TEST(WeightsCache, KeepsTheMostRecentlyLoadedWithinItsSize) {
   LoadOptions packed = bf16_cached(tmp / "packed");
   packed.prepack_convolutions = true;
   StableDiffusionModel p = load_model_folder(kToy, packed);
-  const bool written = !leaf::onednn_reorders_bf16();
+  const bool written = !leaf::onednn_reorders(at::kBFloat16);
   EXPECT_EQ(p.cache_writes.valid(), written);
   if (written) p.cache_writes.wait();
   EXPECT_EQ(entries(tmp / "packed").size(), written ? 3u : 0u);

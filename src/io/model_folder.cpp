@@ -210,8 +210,7 @@ StableDiffusionModel load_model_folder(const std::string& model_dir, const LoadO
 }
 
 bool prepacks_convolutions(const LoadOptions& options) {
-  return options.prepack_convolutions && options.device.is_cpu() &&
-         (options.dtype != at::kBFloat16 || leaf::onednn_reorders_bf16());
+  return options.prepack_convolutions && options.device.is_cpu() && leaf::onednn_reorders(options.dtype);
 }
 
 int64_t prepack_model(StableDiffusionModel& m) {

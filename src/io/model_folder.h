@@ -125,9 +125,9 @@ struct StableDiffusionModel {
 
 StableDiffusionModel load_model_folder(const std::string& model_dir, const LoadOptions& options);
 
-// Whether a load with `options` prepacks its convolutions: prepack_convolutions on the CPU,
-// unless in bf16 where oneDNN cannot reorder bf16 weights (leaf::onednn_reorders_bf16), so
-// that every convolution would keep its plain weight.
+// Whether a load with `options` prepacks its convolutions: prepack_convolutions on the CPU, in
+// a dtype whose weights oneDNN can reorder here (leaf::onednn_reorders; else every convolution
+// would keep its plain weight).
 bool prepacks_convolutions(const LoadOptions& options);
 
 // LoadOptions::prepack_convolutions for a loaded model: prepacks the three networks'

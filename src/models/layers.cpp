@@ -152,18 +152,15 @@ std::vector<std::pair<int64_t, int64_t>> row_calls(int64_t rows, bool grouped) {
   return calls;
 }
 
-bool onednn_reorders_bf16() {
-  static const bool yes = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512dq");
-  return yes;
+bool onednn_reorders(at::ScalarType dtype) {
+  static const bool bf16 = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                           __builtin_cpu_supports("avx512dq");
+  return at::hasMKLDNN() && (dtype == at::kFloat || (dtype == at::kBFloat16 && bf16));
 }
 
 bool Conv2dImpl::prepack() {
   if (packed_.defined()) return true;
-  if (!weight_.is_cpu() || !at::hasMKLDNN() ||
-      (weight_.scalar_type() != at::kFloat && weight_.scalar_type() != at::kBFloat16))
-    return false;
-  if (weight_.scalar_type() == at::kBFloat16 && !onednn_reorders_bf16()) return false;
+  if (!weight_.is_cpu() || !onednn_reorders(weight_.scalar_type())) return false;
   const std::array<int64_t, 2> stride{stride_, stride_}, padding{padding_, padding_}, dilation{1, 1};
   packed_ = at::mkldnn_reorder_conv2d_weight(weight_.contiguous().to_mkldnn(), padding, stride, dilation, 1);
   return true;

@@ -131,10 +131,11 @@ class RowGroups {
 // scope; one row per call without it or when `grouped` is false.
 std::vector<std::pair<int64_t, int64_t>> row_calls(int64_t rows, bool grouped = true);
 
-// Whether LibTorch 1.13's oneDNN can reorder a bf16 weight here: only on a CPU with AVX-512 BW,
-// VL and DQ (its mkldnn_bf16_device_check; elsewhere the reorder throws, as found on an AVX2-only
-// Zen 3). Where it cannot, Conv2dImpl::prepack leaves a bf16 convolution its plain weight.
-bool onednn_reorders_bf16();
+// Whether LibTorch's oneDNN can reorder a CPU convolution weight of `dtype` here (the rule of
+// Conv2dImpl::prepack, which leaves the others their plain weights): float32 wherever LibTorch
+// has oneDNN; bf16 only on a CPU with AVX-512 BW, VL and DQ (LibTorch 1.13's
+// mkldnn_bf16_device_check; elsewhere the reorder throws, as found on an AVX2-only Zen 3).
+bool onednn_reorders(at::ScalarType dtype);
 
 // Prepacks every leaf::Conv2d of `module` (Conv2dImpl::prepack) and lets the dense
 // weights go: `on_released(weight)` is called with each one before it is released (the

@@ -23,7 +23,7 @@ class ClipClassifier : public GroupClassifier {
     LoadOptions load;  // float32, no weights cache: nothing converts
     load.device = at::Device(o.device);
     clip_ = load_clip_folder(o.model, load);
-    device_ = at::Device(o.device);
+    device_ = load.device;
     std::vector<at::Tensor> classes;
     for (const AttributeGroup& g : attribute.groups) {
       groups_.push_back(g.name);

@@ -72,8 +72,9 @@ LoadOptions resolve_runtime(ModelOptions& o) {
                  "reference kernels: a UNet step takes about {} the time of fp32 here (measured); use --dtype fp32",
                  kNonNativeBf16Slowdown);
   if (lo.prepack_convolutions && lo.device.is_cpu() && !prepacks_convolutions(lo))
-    spdlog::warn("--prepack-weights: LibTorch's oneDNN reorders bf16 weights only on a CPU with AVX-512 (BW, VL "
-                 "and DQ), so the convolutions keep their plain weights here");
+    spdlog::warn("--prepack-weights: LibTorch's oneDNN cannot reorder {} weights on this CPU (bf16 needs AVX-512 "
+                 "BW, VL and DQ), so the convolutions keep their plain weights here",
+                 o.dtype);
   return lo;
 }
 
