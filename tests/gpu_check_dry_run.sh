@@ -15,10 +15,19 @@ if [ -d "$fixtures/keysets/sd15" ]; then
   for want in "fairdiff-parity $fixtures --device cuda --dtype fp32" "--dtype fp16" "--batch 8" "--fairness-rows 2"; do
     grep -qF -- "$want" <<<"$plan" || fail "dry run does not name \"$want\": $plan"
   done
+  # The rehearsal's settings (a CPU machine, small) reach every command of the plan.
+  plan=$(FAIRDIFF_GPU_CHECK_DEVICE=cpu FAIRDIFF_GPU_CHECK_DTYPES=fp32 FAIRDIFF_GPU_CHECK_SIZE=64 \
+         FAIRDIFF_GPU_CHECK_BATCH=1 FAIRDIFF_GPU_CHECK_BUILD=build-x "$src/scripts/gpu-check" --dry-run "$fixtures")
+  for want in "build-x/fairdiff-parity $fixtures --device cpu --dtype fp32" "--device cpu --dtype fp32 --sizes 64 --batch 1"; do
+    grep -qF -- "$want" <<<"$plan" || fail "rehearsal dry run does not name \"$want\": $plan"
+  done
+  grep -qF -- "--dtype fp16" <<<"$plan" && fail "rehearsal dry run still names fp16: $plan"
 fi
 mkdir "$tmp/empty"
 if "$src/scripts/gpu-check" --dry-run "$tmp/empty" 2>"$tmp/err"; then fail "a folder without keysets was accepted"; fi
 grep -q "no keysets/sd15" "$tmp/err" || fail "unclear error: $(cat "$tmp/err")"
+if "$src/scripts/gpu-check" --pack "$tmp/empty" 2>"$tmp/err"; then fail "--pack took a folder without keysets"; fi
+grep -q "no keysets/sd15" "$tmp/err" || fail "unclear --pack error: $(cat "$tmp/err")"
 
 # 50 steps of 0.1 s + 0.8 s decode + 0.2 s text, batch 8: 6.0 / 8 = 0.750 s an image; with
 # fairness 50 x 0.15 + 1.0 = 8.5 / 8 = 1.0625 s, x1.42.

@@ -11,8 +11,8 @@
 namespace fairdiff {
 namespace {
 
-std::string concept_name(size_t image, size_t concept) {
-  return "image " + std::to_string(image) + " concept " + std::to_string(concept);
+std::string concept_name(size_t image, size_t edit) {
+  return "image " + std::to_string(image) + " concept " + std::to_string(edit);
 }
 
 // The loop index from which every concept of the image is warm (cooled-down ones count as warm).
@@ -79,8 +79,8 @@ std::vector<EditConcept> steer_toward(int64_t target_group, int64_t groups, cons
   return concepts;
 }
 
-bool edit_needed(const SemanticGuidanceSettings& s, int64_t image, size_t concept, int64_t step, int64_t num_steps) {
-  const EditConcept& e = s.images.at(static_cast<size_t>(image)).at(concept);
+bool edit_needed(const SemanticGuidanceSettings& s, int64_t image, size_t edit, int64_t step, int64_t num_steps) {
+  const EditConcept& e = s.images.at(static_cast<size_t>(image)).at(edit);
   if (step >= e.cooldown_steps) return false;                 // zeroed by the cool-down
   if (!(e.weight > 0.0) || e.guidance_scale == 0.0) return false;  // weight clamped to 0 / guidance 0
   if (step >= e.warmup_steps) return true;

@@ -65,7 +65,7 @@ std::vector<EditConcept> steer_toward(int64_t target_group, int64_t groups, cons
 // of `num_steps` (0: unknown, assume it can). It cannot after its cool-down, with a
 // weight <= 0 or a scale of 0, nor before its warm-up unless the momentum reaches the
 // output (s_m != 0 and every concept of the image warm before the last step).
-bool edit_needed(const SemanticGuidanceSettings& settings, int64_t image, size_t concept, int64_t step,
+bool edit_needed(const SemanticGuidanceSettings& settings, int64_t image, size_t edit, int64_t step,
                  int64_t num_steps);
 
 // One extra UNet row: embedding `embedding` evaluated on the latents of image `image`.
