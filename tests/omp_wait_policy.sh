@@ -6,7 +6,11 @@
 set -euo pipefail
 bin=$1
 fail() { echo "FAIL: $*"; exit 1; }
-policy() { env "$@" OMP_DISPLAY_ENV=true "$bin" --help 2>&1 | sed -n "s/^ *OMP_WAIT_POLICY = '\(.*\)'$/\1/p"; }
+# Newer libgomp (GCC 16 in Debian sid) puts the scope before each line: "  [host] OMP_WAIT_POLICY = ...".
+policy() {
+  env "$@" OMP_DISPLAY_ENV=true "$bin" --help 2>&1 |
+    sed -n "s/^ *\(\[[a-z]*\] \)\{0,1\}OMP_WAIT_POLICY = '\(.*\)'$/\2/p"
+}
 
 unset_policy=$(policy -u OMP_WAIT_POLICY)
 [ "$unset_policy" = PASSIVE ] || fail "unset: libgomp took '$unset_policy', want one line PASSIVE"
