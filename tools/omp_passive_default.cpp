@@ -12,8 +12,11 @@
 // and secure_getenv, exported (CMakeLists.txt, fairdiff_omp_passive_default): the dynamic
 // loader binds every library's calls to the executable's definition first, so libgomp's
 // initialiser asks us, and we answer as libc would, except that an unset OMP_WAIT_POLICY reads
-// PASSIVE. ctest `omp_wait_policy` checks what libgomp took (OMP_DISPLAY_ENV) with the
-// variable unset and set, in the CLI and in a tool.
+// PASSIVE. GCC 13's libgomp and later read the OMP_ variables from `environ` directly (Debian
+// 12's GCC 12 asks getenv), so an unset GOMP_SPINCOUNT also reads 0 while OMP_WAIT_POLICY is
+// unset: the spin count is all PASSIVE changes. ctest `omp_wait_policy` checks what libgomp
+// took (OMP_DISPLAY_ENV=verbose: policy and spin count) with the variable unset and set, in
+// the CLI and in tools.
 //
 // An object file, linked into each executable: a static archive's member would be pulled in
 // only by chance of link order, and a shared library's definition would not come first.
@@ -21,14 +24,25 @@
 
 #include <cstring>
 
-extern "C" {
-extern char** environ;
-__attribute__((visibility("default"))) char* getenv(const char* name) noexcept {
+namespace {
+extern "C" char** environ;
+// The value of `name` in the environment, as libc's getenv finds it.
+char* environment_value(const char* name) {
   const size_t len = std::strlen(name);
   for (char** e = environ; e && *e; ++e)
     if (std::strncmp(*e, name, len) == 0 && (*e)[len] == '=') return *e + len + 1;
-  static char passive[] = "PASSIVE";
+  return nullptr;
+}
+}  // namespace
+
+extern "C" {
+__attribute__((visibility("default"))) char* getenv(const char* name) noexcept {
+  if (char* value = environment_value(name)) return value;
+  static char passive[] = "PASSIVE", no_spin[] = "0";
   if (std::strcmp(name, "OMP_WAIT_POLICY") == 0) return passive;
+  // libgomp from GCC 13 on reads the OMP_ variables from `environ` itself, but still asks
+  // getenv for GOMP_SPINCOUNT; a spin count of 0 is what PASSIVE sets.
+  if (std::strcmp(name, "GOMP_SPINCOUNT") == 0 && !environment_value("OMP_WAIT_POLICY")) return no_spin;
   return nullptr;
 }
 // libc's secure_getenv: nothing in a set-user-ID or set-group-ID process.
