@@ -22,6 +22,13 @@ if [ -d "$fixtures/keysets/sd15" ]; then
     grep -qF -- "$want" <<<"$plan" || fail "rehearsal dry run does not name \"$want\": $plan"
   done
   grep -qF -- "--dtype fp16" <<<"$plan" && fail "rehearsal dry run still names fp16: $plan"
+  # An empty or unknown dtype list: one line, exit 2, before anything runs.
+  for bad in "" " " "fp64"; do
+    rc=0; FAIRDIFF_GPU_CHECK_DTYPES=$bad "$src/scripts/gpu-check" --dry-run "$fixtures" >"$tmp/out" 2>"$tmp/err" || rc=$?
+    [ "$rc" = 2 ] || fail "FAIRDIFF_GPU_CHECK_DTYPES='$bad': exit $rc, want 2"
+    grep -q "FAIRDIFF_GPU_CHECK_DTYPES" "$tmp/err" && [ "$(wc -l <"$tmp/err")" = 1 ] || fail "FAIRDIFF_GPU_CHECK_DTYPES='$bad': unclear error: $(cat "$tmp/err")"
+    [ -s "$tmp/out" ] && fail "FAIRDIFF_GPU_CHECK_DTYPES='$bad' planned: $(cat "$tmp/out")"
+  done
 fi
 mkdir "$tmp/empty"
 if "$src/scripts/gpu-check" --dry-run "$tmp/empty" 2>"$tmp/err"; then fail "a folder without keysets was accepted"; fi
