@@ -393,9 +393,11 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
       (upcast_attention || upcast_softmax) && dtype != at::kFloat && dtype != at::kDouble;
 
 #if TORCH_VERSION_MAJOR >= 2
-  // The fused kernel (flash / memory-efficient on CUDA) when it computes the same thing:
-  // its default scale is 1/sqrt(d), and it has no float32 upcast for half inputs.
-  if (!upcast && std::abs(scale - 1.0 / std::sqrt(static_cast<double>(d))) < 1e-12) {
+  // On the GPU, the fused kernel (flash / memory-efficient) when it computes the same thing:
+  // its default scale is 1/sqrt(d), and it has no float32 upcast for half inputs. Not on the
+  // CPU: there the paths below keep an image's numbers independent of its batch, and run our
+  // fused kernels (cpu::AttentionHead, chosen per CPU at run time).
+  if (!q.is_cpu() && !upcast && std::abs(scale - 1.0 / std::sqrt(static_cast<double>(d))) < 1e-12) {
     at::Tensor qh = q.reshape({B, N, heads, d}).transpose(1, 2);  // [B,h,N,d]
     at::Tensor kh = k.reshape({B, L, heads, d}).transpose(1, 2);  // [B,h,L,d]
     at::Tensor vh = v.reshape({B, L, heads, d}).transpose(1, 2);  // [B,h,L,d]
