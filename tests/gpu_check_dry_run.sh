@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # scripts/gpu-check's CPU-side parts: the dry run checks its arguments and names every
-# command; the table is computed from a bench JSON line with known numbers.
+# command; --unpack unpacks .deb files with dpkg-deb and without it; the table is computed
+# from a bench JSON line with known numbers.
 # Usage: gpu_check_dry_run.sh SOURCE_DIR
 set -euo pipefail
 src=$1
@@ -35,6 +36,39 @@ if "$src/scripts/gpu-check" --dry-run "$tmp/empty" 2>"$tmp/err"; then fail "a fo
 grep -q "no keysets/sd15" "$tmp/err" || fail "unclear error: $(cat "$tmp/err")"
 if "$src/scripts/gpu-check" --pack "$tmp/empty" 2>"$tmp/err"; then fail "--pack took a folder without keysets"; fi
 grep -q "no keysets/sd15" "$tmp/err" || fail "unclear --pack error: $(cat "$tmp/err")"
+
+# --unpack (what the device run does with the packed .deb files): with dpkg-deb, and with ar and
+# tar alone, for each compression dpkg-deb writes. Each package holds one header of its own.
+if command -v dpkg-deb >/dev/null && command -v ar >/dev/null; then
+  mkdir "$tmp/debs"
+  kinds=(xz gzip none)
+  command -v zstd >/dev/null && kinds+=(zstd)  # tar's --zstd runs it
+  for z in "${kinds[@]}"; do
+    pkg=$tmp/pkg-$z
+    mkdir -p "$pkg/DEBIAN" "$pkg/usr/include/fake"
+    printf 'Package: fake-%s\nVersion: 1\nArchitecture: all\nMaintainer: fairdiff tests <tests@localhost>\nDescription: test package\n' "$z" >"$pkg/DEBIAN/control"
+    echo "// packed with $z" >"$pkg/usr/include/fake/$z.h"
+    dpkg-deb -Z"$z" --build "$pkg" "$tmp/debs/fake-$z.deb" >/dev/null
+  done
+  unpacked() {
+    for z in "${kinds[@]}"; do
+      [ "$(cat "$tmp/prefix/usr/include/fake/$z.h" 2>/dev/null)" = "// packed with $z" ] || fail "$1: $z package not unpacked"
+    done
+  }
+  "$src/scripts/gpu-check" --unpack "$tmp/debs" "$tmp/prefix"
+  unpacked "with dpkg-deb"
+  # The fallback: a PATH with what the script needs but dpkg-deb.
+  mkdir "$tmp/bin"
+  for tool in bash env dirname ar tar grep xz gzip zstd mkdir rm cat; do
+    if command -v "$tool" >/dev/null; then ln -s "$(command -v "$tool")" "$tmp/bin/$tool"; fi
+  done
+  echo stale >"$tmp/prefix/stale"
+  PATH=$tmp/bin "$src/scripts/gpu-check" --unpack "$tmp/debs" "$tmp/prefix"
+  unpacked "with ar and tar"
+  [ -e "$tmp/prefix/stale" ] && fail "--unpack kept what was in the prefix before"
+  if "$src/scripts/gpu-check" --unpack "$tmp/empty" "$tmp/prefix2" 2>"$tmp/err"; then fail "--unpack took a folder without .deb files"; fi
+  grep -q "no .deb files" "$tmp/err" || fail "unclear --unpack error: $(cat "$tmp/err")"
+fi
 
 # 50 steps of 0.1 s + 0.8 s decode + 0.2 s text, batch 8: 6.0 / 8 = 0.750 s an image; with
 # fairness 50 x 0.15 + 1.0 = 8.5 / 8 = 1.0625 s, x1.42.
