@@ -62,10 +62,15 @@ if command -v dpkg-deb >/dev/null && command -v ar >/dev/null; then
   for tool in bash env dirname ar tar grep xz gzip zstd mkdir rm cat; do
     if command -v "$tool" >/dev/null; then ln -s "$(command -v "$tool")" "$tmp/bin/$tool"; fi
   done
-  echo stale >"$tmp/prefix/stale"
+  rm -rf "$tmp/prefix"
   PATH=$tmp/bin "$src/scripts/gpu-check" --unpack "$tmp/debs" "$tmp/prefix"
   unpacked "with ar and tar"
-  [ -e "$tmp/prefix/stale" ] && fail "--unpack kept what was in the prefix before"
+  # A folder with something in it is refused and left as it was (it could be any folder).
+  echo mine >"$tmp/prefix/mine"
+  if "$src/scripts/gpu-check" --unpack "$tmp/debs" "$tmp/prefix" 2>"$tmp/err"; then fail "--unpack took a non-empty folder"; fi
+  grep -q "is not empty" "$tmp/err" && [ "$(wc -l <"$tmp/err")" = 1 ] || fail "unclear --unpack error: $(cat "$tmp/err")"
+  [ "$(cat "$tmp/prefix/mine")" = mine ] || fail "--unpack touched a non-empty folder"
+  if "$src/scripts/gpu-check" --unpack "$tmp/debs" 2>"$tmp/err"; then fail "--unpack took one argument"; fi
   if "$src/scripts/gpu-check" --unpack "$tmp/empty" "$tmp/prefix2" 2>"$tmp/err"; then fail "--unpack took a folder without .deb files"; fi
   grep -q "no .deb files" "$tmp/err" || fail "unclear --unpack error: $(cat "$tmp/err")"
 fi
