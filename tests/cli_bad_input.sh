@@ -118,6 +118,8 @@ gen_row gen_width_huge 2 "width 100000 is more than 16384 pixels" -- gen -W 1000
 gen_row gen_width_2p31 2 "width 2147483640 is more than 16384 pixels" -- gen -W 2147483640 -o "$tmp/never"
 gen_row gen_weights_cache_gb 2 'FAIRDIFF_WEIGHTS_CACHE_GB: "lots" is not a number of gigabytes' -- \
   env FAIRDIFF_WEIGHTS_CACHE_GB=lots "$fairdiff" generate -p x --steps 1 -o "$tmp/never"
+gen_row gen_conv_env 2 "FAIRDIFF_CONV: expected gemm or onednn, found 'fast'" -- \
+  env FAIRDIFF_CONV=fast "$fairdiff" generate -p x --steps 1 -o "$tmp/never"
 gen_row gen_height_2p31 2 "height 2147483648 is more than 16384 pixels" -- gen -H 2147483648 -o "$tmp/never"
 gen_row gen_height_2p63 2 "--height" -- gen -H 9223372036854775808 -o "$tmp/never"
 gen_row gen_steps 2 "--steps: 0 is less than 1" -- gen --steps 0 -o "$tmp/never"

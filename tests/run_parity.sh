@@ -7,6 +7,8 @@ if [ ! -d "$fixtures" ]; then
   echo "SKIP: golden fixtures not found at $fixtures (set FAIRDIFF_FIXTURES)"
   exit 77
 fi
-# Both convolution paths: plain weights (the default) and prepacked (--prepack-weights).
-"$parity" "$fixtures" || exit 1
+# Every convolution path: plain weights through oneDNN (the default) and as matrix products
+# (FAIRDIFF_CONV=gemm), and prepacked (--prepack-weights).
+FAIRDIFF_CONV=onednn "$parity" "$fixtures" || exit 1
+FAIRDIFF_CONV=gemm "$parity" "$fixtures" || exit 1
 exec "$parity" "$fixtures" --prepack-weights

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <set>
 #include <thread>
 
@@ -418,6 +419,90 @@ TEST(Conv2d, BandsOfRowsGiveTheNumbersOfOneCall) {
   }
 }
 
+// The convolution path of gemm_convolutions() chosen for one scope, then the previous one again.
+class ConvolutionPath {
+ public:
+  explicit ConvolutionPath(bool gemm) : previous_(leaf::gemm_convolutions()) { leaf::use_gemm_convolutions(gemm); }
+  ~ConvolutionPath() { leaf::use_gemm_convolutions(previous_); }
+
+ private:
+  bool previous_;
+};
+
+// Convolutions as matrix products (im2col, bands of output rows, OpenBLAS): the numbers of a
+// float64 convolution to float rounding, for every kernel, stride and padding the networks
+// use, one band or several, square or not; each image's bits the same alone or in a batch.
+TEST(Conv2d, MatrixProductsAreTheConvolution) {
+  struct Case {
+    int64_t in, out, kernel, stride, padding, height, width;
+    int64_t bands;  // ceil(H' / rows per band), a band being at most 16 MiB of columns: C k k W' floats a row
+  };
+  const Case cases[] = {
+      {32, 64, 3, 1, 1, 15, 22, 1},     // resnet convolution, odd sizes
+      {64, 64, 3, 1, 1, 128, 128, 3},   // 56-row bands: 56, 56, 16
+      {128, 64, 3, 2, 1, 255, 255, 5},  // the UNet's downsampler (padding 1), 28-row bands of 128
+      {64, 96, 3, 2, 0, 33, 40, 1},     // the VAE's (padding 0; it pads the input itself)
+      {96, 64, 1, 1, 0, 16, 12, 1},     // 1x1 (shortcuts, proj_in / proj_out): the input is the columns
+      {8, 64, 3, 1, 1, 9, 9, 1},        // conv_in-like: few input channels
+  };
+  ConvolutionPath gemm(true);
+  for (const Case& c : cases) {
+    leaf::Conv2d conv(c.in, c.out, c.kernel, c.stride, c.padding);
+    randomize(*conv, 11);
+    at::manual_seed(12);
+    const at::Tensor x = at::randn({3, c.in, c.height, c.width});
+    const at::Tensor bias = parameter_named(*conv, "bias");
+    const at::Tensor reference = at::conv2d(x.to(at::kDouble), conv->weight().to(at::kDouble), bias.to(at::kDouble),
+                                            c.stride, c.padding);
+    c10::InferenceMode guard;
+    const at::Tensor out = conv(x);
+    ASSERT_EQ(out.sizes(), reference.sizes());
+    const int64_t Ho = out.size(2), Wo = out.size(3);
+    const int64_t band = std::max<int64_t>(1, (int64_t(16) << 20) / (c.in * c.kernel * c.kernel * Wo * 4));
+    EXPECT_EQ((Ho + band - 1) / band, c.bands) << "the case no longer covers the bands it names";
+    // Each output is a sum of C k k products: its float rounding, here 0.1-0.7 millionths of the
+    // largest output, as LibTorch's; one misplaced column (a wrong offset, pad or stride) is of
+    // the output's own size.
+    const double top = reference.abs().max().item<double>();
+    const double err = (out.to(at::kDouble) - reference).abs().max().item<double>();
+    const double float_err = (at::conv2d(x, conv->weight(), bias, c.stride, c.padding).to(at::kDouble) - reference)
+                                 .abs().max().item<double>();
+    EXPECT_LE(err, 2e-6 * top) << c.kernel << "x" << c.kernel << " stride " << c.stride << " padding " << c.padding
+                               << ": max |error| " << err << " of " << top << " (LibTorch's float32 " << float_err << ")";
+    for (int64_t i = 0; i < 3; ++i)
+      EXPECT_TRUE(at::equal(out[i], conv(x.narrow(0, i, 1))[0])) << "image " << i << " alone";
+  }
+}
+
+// FAIRDIFF_CONV: gemm, onednn, or an error that names the variable and the values it takes.
+TEST(Conv2d, ConvolutionPathFollowsTheEnvironment) {
+  const bool previous = leaf::gemm_convolutions();
+  const char* saved = std::getenv("FAIRDIFF_CONV");
+  const std::string saved_value = saved ? saved : "";
+  auto decide = [](const char* value) {
+    setenv("FAIRDIFF_CONV", value, 1);
+    leaf::reset_convolution_path();
+    return leaf::gemm_convolutions();
+  };
+  EXPECT_TRUE(decide("gemm"));
+  EXPECT_STREQ(leaf::convolution_path(), "gemm");
+  EXPECT_FALSE(decide("onednn"));
+  EXPECT_STREQ(leaf::convolution_path(), "onednn");
+  EXPECT_FALSE(decide(""));  // unset: oneDNN
+  try {
+    decide("fast");
+    ADD_FAILURE() << "FAIRDIFF_CONV=fast was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("FAIRDIFF_CONV"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("gemm or onednn"), std::string::npos) << e.what();
+  }
+  if (saved)
+    setenv("FAIRDIFF_CONV", saved_value.c_str(), 1);
+  else
+    unsetenv("FAIRDIFF_CONV");
+  leaf::use_gemm_convolutions(previous);
+}
+
 TEST(RowGroups, CallsFollowTheGroupsThatCoverTheBatch) {
   using Calls = std::vector<std::pair<int64_t, int64_t>>;
   const Calls one_by_one{{0, 1}, {1, 1}, {2, 1}, {3, 1}, {4, 1}};
@@ -460,22 +545,36 @@ TEST(RowGroups, LinearAndConvolutionTakeEachGroupInOneCall) {
     int64_t in, out, size;
     bool shared;
   };
-  for (const Case& c : {Case{64, 64, 4, true}, Case{4, 4, 32, false}}) {
-    leaf::Conv2d conv(c.in, c.out, 3, 1, 1);
-    randomize(*conv, 7);
-    const at::Tensor maps = at::randn({3, c.in, c.size, c.size});
-    at::Tensor out;
-    {
-      leaf::RowGroups groups({2, 1});
-      out = conv(maps);
+  for (const bool gemm : {false, true}) {
+    ConvolutionPath path(gemm);
+    for (const Case& c : {Case{64, 64, 4, true}, Case{4, 4, 32, false}}) {
+      leaf::Conv2d conv(c.in, c.out, 3, 1, 1);
+      randomize(*conv, 7);
+      const at::Tensor maps = at::randn({3, c.in, c.size, c.size});
+      const at::Tensor bias = parameter_named(*conv, "bias");
+      at::Tensor out;
+      {
+        leaf::RowGroups groups({2, 1});
+        out = conv(maps);
+      }
+      // One call per group (shared) or per image: matrix products for 64 output channels or
+      // more on the gemm path, at::conv2d otherwise.
+      std::vector<at::Tensor> parts;
+      for (const auto& [first, count] : c.shared ? std::vector<std::pair<int64_t, int64_t>>{{0, 2}, {2, 1}}
+                                                 : std::vector<std::pair<int64_t, int64_t>>{{0, 1}, {1, 1}, {2, 1}}) {
+        const at::Tensor rows = maps.narrow(0, first, count);
+        if (gemm && c.out >= 64) {
+          at::Tensor part = at::empty({count, c.out, c.size, c.size});
+          leaf::conv2d_gemm(rows, conv->weight(), bias, 1, 1, part);
+          parts.push_back(part);
+        } else {
+          parts.push_back(at::conv2d(rows, conv->weight(), bias, 1, 1));
+        }
+      }
+      const at::Tensor expected = at::cat(parts);
+      EXPECT_TRUE(at::equal(out, expected))
+          << c.in << " channels at " << c.size << "x" << c.size << (gemm ? ", matrix products" : ", oneDNN");
     }
-    // One at::conv2d per group (shared) or per image.
-    std::vector<at::Tensor> parts;
-    for (const auto& [first, count] : c.shared ? std::vector<std::pair<int64_t, int64_t>>{{0, 2}, {2, 1}}
-                                               : std::vector<std::pair<int64_t, int64_t>>{{0, 1}, {1, 1}, {2, 1}})
-      parts.push_back(at::conv2d(maps.narrow(0, first, count), conv->weight(), parameter_named(*conv, "bias"), 1, 1));
-    const at::Tensor expected = at::cat(parts);
-    EXPECT_TRUE(at::equal(out, expected)) << c.in << " channels at " << c.size << "x" << c.size;
   }
 }
 

@@ -72,6 +72,7 @@
 #include "cpu_kernels.h"
 #include "fairdiff/error.h"
 #include "fs_util.h"
+#include "layers.h"
 #include "model_folder.h"
 #include "pipeline.h"
 #include "profile.h"
@@ -407,6 +408,7 @@ struct Options {
   std::string scheduler;  // "" = the model's
   bool skip_vae = false;
   bool peak_only = false;  // --peak-only: the machine peak alone
+  std::string conv;        // --conv gemm|onednn: the float32 CPU convolution path (default: FAIRDIFF_CONV, else onednn)
   bool no_onednn = false;  // --no-onednn: LibTorch's own kernels, as on a CPU without native bf16
   bool vae_only = false;
   bool prepack = false;  // LoadOptions::prepack_convolutions
@@ -757,6 +759,7 @@ fairdiff::LoadOptions load_options(const Options& o) {
 // Sets the threads and malloc as asked; returns the malloc setting, in words.
 std::string configure_runtime(const Options& o) {
   if (o.no_onednn) at::globalContext().setUserEnabledMkldnn(false);
+  if (!o.conv.empty()) fairdiff::leaf::use_gemm_convolutions(o.conv == "gemm");
   if (!o.libtorch_threads) fairdiff::configure_threads(o.threads);
   const bool allocator = !o.system_malloc && fairdiff::configure_allocator();
   const char* tunables = std::getenv("GLIBC_TUNABLES");
@@ -793,10 +796,12 @@ nlohmann::json start_report(const Options& o, const at::Device& device, const st
                            {"prepack_weights", o.prepack},
                            {"weights_cache", o.weights_cache},
                            {"fp16_weights", o.fp16_weights},
+                           {"convolutions", fairdiff::leaf::convolution_path()},
                            {"load_average_at_start", load_average()}};
-  std::printf("fairdiff-bench: %s, %s, %s%s, malloc %s; load average %.2f at start\n", device.str().c_str(),
-              o.dtype.c_str(), fairdiff::thread_summary().c_str(), o.libtorch_threads ? " (LibTorch's default)" : "",
-              malloc_setting.c_str(), load_average());
+  std::printf("fairdiff-bench: %s, %s, %s%s, malloc %s, float32 convolutions %s; load average %.2f at start\n",
+              device.str().c_str(), o.dtype.c_str(), fairdiff::thread_summary().c_str(),
+              o.libtorch_threads ? " (LibTorch's default)" : "", malloc_setting.c_str(),
+              fairdiff::leaf::convolution_path(), load_average());
   return report;
 }
 
@@ -1157,6 +1162,8 @@ int main(int argc, char** argv) {
   app.add_option("--scheduler", o.scheduler, "scheduler override (pndm, ddim, euler, ...; default: the model's)");
   app.add_flag("--system-malloc", o.system_malloc, "keep glibc's malloc defaults (for comparison)");
   app.add_flag("--peak-only", o.peak_only, "measure the machine's FMA peak and stop");
+  app.add_option("--conv", o.conv, "float32 CPU convolutions: gemm (im2col and OpenBLAS) or onednn (default: FAIRDIFF_CONV, else onednn)")
+      ->check(CLI::IsMember({"gemm", "onednn"}));
   app.add_flag("--no-onednn", o.no_onednn,
                "LibTorch's kernels without oneDNN: what bf16 gets on a CPU without AVX-512 bf16 support, where "
                "LibTorch 1.13 does not use oneDNN for it (with ATEN_CPU_CAPABILITY=avx2 for the rest)");

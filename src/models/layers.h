@@ -137,6 +137,28 @@ std::vector<std::pair<int64_t, int64_t>> row_calls(int64_t rows, bool grouped = 
 // mkldnn_bf16_device_check; elsewhere the reorder throws, as found on an AVX2-only Zen 3).
 bool onednn_reorders(at::ScalarType dtype);
 
+// Whether float32 CPU convolutions (64 or more output channels, weights not prepacked) run
+// as matrix products when generating: each image's input unfolded into columns (im2col), in
+// bands of output rows, times the weight as it is stored, by OpenBLAS; else through LibTorch
+// (oneDNN). FAIRDIFF_CONV=gemm or =onednn chooses; unset, oneDNN. In whole UNet steps on a
+// Zen 5 oneDNN measured faster, with AVX-512 and held to AVX2; on a Zen 3 single convolutions
+// measured faster as matrix products (README, Performance, fourteenth session). Decided at the
+// first call; an unknown value is an error.
+bool gemm_convolutions();
+// Chooses for the rest of the process (tests, fairdiff-bench --conv), over FAIRDIFF_CONV.
+void use_gemm_convolutions(bool gemm);
+// Forgets the choice: the next gemm_convolutions() reads FAIRDIFF_CONV again (tests).
+void reset_convolution_path();
+// "gemm" or "onednn": what gemm_convolutions() chose, for logs and reports.
+const char* convolution_path();
+
+// One group of rows' convolution as matrix products (the path gemm_convolutions() picks),
+// written into `out`: x [n,C_in,H,W] float32 on the CPU, weight [C_out,C_in,k,k], bias
+// [C_out], out [n,C_out,H',W'] contiguous. Bands of output rows are chosen by the layer's
+// shape alone, so a row's numbers never depend on n.
+void conv2d_gemm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t stride,
+                 int64_t padding, at::Tensor& out);
+
 // Prepacks every leaf::Conv2d of `module` (Conv2dImpl::prepack) and lets the dense
 // weights go: `on_released(weight)` is called with each one before it is released (the
 // model drops its pages of the file there). Returns the number prepacked.

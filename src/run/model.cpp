@@ -23,6 +23,7 @@
 #include "fairdiff/error.h"
 #include "fs_util.h"
 #include "hash_cache.h"
+#include "layers.h"
 #include "model_impl.h"
 #include "run_plan.h"
 #include "runtime.h"
@@ -71,6 +72,8 @@ LoadOptions resolve_runtime(ModelOptions& o) {
     spdlog::warn("--dtype bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so LibTorch runs it in its "
                  "reference kernels: a UNet step takes about {} the time of fp32 here (measured); use --dtype fp32",
                  kNonNativeBf16Slowdown);
+  // FAIRDIFF_CONV is checked here, before any work, whatever the device and dtype.
+  spdlog::debug("float32 convolutions: {}", leaf::convolution_path());
   if (lo.prepack_convolutions && lo.device.is_cpu() && !prepacks_convolutions(lo))
     spdlog::warn("--prepack-weights: LibTorch's oneDNN cannot reorder {} weights on this CPU (bf16 needs AVX-512 "
                  "BW, VL and DQ), so the convolutions keep their plain weights here",
