@@ -163,6 +163,8 @@ int main(int argc, char** argv) {
   fairdiff::register_clip_classifier();
   CLI::App app{"fairdiff: fair text-to-image generation with Stable Diffusion"};
   app.require_subcommand(1);
+  // For scripts that record which fairdiff made a run; stdout, exit 0.
+  app.set_version_flag("--version", "fairdiff " FAIRDIFF_VERSION);
   std::string inspect_path, merge_dir;
   fairdiff::GenerateOptions gen;
   int threads = 0;
