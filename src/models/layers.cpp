@@ -136,8 +136,8 @@ void conv2d_banded(const at::Tensor& x, const Conv& conv, int64_t stride, int64_
 namespace {
 
 // The columns of one image's band of output rows hold at most this many bytes (16 MiB: a
-// 320-channel 3x3 layer at 64x64 runs in bands of 21 rows). Measured on the Zen 3: 4 MiB
-// bands were 1.3x slower, 32 MiB no faster.
+// 320-channel 3x3 layer at 64x64 runs in bands of 21 rows). In a microbenchmark on the Zen 3
+// 4 MiB bands were 1.3x slower and 32 MiB no faster.
 constexpr int64_t kGemmColsBytes = int64_t(16) << 20;
 // Convolutions with fewer output channels (conv_out's 4) keep LibTorch's: a product 4 rows
 // tall runs far below the peak (measured 2.4-3.7x slower than oneDNN).

@@ -140,10 +140,10 @@ bool onednn_reorders(at::ScalarType dtype);
 // Whether float32 CPU convolutions (64 or more output channels, weights not prepacked) run
 // as matrix products when generating: each image's input unfolded into columns (im2col), in
 // bands of output rows, times the weight as it is stored, by OpenBLAS; else through LibTorch
-// (oneDNN). FAIRDIFF_CONV=gemm or =onednn chooses; unset, oneDNN. In whole UNet steps on a
-// Zen 5 oneDNN measured faster, with AVX-512 and held to AVX2; on a Zen 3 single convolutions
-// measured faster as matrix products (README, Performance, fourteenth session). Decided at the
-// first call; an unknown value is an error.
+// (oneDNN). FAIRDIFF_CONV=gemm or =onednn chooses; unset, oneDNN: in whole UNet steps on a
+// Zen 5 oneDNN measured faster, with AVX-512 and held to AVX2; a whole step on an AVX2-only
+// CPU is still to be measured (README, Performance, fourteenth session). Decided at the first
+// call; an unknown value is an error.
 bool gemm_convolutions();
 // Chooses for the rest of the process (tests, fairdiff-bench --conv), over FAIRDIFF_CONV.
 void use_gemm_convolutions(bool gemm);

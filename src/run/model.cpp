@@ -72,8 +72,10 @@ LoadOptions resolve_runtime(ModelOptions& o) {
     spdlog::warn("--dtype bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so LibTorch runs it in its "
                  "reference kernels: a UNet step takes about {} the time of fp32 here (measured); use --dtype fp32",
                  kNonNativeBf16Slowdown);
-  // FAIRDIFF_CONV is checked here, before any work, whatever the device and dtype.
-  spdlog::debug("float32 convolutions: {}", leaf::convolution_path());
+  // Reads FAIRDIFF_CONV now, so that a bad value stops the run before any work, whatever the
+  // device and dtype.
+  const char* convolutions = leaf::convolution_path();
+  spdlog::debug("float32 convolutions: {}", convolutions);
   if (lo.prepack_convolutions && lo.device.is_cpu() && !prepacks_convolutions(lo))
     spdlog::warn("--prepack-weights: LibTorch's oneDNN cannot reorder {} weights on this CPU (bf16 needs AVX-512 "
                  "BW, VL and DQ), so the convolutions keep their plain weights here",
