@@ -471,6 +471,16 @@ TEST(Conv2d, MatrixProductsAreTheConvolution) {
                                << ": max |error| " << err << " of " << top << " (LibTorch's float32 " << float_err << ")";
     for (int64_t i = 0; i < 3; ++i)
       EXPECT_TRUE(at::equal(out[i], conv(x.narrow(0, i, 1))[0])) << "image " << i << " alone";
+    // Without a bias (conv2d_gemm takes an undefined one), on the batch and on one image (the
+    // product straight into the output).
+    const at::Tensor unbiased = at::conv2d(x.to(at::kDouble), conv->weight().to(at::kDouble), {}, c.stride, c.padding);
+    for (const int64_t n : {int64_t(3), int64_t(1)}) {
+      at::Tensor plain = at::full({n, c.out, Ho, Wo}, std::nan(""));
+      leaf::conv2d_gemm(x.narrow(0, 0, n), conv->weight(), at::Tensor(), c.stride, c.padding, plain);
+      const at::Tensor expected = unbiased.narrow(0, 0, n);
+      EXPECT_LE((plain.to(at::kDouble) - expected).abs().max().item<double>(), 2e-6 * expected.abs().max().item<double>())
+          << c.kernel << "x" << c.kernel << " stride " << c.stride << " without a bias, " << n << " image(s)";
+    }
   }
 }
 

@@ -215,10 +215,17 @@ void conv2d_gemm(const at::Tensor& x_in, const at::Tensor& weight, const at::Ten
   const int64_t n = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t C_out = weight.size(0), k = weight.size(2), Ho = out.size(2), Wo = out.size(3), K = C * k * k;
   const at::Tensor w = weight.reshape({C_out, K});  // a view of a contiguous weight: no copy
-  const at::Tensor b = bias.defined() ? bias.unsqueeze(1) : at::zeros({C_out, 1}, x.options());
+  // out = w cols (+ bias, through addmm: the bias is the product's initial value).
+  const at::Tensor b = bias.defined() ? bias.unsqueeze(1) : at::Tensor();
+  auto product_into = [&](at::Tensor& o, const at::Tensor& cols) {
+    if (b.defined())
+      at::addmm_out(o, b, w, cols);
+    else
+      at::mm_out(o, w, cols);
+  };
   if (k == 1 && stride == 1 && padding == 0 && n == 1) {  // the input is its own columns
     at::Tensor o = out.view({C_out, Ho * Wo});
-    at::addmm_out(o, b, w, x.view({C, H * W}));
+    product_into(o, x.view({C, H * W}));
     return;
   }
   // Bands by the layer's shape alone (never by n): a product's rounding can depend on its width.
@@ -231,10 +238,11 @@ void conv2d_gemm(const at::Tensor& x_in, const at::Tensor& weight, const at::Ten
                   cols.data_ptr<float>() + i * cols_per_image, n * cols_per_image);
     if (n == 1) {  // straight into the output's rows [o0, o1): a view with row stride H' W'
       at::Tensor o = out[0].view({C_out, Ho * Wo}).narrow(1, o0 * Wo, cols_per_image);
-      at::addmm_out(o, b, w, cols);
+      product_into(o, cols);
       continue;
     }
-    const at::Tensor product = at::addmm(b, w, cols);  // [C_out, n * cols_per_image]
+    at::Tensor product = at::empty({C_out, n * cols_per_image}, x.options());
+    product_into(product, cols);
     for (int64_t i = 0; i < n; ++i)
       out[i].view({C_out, Ho * Wo}).narrow(1, o0 * Wo, cols_per_image)
           .copy_(product.narrow(1, i * cols_per_image, cols_per_image));
