@@ -623,6 +623,12 @@ TEST(Profile, CountsCallsAndFlopsOfTheLeafLayers) {
   }
   profile::Session again;  // the first one ended
   EXPECT_EQ(again.totals()[profile::kLinear].calls, 0);
+  // Generating (inference mode), the batched attention runs one image at a time through itself:
+  // still one call, its FLOPs counted once.
+  c10::InferenceMode guard;
+  multi_head_attention(at::randn({2, 6, 8}), at::randn({2, 4, 8}), at::randn({2, 4, 8}), 2, 0.5, false, false);
+  EXPECT_EQ(again.totals()[profile::kAttention].calls, 1);
+  EXPECT_DOUBLE_EQ(again.totals()[profile::kAttention].flops, 4.0 * 2 * 2 * 6 * 4 * 4);  // 2 images, 2 heads
 }
 
 TEST(Attention, VaeVariantIsResidualOverChannels) {

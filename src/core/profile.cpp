@@ -7,6 +7,8 @@ namespace fairdiff::profile {
 namespace {
 
 std::atomic<Session*> g_active{nullptr};
+// The counted scopes of each op open on this thread: 0 or 1.
+thread_local std::array<int, kOpCount> open_scopes{};
 
 }  // namespace
 
@@ -31,11 +33,21 @@ Session::Session(std::function<void()> sync) : sync_(std::move(sync)) {
 Session::~Session() { g_active.store(nullptr); }
 
 Scope::Scope(Op op, double flops) : session_(g_active.load(std::memory_order_relaxed)), op_(op), flops_(flops) {
-  if (session_) start_ = std::chrono::steady_clock::now();
+  if (!session_) return;
+  // A scope inside an open one of the same op on this thread is part of it, already counted
+  // (multi_head_attention calls itself once per image): counting it too would count its time
+  // and FLOPs twice.
+  if (open_scopes[op]++ > 0) {
+    --open_scopes[op];
+    session_ = nullptr;
+    return;
+  }
+  start_ = std::chrono::steady_clock::now();
 }
 
 Scope::~Scope() {
   if (!session_) return;
+  --open_scopes[op_];
   if (session_->sync_) session_->sync_();
   OpTotals& t = session_->totals_[op_];
   t.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
