@@ -270,12 +270,16 @@ class AttentionImpl : public torch::nn::Module {
 TORCH_MODULE(Attention);
 
 // Multi-head attention core on already projected tensors, shared by every attention here.
-// q [B,N,h*d], k/v [B,L,h*d] -> [B,N,h*d]; `scale` multiplies q k^T. Without a fused
-// kernel, when one image's scores exceed `max_score_elements` (2^21 floats: 8 MiB) they are
-// computed one image and head at a time, in blocks of query rows of at most that many.
+// q [B,N,h*d], k/v [B,L,h*d] -> [B,N,h*d]; `scale` multiplies q k^T. Up to
+// `max_score_elements` scores an image (all heads), batched matmuls and a softmax, as the
+// reference's classic processor computes them. Above: on the CPU the fused kernel
+// (cpu::AttentionHead); elsewhere one image and head at a time, in blocks of query rows of at
+// most that many scores. Attention passes 0 on the CPU, so there the fused kernel runs at every
+// size; tests call this with the default to compare the two.
+constexpr int64_t kMaxBatchedScores = int64_t(1) << 21;
 at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t heads,
                                 double scale, bool upcast_attention, bool upcast_softmax,
-                                int64_t max_score_elements = int64_t(1) << 21);
+                                int64_t max_score_elements = kMaxBatchedScores);
 
 // ---------------------------------------------------------------------------
 // GEGLU: proj to 2x width, split in (value, gate), value * gelu(gate) (exact erf GELU).
