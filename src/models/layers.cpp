@@ -570,8 +570,8 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
     return out.view({B, heads, N, d}).permute({0, 2, 1, 3}).reshape({B, N, inner});  // [B,N,h*d]
   }
 
-  // Large problems (4096^2 scores per head at 64x64 latents), one image and head at a time,
-  // in blocks of query rows whose scores stay in cache. The scale multiplies q (N x h*d
+  // Above max_score_elements (on the CPU, every size Attention runs: it passes 0), one image
+  // and head at a time, in blocks of query rows whose scores stay in cache. The scale multiplies q (N x h*d
   // values) instead of the scores (h x N x L): the same product up to one rounding, at 1/100
   // of the cost at 64x64 latents.
   if (q.is_cpu()) {
