@@ -502,7 +502,8 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& context
   at::Tensor k = to_k_(kv_input);  // [B,L,h*d]
   at::Tensor v = to_v_(kv_input);  // [B,L,h*d]
   // On the CPU the fused kernel takes every size: against the batched matmuls and LibTorch's
-  // softmax it was 1.9-4.5x faster on each shape of SD 1.5 and of the tiny test models (Zen 5).
+  // softmax it was 1.9-4.5x faster on each of SD 1.5's UNet attentions and the tiny models',
+  // and about even on the VAE's one 512-wide head (Zen 5, README: Performance).
   const int64_t batched_scores = q.is_cpu() ? 0 : kMaxBatchedScores;
   at::Tensor out = multi_head_attention(q, k, v, options_.heads, scale_, options_.upcast_attention,
                                         options_.upcast_softmax, batched_scores);  // [B,N,h*d]
@@ -571,9 +572,9 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
   }
 
   // Above max_score_elements (on the CPU, every size Attention runs: it passes 0), one image
-  // and head at a time, in blocks of query rows whose scores stay in cache. The scale multiplies q (N x h*d
-  // values) instead of the scores (h x N x L): the same product up to one rounding, at 1/100
-  // of the cost at 64x64 latents.
+  // and head at a time, in blocks of query rows whose scores stay in cache. The scale
+  // multiplies q (N x h*d values) instead of the scores (h x N x L): the same product up to
+  // one rounding, at 1/100 of the cost at 64x64 latents.
   if (q.is_cpu()) {
     // On the CPU in float32 whatever the input dtype (LibTorch 1.13's bf16 softmax and
     // conversions are slow; q, k, v and the output are small next to the scores), fused per
