@@ -363,22 +363,16 @@ at::Tensor Conv2dImpl::forward(const at::Tensor& x) const {
   // GiB). Banded maps are the largest: one image per call.
   const bool share = !banded && weight_.nbytes() >= static_cast<size_t>(image_bytes);
   const std::vector<std::pair<int64_t, int64_t>> calls = row_calls(B, share);
-  if (!packed_.defined() && x.is_cpu() && x.scalar_type() == at::kFloat && weight_.size(0) >= kGemmMinOut &&
-      gemm_convolutions()) {
-    // As matrix products (gemm_convolutions), per image or image's rows as above: the rows
-    // of a shared call read the weight once.
-    at::Tensor out = at::empty({B, weight_.size(0), Ho, Wo}, x.options());
-    for (const auto& [first, count] : calls) {
-      at::Tensor rows_out = out.narrow(0, first, count);
-      conv2d_gemm(x.narrow(0, first, count), weight, bias_, stride_, padding_, rows_out);
-    }
-    return out;
-  }
-  if (calls.size() == 1 && !banded) return conv(x, padding);
+  // Or as matrix products (gemm_convolutions), by the same calls, written into the output.
+  const bool gemm = !packed_.defined() && x.is_cpu() && x.scalar_type() == at::kFloat &&
+                    weight_.size(0) >= kGemmMinOut && gemm_convolutions();
+  if (calls.size() == 1 && !banded && !gemm) return conv(x, padding);
   at::Tensor out = at::empty({B, weight_.size(0), Ho, Wo}, x.options());
   for (const auto& [first, count] : calls) {
     at::Tensor rows_out = out.narrow(0, first, count);
-    if (banded)
+    if (gemm)
+      conv2d_gemm(x.narrow(0, first, count), weight, bias_, stride_, padding_, rows_out);
+    else if (banded)
       conv2d_banded(x.narrow(0, first, count), conv, stride_, padding_, weight_.size(2), rows_out);  // count 1
     else
       rows_out.copy_(conv(x.narrow(0, first, count), padding));
