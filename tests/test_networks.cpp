@@ -621,6 +621,16 @@ TEST(Profile, CountsCallsAndFlopsOfTheLeafLayers) {
     EXPECT_EQ(t[profile::kConv2d].calls, 0);
     EXPECT_GE(t[profile::kLinear].seconds, 0.0);
   }
+  {
+    // Each scope also takes the process's CPU time: a product large enough to be measured.
+    profile::Session session;
+    leaf::Linear big(512, 512);
+    const at::Tensor rows = at::randn({512, 512});
+    big(rows);
+    const profile::OpTotals& t = session.totals()[profile::kLinear];
+    EXPECT_GT(t.cpu_seconds, 0.0);
+    EXPECT_LT(t.cpu_seconds, 60.0);
+  }
   profile::Session again;  // the first one ended
   EXPECT_EQ(again.totals()[profile::kLinear].calls, 0);
   // Generating (inference mode), the batched attention runs one image at a time through itself:

@@ -539,41 +539,57 @@ double weight_bytes(torch::nn::Module& module) {
   return bytes;
 }
 
-// One profile table: the operators of `what`, then the rest of its wall time.
+std::string fmt(const char* f, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, f, v);
+  return buf;
+}
+
+// One profile table: the operators of `what`, then the rest of its wall time. "cores" is an
+// op's CPU seconds (every thread) over its wall seconds: below the thread count, a core
+// waited. cpu_s is the CPU time of the whole of wall_s, for the rest's row (< 0: unknown).
 nlohmann::json profile_rows(const std::string& what, const fairdiff::profile::Totals& totals, double wall_s,
-                            double runs, double peak_gflops) {
+                            double runs, double peak_gflops, double cpu_s = -1) {
   nlohmann::json ops = nlohmann::json::object();
-  double timed = 0, flops = 0;
-  std::printf("  %-28s %7s %9s %7s %9s %9s %7s\n", ("profile: " + what).c_str(), "calls", "s/run", "share",
-              "GFLOP/run", "GFLOP/s", "of peak");
+  double timed = 0, timed_cpu = 0, flops = 0;
+  std::printf("  %-28s %7s %9s %7s %9s %9s %7s %6s\n", ("profile: " + what).c_str(), "calls", "s/run", "share",
+              "GFLOP/run", "GFLOP/s", "of peak", "cores");
   for (fairdiff::profile::Op op : fairdiff::profile::kOps) {
     const auto& t = totals[op];
     if (t.calls == 0) continue;
     timed += t.seconds;
+    timed_cpu += t.cpu_seconds;
     flops += t.flops;
     const double gflops = t.flops > 0 ? t.flops / t.seconds / 1e9 : 0;
-    ops[fairdiff::profile::op_name(op)] = {{"calls", t.calls / runs}, {"seconds", t.seconds / runs},
-                                           {"gflop", t.flops / runs / 1e9}, {"gflops", gflops}};
+    const double cores = t.seconds > 0 ? t.cpu_seconds / t.seconds : 0;
+    ops[fairdiff::profile::op_name(op)] = {{"calls", t.calls / runs},   {"seconds", t.seconds / runs},
+                                           {"gflop", t.flops / runs / 1e9}, {"gflops", gflops},
+                                           {"cores_busy", cores}};
     if (t.flops > 0)
-      std::printf("  %-28s %7.0f %9.3f %6.1f%% %9.1f %9.1f %6.1f%%\n", fairdiff::profile::op_name(op), t.calls / runs,
-                  t.seconds / runs, 100 * t.seconds / wall_s, t.flops / runs / 1e9, gflops,
-                  100 * gflops / peak_gflops);
+      std::printf("  %-28s %7.0f %9.3f %6.1f%% %9.1f %9.1f %6.1f%% %6.2f\n", fairdiff::profile::op_name(op),
+                  t.calls / runs, t.seconds / runs, 100 * t.seconds / wall_s, t.flops / runs / 1e9, gflops,
+                  100 * gflops / peak_gflops, cores);
     else
-      std::printf("  %-28s %7.0f %9.3f %6.1f%% %9s %9s %7s\n", fairdiff::profile::op_name(op), t.calls / runs,
-                  t.seconds / runs, 100 * t.seconds / wall_s, "-", "-", "-");
+      std::printf("  %-28s %7.0f %9.3f %6.1f%% %9s %9s %7s %6.2f\n", fairdiff::profile::op_name(op), t.calls / runs,
+                  t.seconds / runs, 100 * t.seconds / wall_s, "-", "-", "-", cores);
   }
   const double other = std::max(0.0, wall_s - timed);
-  std::printf("  %-28s %7s %9.3f %6.1f%%\n", "other (elementwise, copies)", "", other / runs, 100 * other / wall_s);
+  const double other_cores = cpu_s >= 0 && other > 0 ? std::max(0.0, cpu_s - timed_cpu) / other : -1;
+  std::printf("  %-28s %7s %9.3f %6.1f%% %9s %9s %7s %6s\n", "other (elementwise, copies)", "", other / runs,
+              100 * other / wall_s, "", "", "", other_cores >= 0 ? fmt("%.2f", other_cores).c_str() : "");
   const double gflops = flops / wall_s / 1e9;
-  std::printf("  %-28s %7s %9.3f %7s %9.1f %9.1f %6.1f%%\n", ("= " + what).c_str(), "", wall_s / runs, "",
-              flops / runs / 1e9, gflops, 100 * gflops / peak_gflops);
+  std::printf("  %-28s %7s %9.3f %7s %9.1f %9.1f %6.1f%% %6s\n", ("= " + what).c_str(), "", wall_s / runs, "",
+              flops / runs / 1e9, gflops, 100 * gflops / peak_gflops,
+              cpu_s >= 0 ? fmt("%.2f", cpu_s / wall_s).c_str() : "");
   std::fflush(stdout);
-  return {{"ops", ops},
-          {"other_seconds", other / runs},
-          {"seconds", wall_s / runs},
-          {"gflop", flops / runs / 1e9},
-          {"gflops", gflops},
-          {"share_of_peak", gflops / peak_gflops}};
+  nlohmann::json out = {{"ops", ops},
+                        {"other_seconds", other / runs},
+                        {"seconds", wall_s / runs},
+                        {"gflop", flops / runs / 1e9},
+                        {"gflops", gflops},
+                        {"share_of_peak", gflops / peak_gflops}};
+  if (other_cores >= 0) out["other_cores_busy"] = other_cores;
+  return out;
 }
 
 // R extra conditioning rows per image in the CFG call, as semantic guidance's edit concepts
@@ -685,12 +701,6 @@ StepTimes time_steps(StableDiffusionPipeline& pipe, StableDiffusionModel& model,
 void row(const std::string& what, const std::string& size, double seconds, const std::string& notes) {
   std::printf("%-36s %-9s %9.3f  %s\n", what.c_str(), size.c_str(), seconds, notes.c_str());
   std::fflush(stdout);
-}
-
-std::string fmt(const char* f, double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, f, v);
-  return buf;
 }
 
 nlohmann::json kernels(const at::TensorOptions& to) {
@@ -987,7 +997,8 @@ UNetResult bench_unet(const SizeBench& b, nlohmann::json& r) {
   if (!st.timed.empty()) {
     double wall = 0;
     for (double t : st.timed) wall += t;
-    r["unet_profile"] = profile_rows("UNet step", st.profile, wall, static_cast<double>(st.timed.size()), b.peak);
+    r["unet_profile"] = profile_rows("UNet step", st.profile, wall, static_cast<double>(st.timed.size()), b.peak,
+                                    st.cpu_per_wall * wall);
   }
   const bool finite = st.latents.isfinite().all().item<bool>();
   r["latents_finite"] = finite;

@@ -3,12 +3,21 @@
 #include <atomic>
 #include <stdexcept>
 
+#include <time.h>
+
 namespace fairdiff::profile {
 namespace {
 
 std::atomic<Session*> g_active{nullptr};
 // The counted scopes of each op open on this thread: 0 or 1.
 thread_local std::array<int, kOpCount> open_scopes{};
+
+// CPU seconds of every thread of the process so far (nanosecond accounting, not ticks).
+double process_cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
+}
 
 }  // namespace
 
@@ -42,6 +51,7 @@ Scope::Scope(Op op, double flops) : session_(g_active.load(std::memory_order_rel
     session_ = nullptr;
     return;
   }
+  cpu_start_ = process_cpu_seconds();
   start_ = std::chrono::steady_clock::now();
 }
 
@@ -51,6 +61,7 @@ Scope::~Scope() {
   if (session_->sync_) session_->sync_();
   OpTotals& t = session_->totals_[op_];
   t.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  t.cpu_seconds += process_cpu_seconds() - cpu_start_;
   t.flops += flops_;
   t.calls += 1;
 }

@@ -9,7 +9,9 @@
 // The leaf layers (layers.h) open a Scope around their one heavy ATen call; with no
 // Session alive a Scope costs one atomic load. FLOPs are counted from the actual shapes
 // (2 per multiply-add), so a component's GFLOP/s is measured, not assumed. Wall-clock time
-// is taken on the calling thread; ops run their own threads inside. With a device
+// is taken on the calling thread; ops run their own threads inside, so each scope also
+// takes the process's CPU time (every thread's): CPU seconds over wall seconds is how many
+// cores an op kept busy, and where it falls short of the thread count a core waited. With a device
 // `sync` the session waits for queued GPU work at each scope's end (which serialises the
 // GPU: use it to attribute time, not to measure the total).
 //
@@ -36,6 +38,7 @@ const char* op_name(Op op);  // "conv2d", "linear", "attention", "group_norm", "
 
 struct OpTotals {
   double seconds = 0;
+  double cpu_seconds = 0;  // the whole process's CPU time inside the op's scopes
   double flops = 0;  // 2 per multiply-add; 0 for the norms (bandwidth-bound)
   int64_t calls = 0;
 };
@@ -70,6 +73,7 @@ class Scope {
   Op op_;
   double flops_;
   std::chrono::steady_clock::time_point start_;
+  double cpu_start_ = 0;
 };
 
 }  // namespace fairdiff::profile
