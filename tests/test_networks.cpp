@@ -316,6 +316,64 @@ TEST(CpuKernels, AttentionHeadBf16ProductsAreAsCloseAsLibTorchInBf16) {
   }
 }
 
+// The bf16 norms (AVX-512) against LibTorch's float32 norms rounded to bf16, which is what the
+// bf16 model ran before: the same bits nearly everywhere, else one bf16 step where the two
+// float results straddle a rounding boundary. Inputs whose mean is large next to their spread
+// (the variance is taken about the mean); widths with tails of 16 lanes; the module layers
+// give the same numbers on any CPU (through float32 where the kernel does not apply).
+TEST(CpuKernels, Bf16NormsAreFloatNormsRoundedToBf16) {
+  at::manual_seed(17);
+  const bool avx512 = cpu::supported(cpu::Isa::kAvx512) && cpu::best_isa() == cpu::Isa::kAvx512;
+  auto bf16 = [](const at::Tensor& t) { return t.to(at::kBFloat16); };
+  auto set_norm_weights = [](torch::nn::Module& norm, const at::Tensor& w, const at::Tensor& b) {
+    norm.to(at::kBFloat16);  // as a bf16 model's
+    torch::NoGradGuard no_grad;
+    norm.named_parameters()["weight"].copy_(w);
+    norm.named_parameters()["bias"].copy_(b);
+  };
+  auto check = [](const at::Tensor& ours, const at::Tensor& expected, const std::string& what) {
+    ASSERT_TRUE(ours.defined()) << what;
+    ASSERT_EQ(ours.scalar_type(), at::kBFloat16) << what;
+    ASSERT_EQ(ours.sizes(), expected.sizes()) << what;
+    const at::Tensor a = ours.to(at::kFloat), b = expected.to(at::kFloat);
+    // one bf16 step of the expected value (8 significant bits), and the float noise near 0
+    const at::Tensor step = b.abs() * (1.0 / 128) + 1e-6;
+    EXPECT_TRUE(((a - b).abs() <= step).all().item<bool>()) << what << ": max difference "
+                                                            << (a - b).abs().max().item<double>();
+    EXPECT_GT((a == b).to(at::kFloat).mean().item<double>(), 0.99) << what << ": same bits";
+  };
+  struct GroupCase {
+    std::vector<int64_t> shape;
+    int64_t groups;
+  };
+  for (const GroupCase& c : {GroupCase{{2, 320, 8, 8}, 32}, GroupCase{{1, 64, 5, 3}, 8}, GroupCase{{2, 6, 1, 1}, 3},
+                             GroupCase{{1, 128, 17}, 32}}) {
+    const int64_t C = c.shape[1];
+    const at::Tensor x = bf16(at::randn(c.shape) * 3 + 40), w = bf16(at::randn({C})), b = bf16(at::randn({C}));
+    const at::Tensor expected = bf16(at::group_norm(x.to(at::kFloat), c.groups, w.to(at::kFloat), b.to(at::kFloat), 1e-5));
+    const std::string what = "group_norm " + std::to_string(x.numel()) + " values, " + std::to_string(c.groups) + " groups";
+    leaf::GroupNorm norm(c.groups, C, 1e-5);
+    set_norm_weights(*norm, w, b);
+    check(norm(x), expected, what + " (module)");
+    if (!avx512) continue;
+    check(cpu::group_norm_bf16(x, c.groups, w, b, 1e-5), expected, what);
+    EXPECT_FALSE(cpu::group_norm_bf16(x.to(at::kFloat), c.groups, w, b, 1e-5).defined()) << "float32 is not its case";
+    EXPECT_FALSE(cpu::group_norm_bf16(x.transpose(0, 1), c.groups, w, b, 1e-5).defined()) << "nor a strided view";
+  }
+  for (const std::vector<int64_t>& shape : std::vector<std::vector<int64_t>>{{2, 77, 320}, {3, 5, 40}, {4, 17}, {1, 1, 1280}}) {
+    const int64_t D = shape.back();
+    const at::Tensor x = bf16(at::randn(shape) * 0.5 - 7), w = bf16(at::randn({D})), b = bf16(at::randn({D}));
+    const at::Tensor expected = bf16(at::layer_norm(x.to(at::kFloat), {D}, w.to(at::kFloat), b.to(at::kFloat), 1e-5));
+    const std::string what = "layer_norm " + std::to_string(x.numel()) + " values, width " + std::to_string(D);
+    leaf::LayerNorm norm(D, 1e-5);
+    set_norm_weights(*norm, w, b);
+    check(norm(x), expected, what + " (module)");
+    if (!avx512) continue;
+    check(cpu::layer_norm_bf16(x, w, b, 1e-5), expected, what);
+  }
+  if (!avx512) std::printf("[ SKIPPED  ] the bf16 norm kernels: the avx512 kernels do not run here (the modules' float32 path was checked)\n");
+}
+
 // Above max_score_elements the blocked CPU path (float32 throughout) runs: the numbers of
 // the batched path, for float32 and, through float32, for bfloat16 inputs.
 TEST(Attention, BlockedPathMatchesTheBatchedOne) {

@@ -24,7 +24,8 @@
 //   fairness     the same with R extra UNet rows per image (semantic guidance with R edit
 //                concepts evaluates [2B + R B] rows); its guidance arithmetic is left out;
 //                with --alternate N, in one loop with the CFG steps, alternately (N pairs)
-//   VAE decode   one decode of the B latents (first call at this size)
+//   VAE decode   one decode of the B latents (first call at this size); with --vae-runs N,
+//                also the mean of N - 1 more (the memory faulted in by the first is reused)
 //   peak RSS     the process's high-water mark (VmHWM), per phase: Linux resets it when
 //                "5" is written to /proc/self/clear_refs; compared with the weights' bytes
 //   profile      per component (text encoder, UNet step, VAE decode) and per operator
@@ -62,6 +63,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <filesystem>
 #include <string>
@@ -411,6 +413,7 @@ struct Options {
   std::string conv;        // --conv gemm|onednn: the float32 CPU convolution path (default: FAIRDIFF_CONV, else onednn)
   bool no_onednn = false;  // --no-onednn: LibTorch's own kernels, as on a CPU without native bf16
   bool vae_only = false;
+  int vae_runs = 1;  // --vae-runs: decodes to time; after the first, their mean
   bool prepack = false;  // LoadOptions::prepack_convolutions
   bool weights_cache = true;  // --model: read and write the weights cache, as generate does
   bool fp16_weights = false;  // generate --fp16-weights: linear and conv weights kept in float16
@@ -1061,12 +1064,14 @@ void bench_alternating_rows(const SizeBench& b, nlohmann::json& r) {
 
 // VAE decode of `latents` (the first call at this size). Returns whether the image is finite.
 bool bench_vae(const SizeBench& b, const at::Tensor& latents, nlohmann::json& r) {
-  fairdiff::profile::Session session(profile_sync(b.pipe.device()));
+  auto session = std::make_unique<fairdiff::profile::Session>(profile_sync(b.pipe.device()));
   const auto t0 = Clock::now();
+  const double cpu0 = cpu_seconds();
   const at::Tensor image = b.pipe.decode(latents);
   sync(image);
-  const double vae_s = seconds_since(t0);
-  const fairdiff::profile::Totals vae_profile = session.totals();
+  const double vae_s = seconds_since(t0), vae_cpu = cpu_seconds() - cpu0;
+  const fairdiff::profile::Totals vae_profile = session->totals();
+  session.reset();  // one session at a time
   const bool image_finite = image.isfinite().all().item<bool>();
   const double vae_peak = b.peaks.end_phase();
   r["vae_decode_s"] = vae_s;
@@ -1078,7 +1083,18 @@ bool bench_vae(const SizeBench& b, const at::Tensor& latents, nlohmann::json& r)
   row("VAE decode", b.sz, vae_s,
       std::to_string(b.o.batch) + " image(s), first call at this size" + tiles + ", peak RSS " +
           fmt("%.2f", vae_peak) + " GiB");
-  r["vae_profile"] = profile_rows("VAE decode", vae_profile, vae_s, 1, b.peak);
+  r["vae_profile"] = profile_rows("VAE decode", vae_profile, vae_s, 1, b.peak, vae_cpu);
+  if (b.o.vae_runs > 1) {
+    // The later decodes of a run (its next images): the memory the first one faulted in is reused.
+    fairdiff::profile::Session again(profile_sync(b.pipe.device()));
+    const auto t1 = Clock::now();
+    const double cpu1 = cpu_seconds();
+    for (int i = 1; i < b.o.vae_runs; ++i) sync(b.pipe.decode(latents));
+    const double runs = b.o.vae_runs - 1, again_s = seconds_since(t1), again_cpu = cpu_seconds() - cpu1;
+    r["vae_decode_again_s"] = again_s / runs;
+    row("VAE decode, again", b.sz, again_s / runs, "mean of " + std::to_string(b.o.vae_runs - 1) + " more decodes");
+    r["vae_again_profile"] = profile_rows("VAE decode, again", again.totals(), again_s, runs, b.peak, again_cpu);
+  }
   return image_finite;
 }
 
@@ -1183,6 +1199,9 @@ int main(int argc, char** argv) {
                "with --model: neither read nor write the weights cache (as generate --no-weights-cache)");
   app.add_flag("--prepack-weights", o.prepack, "reorder convolution weights into oneDNN's layout at load (as generate --prepack-weights)");
   app.add_flag("--fp16-weights", o.fp16_weights, "keep linear and conv weights in float16, converted per layer (as generate --fp16-weights; with --dtype fp32)");
+  app.add_option("--vae-runs", o.vae_runs,
+                 "decode N times: the first call, as always, then the mean of the others (a run's later images)")
+      ->check(CLI::Range(1, 100));
   app.add_flag("--vae-only", o.vae_only, "time only the VAE decode (of noise latents), e.g. with --vae-tiling at 1024");
   app.add_flag("--vae-tiling{-1}", o.vae_tile, "decode in tiles (the VAE's sample_size, or --vae-tiling=PX)");
   app.add_option("--save-random-model", o.save_random_model,

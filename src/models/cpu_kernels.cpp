@@ -115,6 +115,78 @@ void geglu_row_bf16(uint16_t* value, const uint16_t* gate, int64_t F) {
     std::memcpy(value + full, v, static_cast<size_t>(rest) * sizeof(uint16_t));
   }
 }
+
+// The norms' two passes over bf16 values (group_norm_bf16, layer_norm_bf16): the statistics,
+// then the output, both in float32. A tail of fewer than 16 values goes through a vector on
+// the stack (masked 16-bit moves need AVX512BW).
+inline Vec load_bf16_tail(const uint16_t* p, int64_t rest) {
+  uint16_t v[16] = {};
+  std::memcpy(v, p, static_cast<size_t>(rest) * sizeof(uint16_t));
+  return from_bf16(v);
+}
+inline void store_bf16_tail(uint16_t* p, int64_t rest, Vec y) {
+  uint16_t v[16];
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(v), to_bf16_bits_16(y));
+  std::memcpy(p, v, static_cast<size_t>(rest) * sizeof(uint16_t));
+}
+// The mean of x[0:n] and 1 / sqrt(var + eps), the biased variance as the norms take it: the
+// sum of squares about the mean in a second pass (the span is in cache by then), not E[x^2] -
+// mean^2, which cancels for activations whose mean is large next to their spread.
+void moments_bf16(const uint16_t* x, int64_t n, float eps, float* mean, float* rstd) {
+  const int64_t full = n / 16 * 16, rest = n - full;
+  Vec s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 32 <= full; j += 32) {
+    s0 = _mm512_add_ps(s0, from_bf16(x + j));
+    s1 = _mm512_add_ps(s1, from_bf16(x + j + 16));
+  }
+  if (j < full) s0 = _mm512_add_ps(s0, from_bf16(x + j));
+  if (rest) s1 = _mm512_add_ps(s1, load_bf16_tail(x + full, rest));
+  const float m = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1)) / static_cast<float>(n);
+  const Vec mv = _mm512_set1_ps(m);
+  Vec q0 = _mm512_setzero_ps(), q1 = _mm512_setzero_ps();
+  for (j = 0; j + 32 <= full; j += 32) {
+    const Vec d0 = _mm512_sub_ps(from_bf16(x + j), mv), d1 = _mm512_sub_ps(from_bf16(x + j + 16), mv);
+    q0 = _mm512_fmadd_ps(d0, d0, q0);
+    q1 = _mm512_fmadd_ps(d1, d1, q1);
+  }
+  if (j < full) {
+    const Vec d = _mm512_sub_ps(from_bf16(x + j), mv);
+    q0 = _mm512_fmadd_ps(d, d, q0);
+  }
+  if (rest) {
+    const Vec d = _mm512_maskz_sub_ps(static_cast<__mmask16>((1u << rest) - 1), load_bf16_tail(x + full, rest), mv);
+    q1 = _mm512_fmadd_ps(d, d, q1);
+  }
+  const float var = _mm512_reduce_add_ps(_mm512_add_ps(q0, q1)) / static_cast<float>(n);
+  *mean = m;
+  *rstd = 1.0f / std::sqrt(var + eps);
+}
+// y[0:n] = bf16(x scale + shift): one channel of a group norm.
+void scale_shift_bf16(const uint16_t* x, int64_t n, float scale, float shift, uint16_t* y) {
+  const Vec a = _mm512_set1_ps(scale), b = _mm512_set1_ps(shift);
+  const int64_t full = n / 16 * 16;
+  for (int64_t j = 0; j < full; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + j), to_bf16_bits_16(_mm512_fmadd_ps(from_bf16(x + j), a, b)));
+  if (n > full) store_bf16_tail(y + full, n - full, _mm512_fmadd_ps(load_bf16_tail(x + full, n - full), a, b));
+}
+// y[0:n] = bf16((x rstd - mean rstd) gamma + beta): one row of a layer norm (gamma, beta float).
+void layer_norm_row_bf16(const uint16_t* x, int64_t n, float mean, float rstd, const float* gamma, const float* beta,
+                         uint16_t* y) {
+  const Vec a = _mm512_set1_ps(rstd), b = _mm512_set1_ps(-mean * rstd);
+  const int64_t full = n / 16 * 16;
+  for (int64_t j = 0; j < full; j += 16) {
+    const Vec t = _mm512_fmadd_ps(from_bf16(x + j), a, b);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + j),
+                        to_bf16_bits_16(_mm512_fmadd_ps(t, _mm512_loadu_ps(gamma + j), _mm512_loadu_ps(beta + j))));
+  }
+  if (const int64_t rest = n - full) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << rest) - 1);
+    const Vec t = _mm512_fmadd_ps(load_bf16_tail(x + full, rest), a, b);
+    store_bf16_tail(y + full, rest,
+                    _mm512_fmadd_ps(t, _mm512_maskz_loadu_ps(tail, gamma + full), _mm512_maskz_loadu_ps(tail, beta + full)));
+  }
+}
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -387,6 +459,74 @@ bool geglu_rows(at::Tensor& h, Isa isa) {
     for (int64_t r = begin; r < end; ++r) row(p + r * 2 * F, p + r * 2 * F + F, F);
   });
   return true;
+}
+
+namespace {
+
+// A bf16 norm's operands: x and its output as bf16 bits, the weights as float32 (a bf16
+// model's are bf16), one value a channel.
+struct Bf16Norm {
+  Bf16Norm(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias, int64_t channels)
+      : gamma(float_values(weight, channels)), beta(float_values(bias, channels)), out(at::empty_like(x_in)),
+        x(reinterpret_cast<const uint16_t*>(x_in.data_ptr<at::BFloat16>())),
+        y(reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>())),
+        g(gamma.data_ptr<float>()),
+        b(beta.data_ptr<float>()) {}
+  static at::Tensor float_values(const at::Tensor& t, int64_t n) {
+    TORCH_CHECK(t.numel() == n, "norm: ", t.numel(), " weights for ", n, " channels");
+    return t.to(at::kFloat).contiguous();
+  }
+  at::Tensor gamma, beta, out;
+  const uint16_t* x;
+  uint16_t* y;
+  const float* g;
+  const float* b;
+};
+
+// Whether the bf16 norms run: a contiguous bf16 CPU tensor and the avx512 kernels.
+bool bf16_norm_applies(const at::Tensor& x, Isa& isa) {
+  if (isa == Isa::kBest) isa = best_isa();
+  TORCH_CHECK(supported(isa), "norm: this CPU cannot run the ", isa_name(isa), " kernel");
+  return x.is_cpu() && x.scalar_type() == at::kBFloat16 && x.is_contiguous() && isa == Isa::kAvx512 && x.numel() > 0;
+}
+
+}  // namespace
+
+at::Tensor group_norm_bf16(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
+                           double eps, Isa isa) {
+  if (!bf16_norm_applies(x, isa) || x.dim() < 2 || groups <= 0 || x.size(1) % groups != 0) return {};
+  const int64_t B = x.size(0), C = x.size(1), HW = x.numel() / (B * C), Cg = C / groups;
+  const Bf16Norm n(x, weight, bias, C);
+  // One (image, group) a task: its Cg x HW values are contiguous, and stay in cache from the
+  // statistics to the output.
+  at::parallel_for(0, B * groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t first = item * Cg * HW, c0 = (item % groups) * Cg;
+      float mean, rstd;
+      avx512::moments_bf16(n.x + first, Cg * HW, static_cast<float>(eps), &mean, &rstd);
+      for (int64_t c = 0; c < Cg; ++c) {
+        // As LibTorch's float kernel: y = x scale + (beta - scale mean), scale = rstd gamma.
+        const float scale = rstd * n.g[c0 + c], shift = n.b[c0 + c] - scale * mean;
+        avx512::scale_shift_bf16(n.x + first + c * HW, HW, scale, shift, n.y + first + c * HW);
+      }
+    }
+  });
+  return n.out;
+}
+
+at::Tensor layer_norm_bf16(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
+                           Isa isa) {
+  if (!bf16_norm_applies(x, isa)) return {};
+  const int64_t D = x.size(-1), rows = x.numel() / D;
+  const Bf16Norm n(x, weight, bias, D);
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / D), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float mean, rstd;
+      avx512::moments_bf16(n.x + r * D, D, static_cast<float>(eps), &mean, &rstd);
+      avx512::layer_norm_row_bf16(n.x + r * D, D, mean, rstd, n.g, n.b, n.y + r * D);
+    }
+  });
+  return n.out;
 }
 
 bool AttentionHead::bf16_products_supported() {

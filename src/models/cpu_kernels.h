@@ -41,6 +41,18 @@ void exp_rows(at::Tensor& scores, at::Tensor& sums, Isa isa = Isa::kBest);
 // Returns false, touching nothing, where no version applies (the caller keeps LibTorch's).
 bool geglu_rows(at::Tensor& h, Isa isa = Isa::kBest);
 
+// GroupNorm and LayerNorm of a contiguous bf16 tensor, in float32 arithmetic as LibTorch's
+// float kernels (x [B, C, ...] in `groups` groups of channels; x [..., D] over its last
+// dimension), written as bf16: each group or row is read twice from cache (the statistics,
+// then the output) and written once, where converting to float32 and back moves six times
+// the bytes (LibTorch 1.13's own bf16 norms are slower still). The variance is the mean
+// square about the mean. weight and bias: float32 or bf16, one value a channel. Returns an
+// undefined tensor where no version applies (another dtype or layout, or no AVX-512).
+at::Tensor group_norm_bf16(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
+                           double eps, Isa isa = Isa::kBest);
+at::Tensor layer_norm_bf16(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
+                           Isa isa = Isa::kBest);
+
 // One head's attention, fused, in float32: out = softmax(q k^T) v for q already scaled.
 //
 //   cpu::AttentionHead head(k, ldk, v, ldv, L, d);   // k, v [L, d], row strides ldk, ldv
