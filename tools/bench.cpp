@@ -63,7 +63,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
 #include <nlohmann/json.hpp>
 #include <filesystem>
 #include <string>
@@ -1062,38 +1061,48 @@ void bench_alternating_rows(const SizeBench& b, nlohmann::json& r) {
                         "-" + fmt("%.2f", *hi) + ")");
 }
 
-// VAE decode of `latents` (the first call at this size). Returns whether the image is finite.
-bool bench_vae(const SizeBench& b, const at::Tensor& latents, nlohmann::json& r) {
-  auto session = std::make_unique<fairdiff::profile::Session>(profile_sync(b.pipe.device()));
+// `runs` VAE decodes of `latents`, profiled: their wall and CPU seconds, and the last image.
+struct Decodes {
+  double seconds = 0, cpu_seconds = 0;
+  fairdiff::profile::Totals profile{};
+  at::Tensor image;
+};
+Decodes time_decodes(const SizeBench& b, const at::Tensor& latents, int runs) {
+  fairdiff::profile::Session session(profile_sync(b.pipe.device()));
+  Decodes d;
   const auto t0 = Clock::now();
   const double cpu0 = cpu_seconds();
-  const at::Tensor image = b.pipe.decode(latents);
-  sync(image);
-  const double vae_s = seconds_since(t0), vae_cpu = cpu_seconds() - cpu0;
-  const fairdiff::profile::Totals vae_profile = session->totals();
-  session.reset();  // one session at a time
-  const bool image_finite = image.isfinite().all().item<bool>();
+  for (int i = 0; i < runs; ++i) sync(d.image = b.pipe.decode(latents));
+  d.seconds = seconds_since(t0);
+  d.cpu_seconds = cpu_seconds() - cpu0;
+  d.profile = session.totals();
+  return d;
+}
+
+// VAE decode of `latents` (the first call at this size), then with --vae-runs the later
+// decodes of a run (its next images), which reuse the memory the first one faulted in.
+// Returns whether the image is finite.
+bool bench_vae(const SizeBench& b, const at::Tensor& latents, nlohmann::json& r) {
+  const Decodes first = time_decodes(b, latents, 1);
+  const bool image_finite = first.image.isfinite().all().item<bool>();
   const double vae_peak = b.peaks.end_phase();
-  r["vae_decode_s"] = vae_s;
+  r["vae_decode_s"] = first.seconds;
   r["image_finite"] = image_finite;
   r["peak_rss_vae_gib"] = vae_peak;
   const auto& vae = b.model.vae;
   const std::string tiles =
       vae->tiling() ? ", tiles of " + std::to_string(vae->tile_latent_size() * vae->config().scale_factor()) + " px" : "";
-  row("VAE decode", b.sz, vae_s,
+  row("VAE decode", b.sz, first.seconds,
       std::to_string(b.o.batch) + " image(s), first call at this size" + tiles + ", peak RSS " +
           fmt("%.2f", vae_peak) + " GiB");
-  r["vae_profile"] = profile_rows("VAE decode", vae_profile, vae_s, 1, b.peak, vae_cpu);
+  r["vae_profile"] = profile_rows("VAE decode", first.profile, first.seconds, 1, b.peak, first.cpu_seconds);
   if (b.o.vae_runs > 1) {
-    // The later decodes of a run (its next images): the memory the first one faulted in is reused.
-    fairdiff::profile::Session again(profile_sync(b.pipe.device()));
-    const auto t1 = Clock::now();
-    const double cpu1 = cpu_seconds();
-    for (int i = 1; i < b.o.vae_runs; ++i) sync(b.pipe.decode(latents));
-    const double runs = b.o.vae_runs - 1, again_s = seconds_since(t1), again_cpu = cpu_seconds() - cpu1;
-    r["vae_decode_again_s"] = again_s / runs;
-    row("VAE decode, again", b.sz, again_s / runs, "mean of " + std::to_string(b.o.vae_runs - 1) + " more decodes");
-    r["vae_again_profile"] = profile_rows("VAE decode, again", again.totals(), again_s, runs, b.peak, again_cpu);
+    const int runs = b.o.vae_runs - 1;
+    const Decodes again = time_decodes(b, latents, runs);
+    r["vae_decode_again_s"] = again.seconds / runs;
+    row("VAE decode, again", b.sz, again.seconds / runs, "mean of " + std::to_string(runs) + " more decodes");
+    r["vae_again_profile"] =
+        profile_rows("VAE decode, again", again.profile, again.seconds, runs, b.peak, again.cpu_seconds);
   }
   return image_finite;
 }

@@ -332,10 +332,7 @@ void exp_row_bf16(const float* x, int64_t L, float* sum, uint16_t* p, int64_t Lp
   const int64_t full = L / 16 * 16;
   const int rest = static_cast<int>(L - full);
   const __mmask16 tail = static_cast<__mmask16>((1u << rest) - 1);
-  __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t j = 0; j < full; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + j));
-  if (rest) m = _mm512_mask_max_ps(m, tail, m, _mm512_maskz_loadu_ps(tail, x + full));
-  const __m512 log2e = _mm512_set1_ps(kLog2e), row_max = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+  const __m512 log2e = _mm512_set1_ps(kLog2e), row_max = _mm512_set1_ps(avx512::max_of_row(x, L));
   __m512 s = _mm512_setzero_ps();
   for (int64_t j = 0; j < full; j += 16) {
     const __m512 e = exp2_vec(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + j), row_max), log2e));
@@ -346,9 +343,7 @@ void exp_row_bf16(const float* x, int64_t L, float* sum, uint16_t* p, int64_t Lp
     const __m512 t = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, x + full), row_max), log2e);
     const __m512 e = _mm512_maskz_mov_ps(tail, exp2_vec(t));
     s = _mm512_add_ps(s, e);
-    uint16_t last[16];
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(last), (__m256i)_mm512_cvtneps_pbh(e));
-    std::memcpy(p + full, last, static_cast<size_t>(rest) * sizeof(uint16_t));
+    avx512::store_bf16_tail(p + full, rest, e);
   }
   std::fill(p + L, p + Lp, uint16_t{0});
   *sum = _mm512_reduce_add_ps(s);
@@ -581,7 +576,7 @@ AttentionHead::AttentionHead(const float* k, int64_t ldk, const float* v, int64_
 void AttentionHead::pack_bf16(const float* k, int64_t ldk, const float* v, int64_t ldv) {
   width_ = avx512_bf16::Simd::kWidth, tile_rows_ = avx512_bf16::Simd::kRows;
   tile_vectors_ = avx512_bf16::Simd::kVectors;
-  gemm16_ = avx512_bf16::gemm_tile<>, exp_row_ = avx512::exp_row;
+  gemm16_ = avx512_bf16::gemm_tile<>;
   key_tile_ = tile_vectors_ * width_;
   Lp_ = round_up(L_, width_);  // even: p v takes the keys in pairs
   dp_ = round_up(d_, width_);

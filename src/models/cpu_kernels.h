@@ -93,7 +93,7 @@ class AttentionHead {
   int64_t Lp_, dp_;                            // L and d padded to whole vectors
   int64_t key_tile_width(int64_t first_key) const;
   GemmTile gemm_ = nullptr;
-  ExpRow exp_row_;
+  ExpRow exp_row_ = nullptr;  // float products (the bf16 ones have their own, exp_row_bf16)
   std::vector<float> kt_;  // tiles [d][key_tile] (the last one narrower), zeros past L
   std::vector<float> vp_;  // [Lp][dp], zeros past L and d
   // bf16 products: q k^T takes the head width in pairs (d2: d rounded up to even), p v the keys.
