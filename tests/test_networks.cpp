@@ -1,7 +1,10 @@
 // UNet / VAE building blocks without weights: timestep embedding values, attention
 // against a plain formula, config parsing and rejection, checkpoint names and shapes.
+#include <c10/core/CPUAllocator.h>
 #include <c10/core/InferenceMode.h>
+#include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cmath>
@@ -10,6 +13,7 @@
 #include <set>
 #include <thread>
 
+#include "arena.h"
 #include "autoencoder_kl.h"
 #include "cpu_kernels.h"
 #include "layers.h"
@@ -427,6 +431,88 @@ TEST(Runtime, OpenBlasWorkersSleepAfterACall) {
   }
   configure_threads(before);
   EXPECT_LT(worst, 0.03) << "the process used " << worst << " s of CPU in the 100 ms after a GEMM";
+}
+
+// The huge-page arena's bookkeeping (arena.h): best fit, split, merged on free, the top.
+TEST(Arena, BlockRangesTakeTheBestFitAndMergeFreedNeighbours) {
+  constexpr size_t P = 4096;
+  BlockRanges r(100 * P, P);
+  const size_t a = *r.take(20 * P), b = *r.take(1), c = *r.take(10 * P - 5), d = *r.take(P);
+  EXPECT_EQ(a, 0u);
+  EXPECT_EQ(b, 20 * P);
+  EXPECT_EQ(c, 21 * P) << "sizes are rounded up to the granule";
+  EXPECT_EQ(d, 31 * P);
+  EXPECT_EQ(r.top(), 32 * P);
+  EXPECT_EQ(r.in_use(), 32 * P);
+  EXPECT_EQ(r.give_back(a), 20 * P);
+  EXPECT_EQ(r.give_back(c), 10 * P);
+  EXPECT_EQ(r.give_back(12345), 0u) << "not a block";
+  EXPECT_EQ(r.free_ranges(), 2u);
+  EXPECT_EQ(*r.take(8 * P), 21 * P) << "the best fit (10 pages), not the first (20 pages at 0)";
+  EXPECT_EQ(*r.take(15 * P), 0u) << "the 2 pages left at 29 are too few: the 20-page range";
+  EXPECT_EQ(*r.take(2 * P), 29 * P) << "the rest of the 10-page range, exactly";
+  EXPECT_EQ(r.free_ranges(), 1u) << "pages 15-19";
+  // A freed block merges with the free ranges beside it; one that ends at the top lowers it.
+  r.give_back(d);
+  EXPECT_EQ(r.top(), 31 * P);
+  r.give_back(0);  // pages 0-14, beside 15-19
+  EXPECT_EQ(r.free_ranges(), 1u);
+  EXPECT_EQ(*r.take(20 * P), 0u) << "0-14 and 15-19 are one range";
+  r.give_back(0);
+  r.give_back(b);  // 0-19, 20 and 21-28 (in use): one range 0-20
+  EXPECT_EQ(*r.take(21 * P), 0u);
+  r.give_back(0);
+  r.give_back(21 * P);
+  r.give_back(29 * P);  // everything: the top goes back to 0
+  EXPECT_EQ(r.top(), 0u);
+  EXPECT_EQ(r.free_ranges(), 0u);
+  EXPECT_EQ(r.in_use(), 0u);
+  EXPECT_EQ(r.high_water(), 32 * P);
+  const auto used = r.free_used_ranges();
+  ASSERT_EQ(used.size(), 1u);
+  EXPECT_EQ(used[0], std::make_pair(size_t(0), 32 * P)) << "touched once, free now";
+  r.forget_used();
+  EXPECT_TRUE(r.free_used_ranges().empty());
+  EXPECT_FALSE(r.take(101 * P).has_value()) << "more than the region";
+  EXPECT_EQ(*r.take(100 * P), 0u);
+  EXPECT_FALSE(r.take(1).has_value()) << "the region is full";
+}
+
+TEST(Arena, LargeTensorsComeFromHugePagesAndAreReused) {
+  if (!install_huge_page_arena()) GTEST_SKIP() << "no transparent huge pages here: " << arena_summary();
+  const size_t n = size_t(4) << 20;  // floats: 16 MiB, several whole huge pages
+  void* first = nullptr;
+  {
+    at::Tensor big = at::ones({int64_t(n)});
+    first = big.data_ptr();
+    EXPECT_TRUE(arena_owns(first));
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(first) % 64, 0u) << "c10's alignment";
+    EXPECT_FALSE(arena_owns(at::ones({16}).data_ptr())) << "small blocks stay with glibc";
+    EXPECT_EQ(big.sum().item<double>(), double(n));
+  }
+  {
+    at::Tensor again = at::empty({int64_t(n)});
+    EXPECT_EQ(again.data_ptr(), first) << "a freed block is reused";
+  }
+  // oneDNN's buffers take the raw interface: one deleter for both kinds of block.
+  c10::Allocator* cpu = c10::GetCPUAllocator();
+  void* raw_big = cpu->raw_allocate(size_t(3) << 20);
+  void* raw_small = cpu->raw_allocate(100);
+  EXPECT_TRUE(arena_owns(raw_big));
+  EXPECT_FALSE(arena_owns(raw_small));
+  cpu->raw_deallocate(raw_big);
+  cpu->raw_deallocate(raw_small);
+  // Released, the free pages are no longer resident (mincore), and come back as zeros.
+  const int64_t page = sysconf(_SC_PAGESIZE);
+  auto resident_pages = [&](void* p, size_t bytes) {
+    std::vector<unsigned char> in(bytes / size_t(page));
+    EXPECT_EQ(mincore(p, bytes, in.data()), 0);
+    return std::count_if(in.begin(), in.end(), [](unsigned char v) { return v & 1; });
+  };
+  char* middle = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(first) + (size_t(4) << 20)) & ~((size_t(2) << 20) - 1));
+  EXPECT_GT(resident_pages(middle, size_t(8) << 20), 0) << "touched by at::ones";
+  release_free_memory();
+  EXPECT_EQ(resident_pages(middle, size_t(8) << 20), 0) << arena_summary();
 }
 
 // With enough (image, head) pairs, the blocked path runs whole heads on the OpenMP threads,

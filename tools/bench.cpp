@@ -69,6 +69,7 @@
 #include <thread>
 #include <vector>
 
+#include "arena.h"
 #include "config_json.h"
 #include "cpu_kernels.h"
 #include "fairdiff/error.h"
@@ -404,6 +405,7 @@ struct Options {
   int threads = 0;
   bool libtorch_threads = false;
   bool system_malloc = false;
+  bool no_huge_page_arena = false;
   int64_t fairness_rows = 0;
   int64_t alternate = 0;  // --alternate N: N pairs of CFG and fairness steps in one sampling loop
   std::string scheduler;  // "" = the model's
@@ -773,9 +775,10 @@ std::string configure_runtime(const Options& o) {
   if (o.no_onednn) at::globalContext().setUserEnabledMkldnn(false);
   if (!o.conv.empty()) fairdiff::leaf::use_gemm_convolutions(o.conv == "gemm");
   if (!o.libtorch_threads) fairdiff::configure_threads(o.threads);
-  const bool allocator = !o.system_malloc && fairdiff::configure_allocator();
+  const bool allocator = !o.system_malloc && fairdiff::configure_allocator(!o.no_huge_page_arena);
   const char* tunables = std::getenv("GLIBC_TUNABLES");
-  return allocator               ? "configure_allocator"
+  return allocator               ? std::string("configure_allocator") +
+                                       (fairdiff::arena_summary().empty() ? "" : " with the huge-page arena")
          : tunables && *tunables ? std::string("GLIBC_TUNABLES=") + tunables
                                  : "glibc defaults";
 }
@@ -1197,6 +1200,8 @@ int main(int argc, char** argv) {
                  "after a warm-up step of each; the ratio is the median of the pairs' ratios");
   app.add_option("--scheduler", o.scheduler, "scheduler override (pndm, ddim, euler, ...; default: the model's)");
   app.add_flag("--system-malloc", o.system_malloc, "keep glibc's malloc defaults (for comparison)");
+  app.add_flag("--no-huge-page-arena", o.no_huge_page_arena,
+               "configure glibc's malloc but keep large blocks on its heap, not in the huge-page arena (for comparison)");
   app.add_flag("--peak-only", o.peak_only, "measure the machine's FMA peak and stop");
   app.add_option("--conv", o.conv, "float32 CPU convolutions: gemm (im2col and OpenBLAS) or onednn (default: FAIRDIFF_CONV, else onednn)")
       ->check(CLI::IsMember({"gemm", "onednn"}));

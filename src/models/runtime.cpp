@@ -18,6 +18,7 @@
 #include <string>
 #include <thread>
 
+#include "arena.h"
 #include "fairdiff/error.h"
 
 namespace fairdiff {
@@ -117,14 +118,20 @@ void configure_threads(int requested) {
   stop_openblas_spinning();
 }
 
-bool configure_allocator() {
+bool configure_allocator(bool huge_page_arena) {
   if (malloc_tuned_by_environment()) return false;
   // Serve every block from the heap (no per-block mmap/munmap) and never trim its top
   // below 2 GiB of free space (mallopt takes an int): freed tensors are reused in place.
-  return mallopt(M_MMAP_MAX, 0) == 1 && mallopt(M_TRIM_THRESHOLD, INT_MAX) == 1;
+  const bool heap = mallopt(M_MMAP_MAX, 0) == 1 && mallopt(M_TRIM_THRESHOLD, INT_MAX) == 1;
+  // Blocks of 1 MiB and more (the activations, oneDNN's buffers) from a region on huge pages.
+  if (huge_page_arena) install_huge_page_arena();
+  return heap;
 }
 
-void release_free_memory() { malloc_trim(0); }
+void release_free_memory() {
+  malloc_trim(0);
+  release_arena_free_memory();
+}
 
 int library_parallel_threads() {
   std::atomic<uint64_t> seen{0};  // one bit per thread number (mod 64)

@@ -58,19 +58,20 @@ int available_cpus();
 // 6.9 s with this (1 thread, same load). Returns false, changing nothing, when the
 // environment already tunes malloc (GLIBC_TUNABLES=glibc.malloc..., MALLOC_*). Call at
 // start-up, before large allocations; the resident memory then stays at its high-water mark.
-// First touches (loading weights) still fault once per 4 KiB page; only the environment
-// can ask for transparent huge pages: GLIBC_TUNABLES=glibc.malloc.hugetlb=1:
-// glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776 made the first touch
-// of 1 GiB take 0.14 s instead of 6-7 s there.
-bool configure_allocator();
+// First touches still fault once per page: with huge_page_arena, blocks of 1 MiB and more
+// (the activations) come from a region on 2 MiB transparent huge pages (arena.h), which
+// fault 512 times less often; glibc itself can ask for them only from the environment
+// (GLIBC_TUNABLES=glibc.malloc.hugetlb=1 made the first touch of 1 GiB take 0.14 s instead
+// of 6-7 s here).
+bool configure_allocator(bool huge_page_arena = true);
 
 // Hands the heap's free memory back to the kernel (glibc malloc_trim: free pages anywhere
 // in the heap, not only at its top). configure_allocator keeps freed memory for reuse,
 // which is right inside a denoising loop (the same sizes every step) but adds up across
 // phases: the VAE's freed 512x512 feature maps would stay resident through the next
 // image's UNet steps. StableDiffusionModel::use calls this when the running component
-// changes; the next phase faults its working set in once (measured here ~2.6 us a page:
-// about 0.5 s per SD 1.5 image at 512x512).
+// changes; the next phase faults its working set in once (measured here ~2.6 us a 4 KiB
+// page; the huge-page arena's blocks fault a 2 MiB page at a time).
 void release_free_memory();
 
 // Whether the CPU computes in bfloat16 natively: AVX512-BF16 dot products or AMX bf16 tiles
