@@ -325,6 +325,9 @@ TEST(CpuKernels, AttentionHeadBf16ProductsAreAsCloseAsLibTorchInBf16) {
 // float results straddle a rounding boundary. Inputs whose mean is large next to their spread
 // (the variance is taken about the mean); widths with tails of 16 lanes; the module layers
 // give the same numbers on any CPU (through float32 where the kernel does not apply).
+// GroupNorm's forward_silu against LibTorch's bf16 SiLU of that rounded norm, which is what
+// the ResNet blocks ran before the fused kernel; weights scaled up so that the norm's output
+// reaches past where exp(-y) overflows (y < -88: SiLU gives -0) and underflows.
 TEST(CpuKernels, Bf16NormsAreFloatNormsRoundedToBf16) {
   at::manual_seed(17);
   const bool avx512 = cpu::supported(cpu::Isa::kAvx512) && cpu::best_isa() == cpu::Isa::kAvx512;
@@ -349,20 +352,32 @@ TEST(CpuKernels, Bf16NormsAreFloatNormsRoundedToBf16) {
   struct GroupCase {
     std::vector<int64_t> shape;
     int64_t groups;
+    double weight_scale = 1;
   };
   for (const GroupCase& c : {GroupCase{{2, 320, 8, 8}, 32}, GroupCase{{1, 64, 5, 3}, 8}, GroupCase{{2, 6, 1, 1}, 3},
-                             GroupCase{{1, 128, 17}, 32}}) {
+                             GroupCase{{1, 128, 17}, 32}, GroupCase{{1, 32, 9, 9}, 8, 60}}) {
     const int64_t C = c.shape[1];
-    const at::Tensor x = bf16(at::randn(c.shape) * 3 + 40), w = bf16(at::randn({C})), b = bf16(at::randn({C}));
+    const at::Tensor x = bf16(at::randn(c.shape) * 3 + 40), w = bf16(at::randn({C}) * c.weight_scale),
+                     b = bf16(at::randn({C}));
     const at::Tensor expected = bf16(at::group_norm(x.to(at::kFloat), c.groups, w.to(at::kFloat), b.to(at::kFloat), 1e-5));
     const std::string what = "group_norm " + std::to_string(x.numel()) + " values, " + std::to_string(c.groups) + " groups";
     leaf::GroupNorm norm(c.groups, C, 1e-5);
     set_norm_weights(*norm, w, b);
     check(norm(x), expected, what + " (module)");
+    const at::Tensor with_silu = bf16(at::silu(expected.to(at::kFloat))), x_before = x.clone();
+    check(norm->forward_silu(x), with_silu, what + ", silu (module)");
+    EXPECT_TRUE(at::equal(x, x_before)) << "forward_silu leaves its input alone";
+    if (c.weight_scale > 1) EXPECT_LT(expected.min().item<double>(), -88) << "the case reaches exp's overflow";
     if (!avx512) continue;
     check(cpu::group_norm_bf16(x, c.groups, w, b, 1e-5), expected, what);
+    check(cpu::group_norm_bf16(x, c.groups, w, b, 1e-5, /*silu=*/true), with_silu, what + ", silu");
     EXPECT_FALSE(cpu::group_norm_bf16(x.to(at::kFloat), c.groups, w, b, 1e-5).defined()) << "float32 is not its case";
     EXPECT_FALSE(cpu::group_norm_bf16(x.transpose(0, 1), c.groups, w, b, 1e-5).defined()) << "nor a strided view";
+  }
+  {  // float32 keeps LibTorch's norm and a separate SiLU: the same bits
+    leaf::GroupNorm norm(8, 32, 1e-5);
+    const at::Tensor x = at::randn({2, 32, 5, 5});
+    EXPECT_TRUE(at::equal(norm->forward_silu(x), at::silu(norm(x)))) << "float32 forward_silu";
   }
   for (const std::vector<int64_t>& shape : std::vector<std::vector<int64_t>>{{2, 77, 320}, {3, 5, 40}, {4, 17}, {1, 1, 1280}}) {
     const int64_t D = shape.back();

@@ -153,7 +153,7 @@ at::Tensor EncoderImpl::forward(const at::Tensor& x) {
   at::Tensor h = conv_in_(x);                     // [B,C0,H,W]
   for (auto& block : down_blocks_) h = block(h);  // [B,C_last,h,w]
   h = mid_block_(h);
-  h = silu_fresh(conv_norm_out_(h));
+  h = conv_norm_out_->forward_silu(h);
   return conv_out_(h);
 }
 
@@ -185,7 +185,7 @@ at::Tensor DecoderImpl::forward(const at::Tensor& z) {
   at::Tensor h = conv_in_(z);  // [B,C_last,h,w]
   h = mid_block_(h);
   for (auto& block : up_blocks_) h = block(h);  // [B,C0,H,W]
-  h = silu_fresh(conv_norm_out_(h));
+  h = conv_norm_out_->forward_silu(h);
   return conv_out_(h);
 }
 

@@ -162,13 +162,23 @@ void moments_bf16(const uint16_t* x, int64_t n, float eps, float* mean, float* r
   *mean = m;
   *rstd = 1.0f / std::sqrt(var + eps);
 }
-// y[0:n] = bf16(x scale + shift): one channel of a group norm.
+// silu(y) = y / (1 + exp(-y)) of y rounded to bf16: what LibTorch's silu_ computes from the
+// bf16 output of a norm (in float, by Sleef's expf to 1 ulp; exp_vec is Cephes' to about as
+// much), before the caller rounds it again. exp(-y) overflows to inf below y = -88: y / inf
+// is -0, as there.
+inline Vec silu_of_bf16(Vec y) {
+  y = round_bf16(y);
+  return _mm512_div_ps(y, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_vec(_mm512_sub_ps(_mm512_setzero_ps(), y))));
+}
+// y[0:n] = bf16(x scale + shift), or bf16(silu(that)): one channel of a group norm.
+template <bool kSilu>
 void scale_shift_bf16(const uint16_t* x, int64_t n, float scale, float shift, uint16_t* y) {
   const Vec a = _mm512_set1_ps(scale), b = _mm512_set1_ps(shift);
+  auto out = [](Vec v) { return kSilu ? silu_of_bf16(v) : v; };
   const int64_t full = n / 16 * 16;
   for (int64_t j = 0; j < full; j += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + j), to_bf16_bits_16(_mm512_fmadd_ps(from_bf16(x + j), a, b)));
-  if (n > full) store_bf16_tail(y + full, n - full, _mm512_fmadd_ps(load_bf16_tail(x + full, n - full), a, b));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + j), to_bf16_bits_16(out(_mm512_fmadd_ps(from_bf16(x + j), a, b))));
+  if (n > full) store_bf16_tail(y + full, n - full, out(_mm512_fmadd_ps(load_bf16_tail(x + full, n - full), a, b)));
 }
 // y[0:n] = bf16((x rstd - mean rstd) gamma + beta): one row of a layer norm (gamma, beta float).
 void layer_norm_row_bf16(const uint16_t* x, int64_t n, float mean, float rstd, const float* gamma, const float* beta,
@@ -488,10 +498,11 @@ bool bf16_norm_applies(const at::Tensor& x, Isa& isa) {
 }  // namespace
 
 at::Tensor group_norm_bf16(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
-                           double eps, Isa isa) {
+                           double eps, bool silu, Isa isa) {
   if (!bf16_norm_applies(x, isa) || x.dim() < 2 || groups <= 0 || x.size(1) % groups != 0) return {};
   const int64_t B = x.size(0), C = x.size(1), HW = x.numel() / (B * C), Cg = C / groups;
   const Bf16Norm n(x, weight, bias, C);
+  const auto scale_shift = silu ? avx512::scale_shift_bf16<true> : avx512::scale_shift_bf16<false>;
   // One (image, group) a task: its Cg x HW values are contiguous, and stay in cache from the
   // statistics to the output.
   at::parallel_for(0, B * groups, 1, [&](int64_t begin, int64_t end) {
@@ -502,7 +513,7 @@ at::Tensor group_norm_bf16(const at::Tensor& x, int64_t groups, const at::Tensor
       for (int64_t c = 0; c < Cg; ++c) {
         // As LibTorch's float kernel: y = x scale + (beta - scale mean), scale = rstd gamma.
         const float scale = rstd * n.g[c0 + c], shift = n.b[c0 + c] - scale * mean;
-        avx512::scale_shift_bf16(n.x + first + c * HW, HW, scale, shift, n.y + first + c * HW);
+        scale_shift(n.x + first + c * HW, HW, scale, shift, n.y + first + c * HW);
       }
     }
   });

@@ -397,9 +397,25 @@ bool norm_in_float(const at::Tensor& x) { return x.is_cpu() && x.scalar_type() =
 }  // namespace
 
 at::Tensor GroupNormImpl::forward(const at::Tensor& x) const {
+  bool fused = false;
+  return normalize(x, /*silu=*/false, &fused);
+}
+
+at::Tensor GroupNormImpl::forward_silu(const at::Tensor& x) const {
+  bool fused = false;
+  at::Tensor y = normalize(x, /*silu=*/true, &fused);
+  return fused ? y : silu_fresh(y);  // outside the norm's profile scope, as it was
+}
+
+// The norm, and with silu its SiLU too where the kernel fuses it (*fused says so).
+at::Tensor GroupNormImpl::normalize(const at::Tensor& x, bool silu, bool* fused) const {
   profile::Scope scope(profile::kGroupNorm, 0);
+  *fused = false;
   if (norm_in_float(x)) {
-    if (at::Tensor y = cpu::group_norm_bf16(x, groups_, weight_, bias_, eps_); y.defined()) return y;
+    if (at::Tensor y = cpu::group_norm_bf16(x, groups_, weight_, bias_, eps_, silu); y.defined()) {
+      *fused = silu;
+      return y;
+    }
     return at::group_norm(x.to(at::kFloat), groups_, weight_.to(at::kFloat), bias_.to(at::kFloat), eps_)
         .to(x.scalar_type());
   }
@@ -444,18 +460,26 @@ ResnetBlock2DImpl::ResnetBlock2DImpl(const ResnetBlock2DOptions& options) : opti
 at::Tensor silu_fresh(at::Tensor x) {
   // In place where nothing keeps the input for a backward pass: at 512x512 the VAE's
   // feature maps are 128-256 MiB each, and every one not allocated is one less at the peak.
-  return at::GradMode::is_enabled() ? at::silu(x) : at::silu_(x);
+  const bool in_place = !at::GradMode::is_enabled();
+  // bf16 on the CPU in float32, rounded once, as the reference computes it (PyTorch 2.x's
+  // CPU and CUDA kernels) and as cpu::group_norm_bf16's fused SiLU does: LibTorch 1.13's bf16
+  // SiLU rounds after each of its operations (30% of values one bf16 step away, a few two).
+  if (x.is_cpu() && x.scalar_type() == at::kBFloat16) {
+    const at::Tensor y = at::silu(x.to(at::kFloat));
+    return in_place ? x.copy_(y) : y.to(at::kBFloat16);
+  }
+  return in_place ? at::silu_(x) : at::silu(x);
 }
 
 at::Tensor ResnetBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& temb) {
   // x [B,C_in,H,W], temb [B,T] -> [B,C_out,H,W]
   const bool in_place = !at::GradMode::is_enabled();
-  at::Tensor h = conv1_(silu_fresh(norm1_(x)));  // [B,C_out,H,W]
+  at::Tensor h = conv1_(norm1_->forward_silu(x));  // [B,C_out,H,W]
   if (time_emb_proj_ && temb.defined()) {
     at::Tensor t = time_emb_proj_(at::silu(temb)).unsqueeze(-1).unsqueeze(-1);  // [B,C_out,1,1] broadcast
     h = in_place ? h.add_(t) : h + t;
   }
-  h = conv2_(silu_fresh(norm2_(h)));
+  h = conv2_(norm2_->forward_silu(h));
   // shortcut + h, in h's memory when allowed (IEEE addition commutes: the same numbers).
   const at::Tensor shortcut = conv_shortcut_ ? conv_shortcut_(x) : x;
   at::Tensor out = in_place ? h.add_(shortcut) : shortcut + h;

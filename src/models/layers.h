@@ -181,8 +181,12 @@ class GroupNormImpl : public torch::nn::Module {
   GroupNormImpl(int64_t groups, int64_t channels, double eps);
   // x [B,C,...] -> same
   at::Tensor forward(const at::Tensor& x) const;
+  // silu(forward(x)), the norm and the activation in one pass where a kernel does both
+  // (bf16 with AVX-512: cpu::group_norm_bf16); the input is never modified.
+  at::Tensor forward_silu(const at::Tensor& x) const;
 
  private:
+  at::Tensor normalize(const at::Tensor& x, bool silu, bool* fused) const;
   int64_t groups_;
   double eps_;
   at::Tensor weight_, bias_;  // [C], [C]

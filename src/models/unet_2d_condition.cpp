@@ -461,7 +461,7 @@ at::Tensor UNet2DConditionModelImpl::run(const at::Tensor& sample, const at::Ten
   }
 
   // 6. post-process
-  h = silu_fresh(conv_norm_out_(h));
+  h = conv_norm_out_->forward_silu(h);
   return conv_out_(h);  // [B,C_out,H,W]
 }
 
