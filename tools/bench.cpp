@@ -39,7 +39,8 @@
 //
 // Runtime: fairdiff::configure_threads(--threads) and fairdiff::configure_allocator(), as our
 // executables start; --libtorch-threads and --system-malloc leave LibTorch's and glibc's
-// defaults instead, for comparison. Default steps: 2 timed at 512x512 and above, 3 below
+// defaults instead, for comparison, and --no-huge-page-arena keeps glibc's configured heap
+// for the large blocks too (no arena.h). Default steps: 2 timed at 512x512 and above, 3 below
 // (a 512x512 SD 1.5 CFG step takes tens of seconds on a 2-core CPU).
 //
 // Random weights: the networks are built from the SD 1.5 configs under

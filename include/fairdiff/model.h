@@ -68,8 +68,11 @@ using ProgressCallback = std::function<void(const StepProgress&)>;
 std::string default_model();
 
 // Process-wide settings for CPU inference, once, before the first model loads: LibTorch's
-// and OpenBLAS's threads (0 = every CPU this process may use) and a malloc that keeps freed
-// memory for reuse. The library never changes them on its own.
+// and OpenBLAS's threads (0 = every CPU this process may use), a malloc that keeps freed
+// memory for reuse, and LibTorch's CPU allocator: blocks of 1 MiB and more from a region on
+// transparent huge pages, where the kernel offers them (fewer, cheaper first touches; it
+// reserves address space the size of physical memory, resident only as used). The library
+// never changes them on its own.
 void configure_process(int threads);
 
 // Adds the CLIP zero-shot classifier ("clip": a transformers CLIPModel folder judges the
