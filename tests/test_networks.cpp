@@ -379,6 +379,13 @@ TEST(CpuKernels, Bf16NormsAreFloatNormsRoundedToBf16) {
     const at::Tensor x = at::randn({2, 32, 5, 5});
     EXPECT_TRUE(at::equal(norm->forward_silu(x), at::silu(norm(x)))) << "float32 forward_silu";
   }
+  {  // the unfused bf16 SiLU (the time embeddings'; the norms' without AVX-512): rounded once
+    const at::Tensor t = bf16(at::randn({4, 1280}) * 3), once = bf16(at::silu(t.to(at::kFloat))), kept = t.clone();
+    EXPECT_TRUE(at::equal(silu_in_float(t), once)) << "silu_in_float";
+    EXPECT_TRUE(at::equal(t, kept)) << "silu_in_float leaves its input alone";
+    EXPECT_TRUE(at::equal(silu_fresh(t.clone()), once)) << "silu_fresh";
+    if (at::equal(at::silu(t), once)) std::printf("note: this LibTorch's bf16 SiLU rounds once itself (1.13's does not)\n");
+  }
   for (const std::vector<int64_t>& shape : std::vector<std::vector<int64_t>>{{2, 77, 320}, {3, 5, 40}, {4, 17}, {1, 1, 1280}}) {
     const int64_t D = shape.back();
     const at::Tensor x = bf16(at::randn(shape) * 0.5 - 7), w = bf16(at::randn({D})), b = bf16(at::randn({D}));

@@ -457,18 +457,19 @@ ResnetBlock2DImpl::ResnetBlock2DImpl(const ResnetBlock2DOptions& options) : opti
   if (in != out) conv_shortcut_ = register_module("conv_shortcut", make_conv(in, out, 1));
 }
 
+namespace {
+bool silu_rounds_per_op(const at::Tensor& x) { return x.is_cpu() && x.scalar_type() == at::kBFloat16; }
+}  // namespace
+
+at::Tensor silu_in_float(const at::Tensor& x) {
+  return silu_rounds_per_op(x) ? at::silu(x.to(at::kFloat)).to(x.scalar_type()) : at::silu(x);
+}
+
 at::Tensor silu_fresh(at::Tensor x) {
   // In place where nothing keeps the input for a backward pass: at 512x512 the VAE's
   // feature maps are 128-256 MiB each, and every one not allocated is one less at the peak.
-  const bool in_place = !at::GradMode::is_enabled();
-  // bf16 on the CPU in float32, rounded once, as the reference computes it (PyTorch 2.x's
-  // CPU and CUDA kernels) and as cpu::group_norm_bf16's fused SiLU does: LibTorch 1.13's bf16
-  // SiLU rounds after each of its operations (30% of values one bf16 step away, a few two).
-  if (x.is_cpu() && x.scalar_type() == at::kBFloat16) {
-    const at::Tensor y = at::silu(x.to(at::kFloat));
-    return in_place ? x.copy_(y) : y.to(at::kBFloat16);
-  }
-  return in_place ? at::silu_(x) : at::silu(x);
+  if (at::GradMode::is_enabled()) return silu_in_float(x);
+  return silu_rounds_per_op(x) ? x.copy_(at::silu(x.to(at::kFloat))) : at::silu_(x);
 }
 
 at::Tensor ResnetBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& temb) {
@@ -476,7 +477,7 @@ at::Tensor ResnetBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& tem
   const bool in_place = !at::GradMode::is_enabled();
   at::Tensor h = conv1_(norm1_->forward_silu(x));  // [B,C_out,H,W]
   if (time_emb_proj_ && temb.defined()) {
-    at::Tensor t = time_emb_proj_(at::silu(temb)).unsqueeze(-1).unsqueeze(-1);  // [B,C_out,1,1] broadcast
+    at::Tensor t = time_emb_proj_(silu_in_float(temb)).unsqueeze(-1).unsqueeze(-1);  // [B,C_out,1,1] broadcast
     h = in_place ? h.add_(t) : h + t;
   }
   h = conv2_(norm2_->forward_silu(h));
@@ -866,7 +867,7 @@ TimestepEmbeddingImpl::TimestepEmbeddingImpl(int64_t in_channels, int64_t time_e
 
 at::Tensor TimestepEmbeddingImpl::forward(const at::Tensor& x) {
   // x [B,in] -> [B,T]
-  return linear_2_(at::silu(linear_1_(x)));
+  return linear_2_(silu_fresh(linear_1_(x)));
 }
 
 }  // namespace fairdiff

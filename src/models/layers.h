@@ -208,7 +208,12 @@ TORCH_MODULE(LayerNorm);
 
 }  // namespace leaf
 
-// SiLU of a tensor that nobody else holds (a norm's output): in place unless autograd is
+// SiLU computed in float32 and rounded once to the tensor's dtype, as the reference computes
+// it (PyTorch 2.x's CPU and CUDA kernels) and cpu::group_norm_bf16's fused SiLU: LibTorch
+// 1.13's bf16 SiLU on the CPU rounds after each of its operations (30% of values one bf16
+// step away, a few two). Other dtypes and devices: at::silu.
+at::Tensor silu_in_float(const at::Tensor& x);
+// The same of a tensor that nobody else holds (a norm's output): in place unless autograd is
 // recording (training), so inference allocates no second feature map.
 at::Tensor silu_fresh(at::Tensor x);
 
