@@ -779,7 +779,7 @@ std::string configure_runtime(const Options& o) {
   const bool allocator = !o.system_malloc && fairdiff::configure_allocator(!o.no_huge_page_arena);
   const char* tunables = std::getenv("GLIBC_TUNABLES");
   return allocator               ? std::string("configure_allocator") +
-                                       (fairdiff::arena_summary().empty() ? "" : " with the huge-page arena")
+                                       (fairdiff::huge_page_arena_installed() ? " with the huge-page arena" : "")
          : tunables && *tunables ? std::string("GLIBC_TUNABLES=") + tunables
                                  : "glibc defaults";
 }

@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstdio>
 #include <fstream>
 #include <iterator>
 #include <mutex>
@@ -126,14 +125,6 @@ class HugePageArena final : public c10::Allocator {
     }
     ranges_.forget_used();
   }
-  std::string summary() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    char line[160];
-    std::snprintf(line, sizeof line, "huge-page arena for blocks of 1 MiB and more: %.2f GiB in %zu blocks, top %.2f GiB",
-                  static_cast<double>(ranges_.in_use()) / (1 << 30), ranges_.blocks(),
-                  static_cast<double>(ranges_.top()) / (1 << 30));
-    return line;
-  }
 
  private:
   static void free_block(void* p);
@@ -204,9 +195,6 @@ bool arena_owns(const void* p) {
   return arena && arena->owns(p);
 }
 
-std::string arena_summary() {
-  HugePageArena* arena = g_arena.load();
-  return arena ? arena->summary() : std::string();
-}
+bool huge_page_arena_installed() { return g_arena.load() != nullptr; }
 
 }  // namespace fairdiff

@@ -162,10 +162,10 @@ void moments_bf16(const uint16_t* x, int64_t n, float eps, float* mean, float* r
   *mean = m;
   *rstd = 1.0f / std::sqrt(var + eps);
 }
-// silu(y) = y / (1 + exp(-y)) of y rounded to bf16: what LibTorch's silu_ computes from the
-// bf16 output of a norm (in float, by Sleef's expf to 1 ulp; exp_vec is Cephes' to about as
-// much), before the caller rounds it again. exp(-y) overflows to inf below y = -88: y / inf
-// is -0, as there.
+// silu(y) = y / (1 + exp(-y)) in float32 of y rounded to bf16: what silu_in_float (layers.h)
+// and PyTorch 2.x compute from the bf16 output of a norm (Sleef's expf to 1 ulp there,
+// exp_vec is Cephes' to about as much), before the caller rounds it once. exp(-y) overflows
+// to inf below y = -88: y / inf is -0, as there.
 inline Vec silu_of_bf16(Vec y) {
   y = round_bf16(y);
   return _mm512_div_ps(y, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_vec(_mm512_sub_ps(_mm512_setzero_ps(), y))));

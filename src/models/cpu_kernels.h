@@ -48,9 +48,10 @@ bool geglu_rows(at::Tensor& h, Isa isa = Isa::kBest);
 // the bytes (LibTorch 1.13's own bf16 norms are slower still). The variance is the mean
 // square about the mean. weight and bias: float32 or bf16, one value a channel. Returns an
 // undefined tensor where no version applies (another dtype or layout, or no AVX-512).
-// With silu, the group norm's output goes through SiLU in the same pass, rounded to bf16
-// before it and after, as silu_(group_norm(x)) in bf16 rounds: the ResNet blocks' pattern,
-// whose separate SiLU was LibTorch's bf16 kernel, 3x slower than its float one.
+// With silu, the group norm's output goes through SiLU in the same pass: the norm rounded to
+// bf16, SiLU in float32, rounded once (as silu_in_float, layers.h, and PyTorch 2.x compute
+// it): the ResNet blocks' pattern, whose separate SiLU was LibTorch 1.13's bf16 kernel, 3.3x
+// slower than its float one and rounded after each operation.
 at::Tensor group_norm_bf16(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
                            double eps, bool silu = false, Isa isa = Isa::kBest);
 at::Tensor layer_norm_bf16(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
