@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # scripts/gpu-check's CPU-side parts: the dry run checks its arguments and names every
-# command; --unpack unpacks .deb files with dpkg-deb and without it; the table is computed
-# from a bench JSON line with known numbers.
+# command; --pack fills .gpu-check/ (with apt-get stood in for); --unpack unpacks .deb files
+# with dpkg-deb and without it; the table is computed from a bench JSON line with known numbers.
 # Usage: gpu_check_dry_run.sh SOURCE_DIR
 set -euo pipefail
 src=$1
@@ -74,6 +74,46 @@ if command -v dpkg-deb >/dev/null && command -v ar >/dev/null; then
   if "$src/scripts/gpu-check" --unpack "$tmp/empty" "$tmp/prefix2" 2>"$tmp/err"; then fail "--unpack took a folder without .deb files"; fi
   grep -q "no .deb files" "$tmp/err" || fail "unclear --unpack error: $(cat "$tmp/err")"
 fi
+
+# --pack (run where Debian's apt works), in a copy of the script so that the project's own
+# .gpu-check/ is left alone, with apt-get stood in for: every package named, the fixtures but
+# the SDXL and single-file models, and the old pack kept whole when a download fails.
+mkdir -p "$tmp/proj/scripts" "$tmp/fake-apt"
+cp "$src/scripts/gpu-check" "$tmp/proj/scripts/"
+cat >"$tmp/fake-apt/apt-get" <<'SH'
+#!/usr/bin/env bash
+# apt-get download [-q] PACKAGE...: a file per package in the current folder, or the failure asked for.
+[ "$1" = download ] || exit 100
+shift
+if [ -n "${FAKE_APT_FAIL:-}" ]; then echo "E: Unable to locate package $FAKE_APT_FAIL" >&2; exit 100; fi
+for p in "$@"; do [ "$p" = -q ] || echo "$p" >"${p}_1.0_amd64.deb"; done
+SH
+chmod +x "$tmp/fake-apt/apt-get"
+fx=$tmp/fx
+mkdir -p "$fx/keysets/sd15" "$fx/models/tiny-sd1/unet" "$fx/models/tiny-sdxl" "$fx/models/tiny-sd1-single-file" "$fx/sdxl" "$fx/sd15"
+echo '{}' >"$fx/keysets/sd15/single_file.keys.json"
+echo weights >"$fx/models/tiny-sd1/unet/weights"
+echo golden >"$fx/sd15/case"
+for f in models/tiny-sdxl/weights models/tiny-sd1-single-file/model.safetensors sdxl/case; do echo behind >"$fx/$f"; done
+PATH=$tmp/fake-apt:$PATH "$tmp/proj/scripts/gpu-check" --pack "$fx" >"$tmp/out" 2>"$tmp/err" || fail "--pack failed: $(cat "$tmp/err")"
+pack=$tmp/proj/.gpu-check
+for p in nlohmann-json3-dev libcli11-dev libspdlog-dev libspdlog1.10 libfmt-dev libfmt9 libstb-dev; do
+  [ -f "$pack/debs/${p}_1.0_amd64.deb" ] || fail "--pack did not download $p: $(ls "$pack/debs")"
+done
+for f in keysets/sd15/single_file.keys.json models/tiny-sd1/unet/weights sd15/case; do
+  cmp -s "$fx/$f" "$pack/fixtures/$f" || fail "--pack did not copy $f"
+done
+for d in models/tiny-sdxl models/tiny-sd1-single-file sdxl; do
+  [ ! -e "$pack/fixtures/$d" ] || fail "--pack copied $d, which stays behind"
+done
+[ ! -e "$tmp/proj/.gpu-check.tmp" ] && [ ! -e "$pack/apt.log" ] || fail "--pack left its temporary files"
+grep -qF 'command: scripts/gpu-check .gpu-check/fixtures "$OUT"' "$tmp/out" || fail "--pack does not name the device command: $(cat "$tmp/out")"
+rc=0; FAKE_APT_FAIL=libstb-dev PATH=$tmp/fake-apt:$PATH "$tmp/proj/scripts/gpu-check" --pack "$fx" >"$tmp/out" 2>"$tmp/err" || rc=$?
+[ "$rc" = 1 ] || fail "a failed download: exit $rc, want 1"
+grep -q "Unable to locate package libstb-dev" "$tmp/err" && grep -q "^gpu-check: apt-get download failed" "$tmp/err" ||
+  fail "unclear download error: $(cat "$tmp/err")"
+[ -f "$pack/debs/libstb-dev_1.0_amd64.deb" ] && cmp -s "$fx/sd15/case" "$pack/fixtures/sd15/case" || fail "a failed --pack damaged the old pack"
+[ ! -e "$tmp/proj/.gpu-check.tmp" ] || fail "a failed --pack left .gpu-check.tmp"
 
 # 50 steps of 0.1 s + 0.8 s decode + 0.2 s text, batch 8: 6.0 / 8 = 0.750 s an image; with
 # fairness 50 x 0.15 + 1.0 = 8.5 / 8 = 1.0625 s, x1.42.

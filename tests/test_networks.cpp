@@ -317,6 +317,18 @@ TEST(CpuKernels, AttentionHeadBf16ProductsAreAsCloseAsLibTorchInBf16) {
     head.rows(qs.data_ptr<float>() + c.d, ld, first, split.data_ptr<float>() + c.d, ld);
     head.rows(qs.data_ptr<float>() + first * ld + c.d, ld, c.N - first, split.data_ptr<float>() + first * ld + c.d, ld);
     EXPECT_TRUE(at::equal(head_of(split), head_of(whole))) << what << ": rows split at " << first;
+    // The bf16 tensors read in place (q unscaled) and a bf16 output: the float32 call's bits,
+    // rounded as .to(kBFloat16) rounds; other heads' columns untouched.
+    auto bits = [](const at::Tensor& x) { return reinterpret_cast<uint16_t*>(x.data_ptr<at::BFloat16>()); };
+    const at::Tensor q16 = q.to(at::kBFloat16), k16 = k.to(at::kBFloat16), v16 = v.to(at::kBFloat16);
+    const cpu::AttentionHead head16(bits(k16) + c.d, ld, bits(v16) + c.d, ld, c.L, c.d);
+    at::Tensor out16 = at::full({c.N, ld}, 7.0, at::kBFloat16);
+    head16.rows(bits(q16) + c.d, ld, static_cast<float>(scale), first, bits(out16) + c.d, ld);
+    head16.rows(bits(q16) + first * ld + c.d, ld, static_cast<float>(scale), c.N - first,
+                bits(out16) + first * ld + c.d, ld);
+    EXPECT_TRUE(at::equal(head_of(out16), head_of(whole).to(at::kBFloat16))) << what << ": bf16 in and out";
+    EXPECT_TRUE((out16.narrow(1, 0, c.d) == 7).all().item<bool>()) << what << ": bf16 out wrote other columns";
+    EXPECT_TRUE((out16.narrow(1, 2 * c.d, c.d) == 7).all().item<bool>()) << what << ": bf16 out wrote other columns";
   }
 }
 

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <string>
+#include <type_traits>
 #include <limits>
 
 namespace fairdiff::cpu {
@@ -197,6 +198,17 @@ void layer_norm_row_bf16(const uint16_t* x, int64_t n, float mean, float rstd, c
                     _mm512_fmadd_ps(t, _mm512_maskz_loadu_ps(tail, gamma + full), _mm512_maskz_loadu_ps(tail, beta + full)));
   }
 }
+// y[0:n] = bf16(x / s), rounded as LibTorch's .to(kBFloat16): a bf16 head's output row.
+void divide_to_bf16(const float* x, float s, int64_t n, uint16_t* y) {
+  const Vec d = _mm512_set1_ps(s);
+  const int64_t full = n / 16 * 16;
+  for (int64_t j = 0; j < full; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + j), to_bf16_bits_16(_mm512_div_ps(_mm512_loadu_ps(x + j), d)));
+  if (const int64_t rest = n - full) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << rest) - 1);
+    store_bf16_tail(y + full, rest, _mm512_div_ps(_mm512_maskz_loadu_ps(tail, x + full), d));
+  }
+}
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -318,6 +330,21 @@ void to_bf16(const float* x, uint16_t* y, int64_t n) {
     const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
     uint16_t last[16];
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(last), (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(tail, x + i)));
+    std::memcpy(y + i, last, static_cast<size_t>(n - i) * sizeof(uint16_t));
+  }
+}
+// x [n] bf16 -> bf16(x s) [n], the product in float32 and rounded as to_bf16 rounds: a bf16
+// model's q row, scaled as multi_head_attention scales a float32 q before to_bf16.
+void scale_to_bf16(const uint16_t* x, float s, uint16_t* y, int64_t n) {
+  const __m512 scale = _mm512_set1_ps(s);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(avx512::from_bf16(x + i), scale)));
+  if (i < n) {
+    uint16_t last[16];
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(last),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(avx512::load_bf16_tail(x + i, n - i), scale)));
     std::memcpy(y + i, last, static_cast<size_t>(n - i) * sizeof(uint16_t));
   }
 }
@@ -584,7 +611,20 @@ AttentionHead::AttentionHead(const float* k, int64_t ldk, const float* v, int64_
   for (int64_t j = 0; j < L; ++j) std::copy(v + j * ldv, v + j * ldv + d, vp_.data() + j * dp_);
 }
 
-void AttentionHead::pack_bf16(const float* k, int64_t ldk, const float* v, int64_t ldv) {
+AttentionHead::AttentionHead(const uint16_t* k, int64_t ldk, const uint16_t* v, int64_t ldv, int64_t L, int64_t d)
+    : L_(L), d_(d), bf16_(true), bf16_io_(true) {
+  TORCH_CHECK(L > 0 && d > 0, "AttentionHead: empty keys or head width (L = ", L, ", d = ", d, ")");
+  TORCH_CHECK(bf16_products_supported(), "AttentionHead: bf16 inputs need AVX512-BF16 and the avx512 kernels");
+  pack_bf16(k, ldk, v, ldv);
+}
+
+namespace {
+uint16_t as_bf16_bits(float x) { return bf16_bits(x); }
+uint16_t as_bf16_bits(uint16_t x) { return x; }  // bf16 already
+}  // namespace
+
+template <typename T>
+void AttentionHead::pack_bf16(const T* k, int64_t ldk, const T* v, int64_t ldv) {
   width_ = avx512_bf16::Simd::kWidth, tile_rows_ = avx512_bf16::Simd::kRows;
   tile_vectors_ = avx512_bf16::Simd::kVectors;
   gemm16_ = avx512_bf16::gemm_tile<>;
@@ -598,12 +638,12 @@ void AttentionHead::pack_bf16(const float* k, int64_t ldk, const float* v, int64
   for (int64_t t = 0; t < L_; t += key_tile_) {
     const int64_t w = key_tile_width(t);
     for (int64_t j = t; j < std::min(L_, t + w); ++j)
-      for (int64_t c = 0; c < d_; ++c) kt16_[t * d2_ + (c / 2) * 2 * w + (j - t) * 2 + c % 2] = bf16_bits(k[j * ldk + c]);
+      for (int64_t c = 0; c < d_; ++c) kt16_[t * d2_ + (c / 2) * 2 * w + (j - t) * 2 + c % 2] = as_bf16_bits(k[j * ldk + c]);
   }
   // v in pairs of keys: row j/2 holds, for every column c, (v[j][c], v[j + 1][c]).
   vp16_.assign(static_cast<size_t>(Lp_ * dp_), 0);
   for (int64_t j = 0; j < L_; ++j)
-    for (int64_t c = 0; c < d_; ++c) vp16_[(j / 2) * 2 * dp_ + c * 2 + j % 2] = bf16_bits(v[j * ldv + c]);
+    for (int64_t c = 0; c < d_; ++c) vp16_[(j / 2) * 2 * dp_ + c * 2 + j % 2] = as_bf16_bits(v[j * ldv + c]);
 }
 
 int64_t AttentionHead::key_tile_width(int64_t t) const { return std::min(key_tile_, Lp_ - t); }
@@ -615,16 +655,23 @@ int64_t AttentionHead::block_rows() const {
 void AttentionHead::rows(const float* q, int64_t ldq, int64_t n, float* out, int64_t ldo) const {
   // q [n,d] (row stride ldq, scaled) -> out [n,d] (row stride ldo)
   if (bf16_)
-    rows_as<uint16_t>(q, ldq, n, out, ldo);
+    rows_as<uint16_t>(q, ldq, 1.0f, n, out, ldo);
   else
-    rows_as<float>(q, ldq, n, out, ldo);
+    rows_as<float>(q, ldq, 1.0f, n, out, ldo);
+}
+
+void AttentionHead::rows(const uint16_t* q, int64_t ldq, float scale, int64_t n, uint16_t* out, int64_t ldo) const {
+  // q [n,d] bf16 (row stride ldq) -> out [n,d] bf16 (row stride ldo)
+  TORCH_CHECK(bf16_io_, "AttentionHead: bf16 rows need a head made from bf16 k and v");
+  rows_as<uint16_t>(q, ldq, scale, n, out, ldo);
 }
 
 // The products' operands are In: float, or bf16 bit patterns taken in pairs (P = 2 values a
 // 32-bit lane), in which case q and the exponentials are rounded to bf16 first; the scores,
 // the exponentials' sums, the products' sums and the division are float32 either way.
-template <typename In>
-void AttentionHead::rows_as(const float* q, int64_t ldq, int64_t n, float* out, int64_t ldo) const {
+// IO, the type of q and out: float (q already scaled), or bf16 bits (q scaled here, out rounded).
+template <typename In, typename IO>
+void AttentionHead::rows_as(const IO* q, int64_t ldq, float scale, int64_t n, IO* out, int64_t ldo) const {
   constexpr int64_t P = sizeof(float) / sizeof(In);
   const auto gemm = [this] {
     if constexpr (P == 1) return gemm_; else return gemm16_;
@@ -652,7 +699,12 @@ void AttentionHead::rows_as(const float* q, int64_t ldq, int64_t n, float* out, 
     if constexpr (P == 1) {
       qa = q + i * ldq, lda = ldq;
     } else {
-      for (int64_t r = 0; r < m; ++r) avx512_bf16::to_bf16(q + (i + r) * ldq, q_in.data() + r * dq, d_);
+      for (int64_t r = 0; r < m; ++r) {
+        if constexpr (std::is_same_v<IO, float>)
+          avx512_bf16::to_bf16(q + (i + r) * ldq, q_in.data() + r * dq, d_);
+        else
+          avx512_bf16::scale_to_bf16(q + (i + r) * ldq, scale, q_in.data() + r * dq, d_);
+      }
       qa = q_in.data(), lda = dq;
     }
     // s = q k^T, one tile of keys at a time: its k^T stays in L1 for every group of rows.
@@ -688,8 +740,13 @@ void AttentionHead::rows_as(const float* q, int64_t ldq, int64_t n, float* out, 
       first += nv;
     }
     // The softmax's division, on the n x d product instead of the n x L probabilities.
-    for (int64_t r = 0; r < m; ++r)
-      for (int64_t c = 0; c < d_; ++c) out[(i + r) * ldo + c] = prod[r * dp_ + c] / sums[r];
+    for (int64_t r = 0; r < m; ++r) {
+      if constexpr (std::is_same_v<IO, float>) {
+        for (int64_t c = 0; c < d_; ++c) out[(i + r) * ldo + c] = prod[r * dp_ + c] / sums[r];
+      } else {
+        avx512::divide_to_bf16(prod.data() + r * dp_, sums[r], d_, out + (i + r) * ldo);
+      }
+    }
   }
 }
 

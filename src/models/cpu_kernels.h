@@ -75,12 +75,21 @@ at::Tensor layer_norm_bf16(const at::Tensor& x, const at::Tensor& weight, const 
 // bf16 already), every sum is float32. The reference rounds the probabilities to bf16 too.
 // Since they are rounded at once, their exponentials are computed to 2.8e-6 (ten operations
 // a vector instead of fifteen), straight into the bf16 operand.
+//
+// A bf16 model's head takes its bf16 tensors as they are (bit patterns, no float32 copies of
+// q, k and v): the second constructor packs k and v, and the second `rows` scales q in float32
+// and writes out rounded to bf16 (as `.to(kBFloat16)` rounds): the bits of the float32 calls
+// on those values, then rounded.
 class AttentionHead {
  public:
   AttentionHead(const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t L, int64_t d,
                 Isa isa = Isa::kBest, bool bf16_products = false);
+  // bf16 products (bf16_products_supported() must hold).
+  AttentionHead(const uint16_t* k, int64_t ldk, const uint16_t* v, int64_t ldv, int64_t L, int64_t d);
   static bool bf16_products_supported();
   void rows(const float* q, int64_t ldq, int64_t n, float* out, int64_t ldo) const;
+  // q [n, d] bf16, not yet scaled -> out [n, d] bf16; only for a head of the bf16 constructor.
+  void rows(const uint16_t* q, int64_t ldq, float scale, int64_t n, uint16_t* out, int64_t ldo) const;
   // Query rows per block: the grain in which to split rows over threads.
   int64_t block_rows() const;
 
@@ -106,9 +115,11 @@ class AttentionHead {
   GemmTileBf16 gemm16_ = nullptr;
   std::vector<uint16_t> kt16_;  // tiles [d2/2][key_tile][2]
   std::vector<uint16_t> vp16_;  // [Lp/2][dp][2]
-  void pack_bf16(const float* k, int64_t ldk, const float* v, int64_t ldv);
-  template <typename In>
-  void rows_as(const float* q, int64_t ldq, int64_t n, float* out, int64_t ldo) const;
+  bool bf16_io_ = false;  // made by the bf16 constructor
+  template <typename T>
+  void pack_bf16(const T* k, int64_t ldk, const T* v, int64_t ldv);
+  template <typename In, typename IO>
+  void rows_as(const IO* q, int64_t ldq, float scale, int64_t n, IO* out, int64_t ldo) const;
 };
 
 }  // namespace fairdiff::cpu

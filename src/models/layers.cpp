@@ -540,6 +540,26 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& context
   return out;
 }
 
+namespace {
+// Runs every (image, head) pair of an attention call on the CPU's threads: with enough pairs
+// each thread takes whole heads, packing each one's k and v once (SD's 8 heads with CFG are
+// 16); with few (the VAE's one) the threads share each head's query rows.
+// make_head(item) -> cpu::AttentionHead; run_rows(head, item, first row, end row).
+template <typename MakeHead, typename RunRows>
+void for_each_head(int64_t items, int64_t N, const MakeHead& make_head, const RunRows& run_rows) {
+  if (at::get_num_threads() > 1 && items >= 2 * at::get_num_threads() && !at::in_parallel_region()) {
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) run_rows(make_head(item), item, 0, N);
+    });
+    return;
+  }
+  for (int64_t item = 0; item < items; ++item) {
+    const cpu::AttentionHead head = make_head(item);
+    at::parallel_for(0, N, head.block_rows(), [&](int64_t begin, int64_t end) { run_rows(head, item, begin, end); });
+  }
+}
+}  // namespace
+
 at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t heads,
                                 double scale, bool upcast_attention, bool upcast_softmax, int64_t max_score_elements) {
   // q [B,N,h*d], k/v [B,L,h*d] -> [B,N,h*d]
@@ -602,47 +622,48 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
   // multiplies q (N x h*d values) instead of the scores (h x N x L): the same product up to
   // one rounding, at 1/100 of the cost at 64x64 latents.
   if (q.is_cpu()) {
-    // On the CPU in float32 whatever the input dtype (LibTorch 1.13's bf16 softmax and
-    // conversions are slow; q, k, v and the output are small next to the scores), fused per
-    // head (cpu::AttentionHead): the scores of a block of query rows, their one-pass
-    // exponentials and the product with v, both products in registers, and the softmax's
-    // division applied to the n x d product: softmax(s) v = (exp(s - max) v) / sum. For half
-    // inputs this is more precise than the reference, which multiplies the probabilities in
-    // the input dtype.
-    const at::Tensor qf = (q.to(at::kFloat) * scale).contiguous();  // [B,N,h*d]
-    const at::Tensor kf = k.to(at::kFloat).contiguous(), vf = v.to(at::kFloat).contiguous();  // [B,L,h*d]
+    // On the CPU, fused per head (cpu::AttentionHead): the scores of a block of query rows,
+    // their one-pass exponentials and the product with v, both products in registers, and the
+    // softmax's division applied to the n x d product: softmax(s) v = (exp(s - max) v) / sum.
+    // Scores, sums and the division are float32 whatever the input dtype (LibTorch 1.13's
+    // bf16 softmax is slow); for half inputs this is more precise than the reference, which
+    // multiplies the probabilities in the input dtype. A bf16 model on a CPU with bf16 dot
+    // products runs both products on them, reading its bf16 q, k, v in place and writing bf16
+    // (the bits that float32 copies of q, k, v would give; the copies and the output's
+    // conversion took a tenth of a bf16 512x512 step's attention); elsewhere q, k, v are
+    // copied to float32.
+    const bool bf16_products = dtype == at::kBFloat16 && cpu::AttentionHead::bf16_products_supported();
+    const at::Tensor qf = bf16_products ? q.contiguous() : (q.to(at::kFloat) * scale).contiguous();  // [B,N,h*d]
+    const at::Tensor kf = bf16_products ? k.contiguous() : k.to(at::kFloat).contiguous();  // [B,L,h*d]
+    const at::Tensor vf = bf16_products ? v.contiguous() : v.to(at::kFloat).contiguous();  // [B,L,h*d]
     at::Tensor out = at::empty({B, N, inner}, qf.options());  // [B,N,h*d]
     // Image b's head h reads its columns of q, k, v in place (row stride h*d) and writes its
     // columns of the output.
+    auto column = [&](int64_t item, int64_t rows) { return (item / heads) * rows * inner + (item % heads) * d; };
+    if (bf16_products) {
+      const auto* qp = reinterpret_cast<const uint16_t*>(qf.data_ptr<at::BFloat16>());
+      const auto* kp = reinterpret_cast<const uint16_t*>(kf.data_ptr<at::BFloat16>());
+      const auto* vp = reinterpret_cast<const uint16_t*>(vf.data_ptr<at::BFloat16>());
+      auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+      const float scale_f = static_cast<float>(scale);  // what q.to(kFloat) * scale multiplies by
+      for_each_head(B * heads, N, [&](int64_t item) {
+        return cpu::AttentionHead(kp + column(item, L), inner, vp + column(item, L), inner, L, d);
+      }, [&](const cpu::AttentionHead& h, int64_t item, int64_t begin, int64_t end) {
+        const int64_t row = column(item, N) + begin * inner;
+        h.rows(qp + row, inner, scale_f, end - begin, op + row, inner);
+      });
+      return out;
+    }
     const float* qp = qf.data_ptr<float>();
     const float* kp = kf.data_ptr<float>();
     const float* vp = vf.data_ptr<float>();
     float* op = out.data_ptr<float>();
-    auto column = [&](int64_t item, int64_t rows) { return (item / heads) * rows * inner + (item % heads) * d; };
-    // A bf16 model on a CPU with bf16 dot products runs both products on them.
-    const bool bf16_products = dtype == at::kBFloat16 && cpu::AttentionHead::bf16_products_supported();
-    auto head = [&](int64_t item) {
-      return cpu::AttentionHead(kp + column(item, L), inner, vp + column(item, L), inner, L, d, cpu::Isa::kBest,
-                                bf16_products);
-    };
-    const int64_t items = B * heads, threads = at::get_num_threads();
-    if (threads > 1 && items >= 2 * threads && !at::in_parallel_region()) {
-      // Enough (image, head) pairs to share: each thread takes whole heads, packing each one's
-      // k and v once (SD's 8 heads with CFG are 16).
-      at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t item = begin; item < end; ++item)
-          head(item).rows(qp + column(item, N), inner, N, op + column(item, N), inner);
-      });
-    } else {
-      // Few heads (the VAE's one): the threads share each head's query rows.
-      for (int64_t item = 0; item < items; ++item) {
-        const cpu::AttentionHead h = head(item);
-        at::parallel_for(0, N, h.block_rows(), [&](int64_t begin, int64_t end) {
-          h.rows(qp + column(item, N) + begin * inner, inner, end - begin, op + column(item, N) + begin * inner,
-                 inner);
-        });
-      }
-    }
+    for_each_head(B * heads, N, [&](int64_t item) {
+      return cpu::AttentionHead(kp + column(item, L), inner, vp + column(item, L), inner, L, d);
+    }, [&](const cpu::AttentionHead& h, int64_t item, int64_t begin, int64_t end) {
+      const int64_t row = column(item, N) + begin * inner;
+      h.rows(qp + row, inner, end - begin, op + row, inner);
+    });
     return dtype == at::kFloat ? out : out.to(dtype);
   }
   // Elsewhere (CUDA without LibTorch 2's fused kernel): blocks of rows x L <= max_score_elements
