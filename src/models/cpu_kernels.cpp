@@ -612,7 +612,7 @@ AttentionHead::AttentionHead(const float* k, int64_t ldk, const float* v, int64_
 }
 
 AttentionHead::AttentionHead(const uint16_t* k, int64_t ldk, const uint16_t* v, int64_t ldv, int64_t L, int64_t d)
-    : L_(L), d_(d), bf16_(true), bf16_io_(true) {
+    : L_(L), d_(d), bf16_(true) {
   TORCH_CHECK(L > 0 && d > 0, "AttentionHead: empty keys or head width (L = ", L, ", d = ", d, ")");
   TORCH_CHECK(bf16_products_supported(), "AttentionHead: bf16 inputs need AVX512-BF16 and the avx512 kernels");
   pack_bf16(k, ldk, v, ldv);
@@ -638,7 +638,8 @@ void AttentionHead::pack_bf16(const T* k, int64_t ldk, const T* v, int64_t ldv) 
   for (int64_t t = 0; t < L_; t += key_tile_) {
     const int64_t w = key_tile_width(t);
     for (int64_t j = t; j < std::min(L_, t + w); ++j)
-      for (int64_t c = 0; c < d_; ++c) kt16_[t * d2_ + (c / 2) * 2 * w + (j - t) * 2 + c % 2] = as_bf16_bits(k[j * ldk + c]);
+      for (int64_t c = 0; c < d_; ++c)
+        kt16_[t * d2_ + (c / 2) * 2 * w + (j - t) * 2 + c % 2] = as_bf16_bits(k[j * ldk + c]);
   }
   // v in pairs of keys: row j/2 holds, for every column c, (v[j][c], v[j + 1][c]).
   vp16_.assign(static_cast<size_t>(Lp_ * dp_), 0);
@@ -662,7 +663,7 @@ void AttentionHead::rows(const float* q, int64_t ldq, int64_t n, float* out, int
 
 void AttentionHead::rows(const uint16_t* q, int64_t ldq, float scale, int64_t n, uint16_t* out, int64_t ldo) const {
   // q [n,d] bf16 (row stride ldq) -> out [n,d] bf16 (row stride ldo)
-  TORCH_CHECK(bf16_io_, "AttentionHead: bf16 rows need a head made from bf16 k and v");
+  TORCH_CHECK(bf16_, "AttentionHead: bf16 rows need a head with bf16 products");
   rows_as<uint16_t>(q, ldq, scale, n, out, ldo);
 }
 

@@ -84,11 +84,11 @@ class AttentionHead {
  public:
   AttentionHead(const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t L, int64_t d,
                 Isa isa = Isa::kBest, bool bf16_products = false);
-  // bf16 products (bf16_products_supported() must hold).
+  // bf16 k and v, bf16 products (bf16_products_supported() must hold).
   AttentionHead(const uint16_t* k, int64_t ldk, const uint16_t* v, int64_t ldv, int64_t L, int64_t d);
   static bool bf16_products_supported();
   void rows(const float* q, int64_t ldq, int64_t n, float* out, int64_t ldo) const;
-  // q [n, d] bf16, not yet scaled -> out [n, d] bf16; only for a head of the bf16 constructor.
+  // q [n, d] bf16, not yet scaled -> out [n, d] bf16; for a head with bf16 products.
   void rows(const uint16_t* q, int64_t ldq, float scale, int64_t n, uint16_t* out, int64_t ldo) const;
   // Query rows per block: the grain in which to split rows over threads.
   int64_t block_rows() const;
@@ -115,7 +115,6 @@ class AttentionHead {
   GemmTileBf16 gemm16_ = nullptr;
   std::vector<uint16_t> kt16_;  // tiles [d2/2][key_tile][2]
   std::vector<uint16_t> vp16_;  // [Lp/2][dp][2]
-  bool bf16_io_ = false;  // made by the bf16 constructor
   template <typename T>
   void pack_bf16(const T* k, int64_t ldk, const T* v, int64_t ldv);
   template <typename In, typename IO>
