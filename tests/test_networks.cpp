@@ -274,10 +274,11 @@ TEST(CpuKernels, AttentionHeadIsTheSoftmaxProductForAnySplitOfRows) {
   }
 }
 
-// The bf16 products (AVX512-BF16) against softmax(q k^T) v in double, on inputs that are bf16
-// already, as a bf16 model's are. The yardstick is LibTorch in bf16 as the reference runs it
-// (scores and probabilities rounded to bf16, products summed in float32): the kernel rounds
-// q and the exponentials to bf16 but keeps the scores, sums and division in float32.
+// A bf16 head (AVX512-BF16 products) against softmax(q k^T) v in double, on a bf16 model's
+// tensors, read in place with q unscaled, its output written as bf16. The yardstick is
+// LibTorch in bf16 as the reference runs it (scores and probabilities rounded to bf16,
+// products summed in float32, a bf16 output): the kernel rounds the scaled q and the
+// exponentials to bf16 but keeps the scores, sums and division in float32.
 TEST(CpuKernels, AttentionHeadBf16ProductsAreAsCloseAsLibTorchInBf16) {
   if (!cpu::AttentionHead::bf16_products_supported()) {
     std::printf("[ SKIPPED  ] bf16 products: this CPU has no AVX512-BF16 (or FAIRDIFF_CPU_ISA holds it back)\n");
@@ -291,44 +292,31 @@ TEST(CpuKernels, AttentionHeadBf16ProductsAreAsCloseAsLibTorchInBf16) {
     const int64_t ld = 3 * c.d;  // the head is the middle third of each row
     at::manual_seed(c.N * 1000 + c.L);
     const double scale = 1.0 / std::sqrt(static_cast<double>(c.d));
-    auto bf16_values = [](const at::Tensor& x) { return x.to(at::kBFloat16).to(at::kFloat).contiguous(); };
-    const at::Tensor q = bf16_values(at::randn({c.N, ld}) * 3), k = bf16_values(at::randn({c.L, ld}));
-    const at::Tensor v = bf16_values(at::randn({c.L, ld}));
-    const at::Tensor qs = (q * scale).contiguous();  // scaled in float32, as multi_head_attention passes it
+    const at::Tensor q = (at::randn({c.N, ld}) * 3).to(at::kBFloat16), k = at::randn({c.L, ld}).to(at::kBFloat16);
+    const at::Tensor v = at::randn({c.L, ld}).to(at::kBFloat16);
     auto head_of = [&](const at::Tensor& x) { return x.narrow(1, c.d, c.d); };
-    const at::Tensor expected =
-        at::mm(at::mm(head_of(qs).to(at::kDouble), head_of(k).to(at::kDouble).t()).softmax(-1),
-               head_of(v).to(at::kDouble));  // [N,d]
-    const at::Tensor scores = at::mm(head_of(q).to(at::kBFloat16), head_of(k).to(at::kBFloat16).t()) * scale;
-    const at::Tensor libtorch = at::mm(scores.softmax(-1).to(at::kBFloat16), head_of(v).to(at::kBFloat16));
+    const at::Tensor expected = at::mm(at::mm(head_of(q).to(at::kDouble) * scale, head_of(k).to(at::kDouble).t()).softmax(-1),
+                                       head_of(v).to(at::kDouble));  // [N,d]
+    const at::Tensor scores = at::mm(head_of(q), head_of(k).t()) * scale;
+    const at::Tensor libtorch = at::mm(scores.softmax(-1).to(at::kBFloat16), head_of(v));
     const double libtorch_err = (libtorch.to(at::kDouble) - expected).abs().max().item<double>();
     const std::string what =
         "N " + std::to_string(c.N) + ", L " + std::to_string(c.L) + ", d " + std::to_string(c.d) + " (bf16 products)";
-    const cpu::AttentionHead head(k.data_ptr<float>() + c.d, ld, v.data_ptr<float>() + c.d, ld, c.L, c.d,
-                                  cpu::Isa::kAvx512, /*bf16_products=*/true);
-    at::Tensor whole = at::full({c.N, ld}, std::nan(""));
-    head.rows(qs.data_ptr<float>() + c.d, ld, c.N, whole.data_ptr<float>() + c.d, ld);
+    auto bits = [](const at::Tensor& x) { return reinterpret_cast<uint16_t*>(x.data_ptr<at::BFloat16>()); };
+    const cpu::AttentionHead head(bits(k) + c.d, ld, bits(v) + c.d, ld, c.L, c.d);
+    const float scale_f = static_cast<float>(scale);
+    at::Tensor whole = at::full({c.N, ld}, 7.0, at::kBFloat16);
+    head.rows(bits(q) + c.d, ld, scale_f, c.N, bits(whole) + c.d, ld);
     const double err = (head_of(whole).to(at::kDouble) - expected).abs().max().item<double>();
     std::printf("%s: max error %.2g, LibTorch bf16 %.2g\n", what.c_str(), err, libtorch_err);
     EXPECT_LT(err, libtorch_err + 1e-6) << what << ": LibTorch in bf16 is off by " << libtorch_err;
-    EXPECT_TRUE(whole.narrow(1, 0, c.d).isnan().all().item<bool>()) << what << ": other heads' columns written";
+    EXPECT_TRUE((whole.narrow(1, 0, c.d) == 7).all().item<bool>()) << what << ": other heads' columns written";
+    EXPECT_TRUE((whole.narrow(1, 2 * c.d, c.d) == 7).all().item<bool>()) << what << ": other heads' columns written";
     const int64_t first = c.N / 3;
-    at::Tensor split = at::full({c.N, ld}, std::nan(""));
-    head.rows(qs.data_ptr<float>() + c.d, ld, first, split.data_ptr<float>() + c.d, ld);
-    head.rows(qs.data_ptr<float>() + first * ld + c.d, ld, c.N - first, split.data_ptr<float>() + first * ld + c.d, ld);
+    at::Tensor split = at::full({c.N, ld}, 7.0, at::kBFloat16);
+    head.rows(bits(q) + c.d, ld, scale_f, first, bits(split) + c.d, ld);
+    head.rows(bits(q) + first * ld + c.d, ld, scale_f, c.N - first, bits(split) + first * ld + c.d, ld);
     EXPECT_TRUE(at::equal(head_of(split), head_of(whole))) << what << ": rows split at " << first;
-    // The bf16 tensors read in place (q unscaled) and a bf16 output: the float32 call's bits,
-    // rounded as .to(kBFloat16) rounds; other heads' columns untouched.
-    auto bits = [](const at::Tensor& x) { return reinterpret_cast<uint16_t*>(x.data_ptr<at::BFloat16>()); };
-    const at::Tensor q16 = q.to(at::kBFloat16), k16 = k.to(at::kBFloat16), v16 = v.to(at::kBFloat16);
-    const cpu::AttentionHead head16(bits(k16) + c.d, ld, bits(v16) + c.d, ld, c.L, c.d);
-    at::Tensor out16 = at::full({c.N, ld}, 7.0, at::kBFloat16);
-    head16.rows(bits(q16) + c.d, ld, static_cast<float>(scale), first, bits(out16) + c.d, ld);
-    head16.rows(bits(q16) + first * ld + c.d, ld, static_cast<float>(scale), c.N - first,
-                bits(out16) + first * ld + c.d, ld);
-    EXPECT_TRUE(at::equal(head_of(out16), head_of(whole).to(at::kBFloat16))) << what << ": bf16 in and out";
-    EXPECT_TRUE((out16.narrow(1, 0, c.d) == 7).all().item<bool>()) << what << ": bf16 out wrote other columns";
-    EXPECT_TRUE((out16.narrow(1, 2 * c.d, c.d) == 7).all().item<bool>()) << what << ": bf16 out wrote other columns";
   }
 }
 

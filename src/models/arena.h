@@ -13,9 +13,8 @@
 // first time and 9.5 s the next. glibc can ask for huge pages on its heap
 // (GLIBC_TUNABLES=glibc.malloc.hugetlb=1), but only from the environment when the process
 // starts (the first decode took 9.8 s with it); a c10 allocator can do it from the inside:
-// with this one, 9.1 s.
-// Blocks under 1 MiB stay with LibTorch's
-// default allocator, glibc's heap.
+// with this one, 9.1 s. Blocks under 1 MiB stay with LibTorch's default allocator, glibc's
+// heap.
 //
 // Torch-free header: the bookkeeping, BlockRanges, is tested on its own.
 #pragma once
@@ -24,7 +23,6 @@
 #include <map>
 #include <optional>
 #include <set>
-#include <string>
 #include <unordered_map>
 #include <utility>
 #include <vector>

@@ -9,7 +9,6 @@
 #include <cstring>
 #include <initializer_list>
 #include <string>
-#include <type_traits>
 #include <limits>
 
 namespace fairdiff::cpu {
@@ -91,7 +90,7 @@ struct Exp {
 inline Vec from_bf16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
-inline __m256i to_bf16_bits_16(Vec v) {  // 16 lanes; the scalar bf16_bits below does one
+inline __m256i to_bf16_bits_16(Vec v) {  // 16 lanes
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
@@ -321,20 +320,8 @@ struct Simd {
 };
 #include "attention_tiles.inc"
 
-// x [n] -> bf16 [n], rounded to nearest even (vcvtneps2bf16), as bf16_bits does one at a time.
-void to_bf16(const float* x, uint16_t* y, int64_t n) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
-  if (i < n) {
-    const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
-    uint16_t last[16];
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(last), (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(tail, x + i)));
-    std::memcpy(y + i, last, static_cast<size_t>(n - i) * sizeof(uint16_t));
-  }
-}
-// x [n] bf16 -> bf16(x s) [n], the product in float32 and rounded as to_bf16 rounds: a bf16
-// model's q row, scaled as multi_head_attention scales a float32 q before to_bf16.
+// x [n] bf16 -> bf16(x s) [n], the product in float32 rounded to nearest even
+// (vcvtneps2bf16): a bf16 model's q row, scaled.
 void scale_to_bf16(const uint16_t* x, float s, uint16_t* y, int64_t n) {
   const __m512 scale = _mm512_set1_ps(s);
   int64_t i = 0;
@@ -387,14 +374,6 @@ void exp_row_bf16(const float* x, int64_t L, float* sum, uint16_t* p, int64_t Lp
 }
 }  // namespace avx512_bf16
 #pragma GCC pop_options
-
-// One float as bf16 bits, rounded to nearest even (finite inputs: the packed k and v).
-uint16_t bf16_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
 
 int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
 
@@ -570,18 +549,11 @@ bool AttentionHead::bf16_products_supported() {
   return bf16 && best_isa() == Isa::kAvx512;
 }
 
-AttentionHead::AttentionHead(const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t L, int64_t d, Isa isa,
-                             bool bf16_products)
-    : L_(L), d_(d), bf16_(bf16_products) {
+AttentionHead::AttentionHead(const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t L, int64_t d, Isa isa)
+    : L_(L), d_(d), bf16_(false) {
   TORCH_CHECK(L > 0 && d > 0, "AttentionHead: empty keys or head width (L = ", L, ", d = ", d, ")");
   if (isa == Isa::kBest) isa = best_isa();
   TORCH_CHECK(supported(isa), "AttentionHead: this CPU cannot run the ", isa_name(isa), " kernel");
-  TORCH_CHECK(!bf16_ || (isa == Isa::kAvx512 && bf16_products_supported()),
-              "AttentionHead: bf16 products need AVX512-BF16 and the avx512 kernels");
-  if (bf16_) {
-    pack_bf16(k, ldk, v, ldv);
-    return;
-  }
   switch (isa) {
     case Isa::kAvx512:
       width_ = avx512::Simd::kWidth, tile_rows_ = avx512::Simd::kRows, tile_vectors_ = avx512::Simd::kVectors;
@@ -615,16 +587,6 @@ AttentionHead::AttentionHead(const uint16_t* k, int64_t ldk, const uint16_t* v, 
     : L_(L), d_(d), bf16_(true) {
   TORCH_CHECK(L > 0 && d > 0, "AttentionHead: empty keys or head width (L = ", L, ", d = ", d, ")");
   TORCH_CHECK(bf16_products_supported(), "AttentionHead: bf16 inputs need AVX512-BF16 and the avx512 kernels");
-  pack_bf16(k, ldk, v, ldv);
-}
-
-namespace {
-uint16_t as_bf16_bits(float x) { return bf16_bits(x); }
-uint16_t as_bf16_bits(uint16_t x) { return x; }  // bf16 already
-}  // namespace
-
-template <typename T>
-void AttentionHead::pack_bf16(const T* k, int64_t ldk, const T* v, int64_t ldv) {
   width_ = avx512_bf16::Simd::kWidth, tile_rows_ = avx512_bf16::Simd::kRows;
   tile_vectors_ = avx512_bf16::Simd::kVectors;
   gemm16_ = avx512_bf16::gemm_tile<>;
@@ -639,12 +601,12 @@ void AttentionHead::pack_bf16(const T* k, int64_t ldk, const T* v, int64_t ldv) 
     const int64_t w = key_tile_width(t);
     for (int64_t j = t; j < std::min(L_, t + w); ++j)
       for (int64_t c = 0; c < d_; ++c)
-        kt16_[t * d2_ + (c / 2) * 2 * w + (j - t) * 2 + c % 2] = as_bf16_bits(k[j * ldk + c]);
+        kt16_[t * d2_ + (c / 2) * 2 * w + (j - t) * 2 + c % 2] = k[j * ldk + c];
   }
   // v in pairs of keys: row j/2 holds, for every column c, (v[j][c], v[j + 1][c]).
   vp16_.assign(static_cast<size_t>(Lp_ * dp_), 0);
   for (int64_t j = 0; j < L_; ++j)
-    for (int64_t c = 0; c < d_; ++c) vp16_[(j / 2) * 2 * dp_ + c * 2 + j % 2] = as_bf16_bits(v[j * ldv + c]);
+    for (int64_t c = 0; c < d_; ++c) vp16_[(j / 2) * 2 * dp_ + c * 2 + j % 2] = v[j * ldv + c];
 }
 
 int64_t AttentionHead::key_tile_width(int64_t t) const { return std::min(key_tile_, Lp_ - t); }
@@ -655,24 +617,22 @@ int64_t AttentionHead::block_rows() const {
 
 void AttentionHead::rows(const float* q, int64_t ldq, int64_t n, float* out, int64_t ldo) const {
   // q [n,d] (row stride ldq, scaled) -> out [n,d] (row stride ldo)
-  if (bf16_)
-    rows_as<uint16_t>(q, ldq, 1.0f, n, out, ldo);
-  else
-    rows_as<float>(q, ldq, 1.0f, n, out, ldo);
+  TORCH_CHECK(!bf16_, "AttentionHead: float rows need a head made from float k and v");
+  rows_as<float>(q, ldq, 1.0f, n, out, ldo);
 }
 
 void AttentionHead::rows(const uint16_t* q, int64_t ldq, float scale, int64_t n, uint16_t* out, int64_t ldo) const {
   // q [n,d] bf16 (row stride ldq) -> out [n,d] bf16 (row stride ldo)
-  TORCH_CHECK(bf16_, "AttentionHead: bf16 rows need a head with bf16 products");
+  TORCH_CHECK(bf16_, "AttentionHead: bf16 rows need a head made from bf16 k and v");
   rows_as<uint16_t>(q, ldq, scale, n, out, ldo);
 }
 
-// The products' operands are In: float, or bf16 bit patterns taken in pairs (P = 2 values a
-// 32-bit lane), in which case q and the exponentials are rounded to bf16 first; the scores,
-// the exponentials' sums, the products' sums and the division are float32 either way.
-// IO, the type of q and out: float (q already scaled), or bf16 bits (q scaled here, out rounded).
-template <typename In, typename IO>
-void AttentionHead::rows_as(const IO* q, int64_t ldq, float scale, int64_t n, IO* out, int64_t ldo) const {
+// q, out and the products' operands are In: float (q already scaled), or bf16 bit patterns
+// taken in pairs (P = 2 values a 32-bit lane), in which case q is scaled here and rounded, the
+// exponentials are rounded to bf16 and out is rounded at the end; the scores, the
+// exponentials' sums, the products' sums and the division are float32 either way.
+template <typename In>
+void AttentionHead::rows_as(const In* q, int64_t ldq, float scale, int64_t n, In* out, int64_t ldo) const {
   constexpr int64_t P = sizeof(float) / sizeof(In);
   const auto gemm = [this] {
     if constexpr (P == 1) return gemm_; else return gemm16_;
@@ -700,12 +660,7 @@ void AttentionHead::rows_as(const IO* q, int64_t ldq, float scale, int64_t n, IO
     if constexpr (P == 1) {
       qa = q + i * ldq, lda = ldq;
     } else {
-      for (int64_t r = 0; r < m; ++r) {
-        if constexpr (std::is_same_v<IO, float>)
-          avx512_bf16::to_bf16(q + (i + r) * ldq, q_in.data() + r * dq, d_);
-        else
-          avx512_bf16::scale_to_bf16(q + (i + r) * ldq, scale, q_in.data() + r * dq, d_);
-      }
+      for (int64_t r = 0; r < m; ++r) avx512_bf16::scale_to_bf16(q + (i + r) * ldq, scale, q_in.data() + r * dq, d_);
       qa = q_in.data(), lda = dq;
     }
     // s = q k^T, one tile of keys at a time: its k^T stays in L1 for every group of rows.
@@ -742,7 +697,7 @@ void AttentionHead::rows_as(const IO* q, int64_t ldq, float scale, int64_t n, IO
     }
     // The softmax's division, on the n x d product instead of the n x L probabilities.
     for (int64_t r = 0; r < m; ++r) {
-      if constexpr (std::is_same_v<IO, float>) {
+      if constexpr (P == 1) {
         for (int64_t c = 0; c < d_; ++c) out[(i + r) * ldo + c] = prod[r * dp_ + c] / sums[r];
       } else {
         avx512::divide_to_bf16(prod.data() + r * dp_, sums[r], d_, out + (i + r) * ldo);

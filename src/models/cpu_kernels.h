@@ -69,26 +69,24 @@ at::Tensor layer_norm_bf16(const at::Tensor& x, const at::Tensor& weight, const 
 // matrices 40 wide. A row's numbers depend only on that row: any split of the rows (into
 // blocks, over threads) gives the same bits. `rows` is const, so threads may share a head.
 //
-// With bf16_products (bf16 models on a CPU with AVX512-BF16: bf16_products_supported()),
-// both products run on the bf16 dot-product instructions at twice the float FMA's rate:
-// k, v, the scaled q and the exponentials are rounded to bf16 (k and v of a bf16 model are
-// bf16 already), every sum is float32. The reference rounds the probabilities to bf16 too.
-// Since they are rounded at once, their exponentials are computed to 2.8e-6 (ten operations
-// a vector instead of fifteen), straight into the bf16 operand.
-//
-// A bf16 model's head takes its bf16 tensors as they are (bit patterns, no float32 copies of
-// q, k and v): the second constructor packs k and v, and the second `rows` scales q in float32
-// and writes out rounded to bf16 (as `.to(kBFloat16)` rounds): the bits of the float32 calls
-// on those values, then rounded.
+// A bf16 model's head (a CPU with AVX512-BF16: bf16_products_supported()) takes its bf16
+// tensors as they are, bit patterns with no float32 copies: the second constructor packs k
+// and v, and the second `rows` scales q in float32, rounds it to bf16 and writes out rounded
+// to bf16 as `.to(kBFloat16)` rounds. Both products run on the bf16 dot-product instructions
+// at twice the float FMA's rate; the exponentials are rounded to bf16 too (as the reference
+// rounds the probabilities), every sum and the division are float32. Since they are rounded
+// at once, their exponentials are computed to 2.8e-6 (ten operations a vector instead of
+// fifteen), straight into the bf16 operand.
 class AttentionHead {
  public:
   AttentionHead(const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t L, int64_t d,
-                Isa isa = Isa::kBest, bool bf16_products = false);
-  // bf16 k and v, bf16 products (bf16_products_supported() must hold).
+                Isa isa = Isa::kBest);
+  // bf16 k and v (bf16_products_supported() must hold).
   AttentionHead(const uint16_t* k, int64_t ldk, const uint16_t* v, int64_t ldv, int64_t L, int64_t d);
   static bool bf16_products_supported();
+  // A float head's rows: q already scaled.
   void rows(const float* q, int64_t ldq, int64_t n, float* out, int64_t ldo) const;
-  // q [n, d] bf16, not yet scaled -> out [n, d] bf16; for a head with bf16 products.
+  // A bf16 head's rows: q [n, d] bf16, not yet scaled -> out [n, d] bf16.
   void rows(const uint16_t* q, int64_t ldq, float scale, int64_t n, uint16_t* out, int64_t ldo) const;
   // Query rows per block: the grain in which to split rows over threads.
   int64_t block_rows() const;
@@ -109,16 +107,14 @@ class AttentionHead {
   ExpRow exp_row_ = nullptr;  // float products (the bf16 ones have their own, exp_row_bf16)
   std::vector<float> kt_;  // tiles [d][key_tile] (the last one narrower), zeros past L
   std::vector<float> vp_;  // [Lp][dp], zeros past L and d
-  // bf16 products: q k^T takes the head width in pairs (d2: d rounded up to even), p v the keys.
+  // bf16 heads: q k^T takes the head width in pairs (d2: d rounded up to even), p v the keys.
   bool bf16_;
   int64_t d2_ = 0;
   GemmTileBf16 gemm16_ = nullptr;
   std::vector<uint16_t> kt16_;  // tiles [d2/2][key_tile][2]
   std::vector<uint16_t> vp16_;  // [Lp/2][dp][2]
-  template <typename T>
-  void pack_bf16(const T* k, int64_t ldk, const T* v, int64_t ldv);
-  template <typename In, typename IO>
-  void rows_as(const IO* q, int64_t ldq, float scale, int64_t n, IO* out, int64_t ldo) const;
+  template <typename In>
+  void rows_as(const In* q, int64_t ldq, float scale, int64_t n, In* out, int64_t ldo) const;
 };
 
 }  // namespace fairdiff::cpu
